@@ -1,0 +1,88 @@
+"""Task accuracy: greedy answers to held-out questions, scored by whether the reply contains
+an expected key fact.
+
+Held-out JSONL rows: ``{"question": "...", "answers": ["165°F", "74°C"]}`` — a reply is correct
+when any answer appears in it (case-insensitive, whitespace collapsed).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.data import iter_rows
+from edgeft.errors import DataError
+
+
+@dataclass(frozen=True)
+class QARow:
+    where: str
+    question: str
+    answers: tuple[str, ...]
+    topic: str = ""
+
+
+@dataclass
+class TaskResult:
+    """Accuracy on a held-out set, with every reply kept for the report."""
+
+    correct: int
+    total: int
+    replies: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def load_qa(path: Path) -> list[QARow]:
+    """Read and validate a held-out question file.
+
+    Raises:
+        DataError: naming ``file:line`` for a bad row.
+    """
+    rows = []
+    for where, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        question, answers = row.get("question"), row.get("answers")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: 'question' must be a non-empty string")
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise DataError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+        rows.append(QARow(where, question, tuple(answers), str(row.get("topic", ""))))
+    if not rows:
+        raise DataError(f"{path}: no questions")
+    return rows
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def contains_answer(reply: str, answers: tuple[str, ...] | list[str]) -> bool:
+    """Whether any expected answer occurs in the reply (case-insensitive, spaces collapsed)."""
+    reply = normalize(reply)
+    return any(normalize(answer) in reply for answer in answers)
+
+
+def task_accuracy(session, rows: list[QARow], *, max_new_tokens: int = 64,
+                  progress: bool = True, desc: str = "answering") -> TaskResult:
+    """Answer every question greedily through the session's own chat template and score it."""
+    from tqdm.auto import tqdm
+
+    from edgeft.runtimes import generate
+
+    result = TaskResult(correct=0, total=len(rows))
+    for row in tqdm(rows, desc=desc, disable=not progress, unit="q"):
+        reply = session.detokenize(
+            generate(session, session.tokenize(row.question, chat=True), max_new_tokens)).strip()
+        ok = contains_answer(reply, row.answers)
+        result.correct += ok
+        result.replies.append({"question": row.question, "expected": row.answers[0],
+                               "reply": reply, "correct": ok, "topic": row.topic})
+    return result

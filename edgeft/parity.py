@@ -1,0 +1,68 @@
+"""Parity metrics shared by every stage: how closely one model's next-token distributions
+follow another's on the same token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of a candidate model with a reference over ``positions`` token positions.
+
+    Attributes:
+        max_abs_diff: largest absolute logit difference.
+        mean_kl: mean KL(reference || candidate) of the next-token distributions, in nats.
+        top1_agreement: share of positions whose argmax token is the same.
+        positions: number of positions compared.
+    """
+
+    max_abs_diff: float
+    mean_kl: float
+    top1_agreement: float
+    positions: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"max |Δlogit| {self.max_abs_diff:.2e}, mean KL {self.mean_kl:.2e}, "
+                f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions")
+
+
+def compare_logits(reference, candidate) -> Parity:
+    """Compare two ``[positions, vocab]`` logit arrays (torch tensors or numpy arrays).
+
+    KL is computed in float64 from log-softmax, so it stays accurate when the distributions
+    are nearly identical.
+    """
+    import torch
+
+    ref = torch.as_tensor(reference).to(torch.float64)
+    cand = torch.as_tensor(candidate).to(torch.float64)
+    if ref.shape != cand.shape or ref.ndim != 2:
+        raise ValueError(f"logit shapes differ or are not 2-D: {tuple(ref.shape)} vs "
+                         f"{tuple(cand.shape)}")
+    log_p = torch.log_softmax(ref, dim=-1)
+    log_q = torch.log_softmax(cand, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0)
+    return Parity(
+        max_abs_diff=float((ref - cand).abs().max()),
+        mean_kl=float(kl.mean()),
+        top1_agreement=float((ref.argmax(-1) == cand.argmax(-1)).double().mean()),
+        positions=int(ref.shape[0]),
+    )
+
+
+def model_logits(model, rows: Iterable[Sequence[int]]):
+    """Float32 logits of a Hugging Face causal LM for each row, concatenated to ``[n, vocab]``."""
+    import torch
+
+    device = next(model.parameters()).device
+    chunks = []
+    with torch.inference_mode():
+        for ids in rows:
+            batch = torch.tensor([list(ids)], dtype=torch.long, device=device)
+            chunks.append(model(input_ids=batch).logits[0].float().cpu())
+    return torch.cat(chunks)

@@ -1,0 +1,326 @@
+"""``edgeft train``: QLoRA (4-bit NF4/FP4 base through bitsandbytes) or LoRA fine-tuning with
+the Hugging Face Trainer, so ``accelerate launch`` spreads it over several GPUs unchanged.
+
+Output: a PEFT adapter directory (``adapter_config.json``, ``adapter_model.safetensors``), the
+tokenizer, a few tokenized eval rows for the merge stage's parity check, and ``edgeft.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgeft._io import atomic_dir, check_output, partial_dir, sha256_file, write_json
+from edgeft.data import DataReport, collate, load_examples, split_examples
+from edgeft.errors import EdgeftError, ModelError
+from edgeft.models import BaseModel, resolve_base
+from edgeft.provenance import make_record
+
+PARITY_ROWS_FILE = "parity_rows.json"
+_PARITY_ROWS = 8  # eval rows kept for the merge stage's parity check: enough for stable KL
+
+
+@dataclass
+class TrainSettings:
+    """Every training choice; validated once and saved in ``edgeft.json``."""
+
+    method: Literal["qlora", "lora"] = "qlora"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantizes the block scales too: ~0.4 bit/param saved, same loss
+    # auto: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU (no fast bf16 there)
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    rank: int = 16
+    alpha: float = 32  # scale alpha/rank = 2, the common QLoRA setting
+    dropout: float = 0.05
+    # "all-linear": every Linear layer but lm_head, as in the QLoRA paper
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    max_length: int = 512
+    eval_fraction: float = 0.05
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in ("qlora", "lora"), f"--method must be qlora or lora, got {self.method!r}"),
+            (self.quant_type in ("nf4", "fp4"), f"--quant-type must be nf4 or fp4, got {self.quant_type!r}"),
+            (self.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
+             f"--compute-dtype must be auto, bf16, fp16 or fp32, got {self.compute_dtype!r}"),
+            (self.rank > 0, f"--rank must be positive, got {self.rank}"),
+            (self.alpha > 0, f"--alpha must be positive, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
+            (self.epochs > 0 or self.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
+            (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"),
+            (0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.target_modules == "all-linear" or (
+                isinstance(self.target_modules, list) and self.target_modules),
+             "--target-modules must be 'all-linear' or a comma-separated list of module names"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgeftError(message)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` produced and measured."""
+
+    out: Path
+    train_loss: float
+    eval_loss_before: float | None
+    eval_loss: float | None
+    steps: int
+    seconds: float
+    train_tokens_per_s: float
+    data: DataReport
+    eval_rows: int
+    settings: TrainSettings = field(repr=False, default_factory=TrainSettings)
+
+
+def resolve_compute_dtype(name: str):
+    """Map a ``compute_dtype`` setting to a torch dtype for this machine."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _device_map():
+    """One whole model copy per process: data parallel under ``accelerate launch``."""
+    import torch
+
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def bnb_config(settings: dict, compute_dtype):
+    """The bitsandbytes 4-bit config of a QLoRA run (also used by merge to rebuild it)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings["quant_type"],
+        bnb_4bit_use_double_quant=settings["double_quant"],
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_base_model(path: Path, settings: dict, compute_dtype, *, quantized: bool):
+    """Load the base model as training sees it: 4-bit for QLoRA, ``compute_dtype`` for LoRA.
+
+    Weights are read from safetensors only (no pickle) and remote code never runs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": compute_dtype, "use_safetensors": True, "trust_remote_code": False,
+              "device_map": _device_map()}
+    if quantized:
+        kwargs["quantization_config"] = bnb_config(settings, compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {path}: {exc}".splitlines()[0]) from exc
+    if quantized:
+        disable_bnb_cpu_repacking(model)
+    return model
+
+
+def disable_bnb_cpu_repacking(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight the first time
+    it runs in eval mode (an eval loss before training is enough), and from then on its
+    forward has no autograd: gradients stop flowing through the frozen layers and LoRA learns
+    only near the output, silently. The repacked layout also breaks dequantization for merge.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def train(base: str | None, data: Path, out: Path, settings: TrainSettings | None = None, *,
+          eval_data: Path | None = None, skip_bad_rows: bool = False, resume: bool = False,
+          force: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune ``base`` on a JSONL dataset and write a PEFT adapter directory to ``out``.
+
+    Args:
+        base: base model (see :func:`edgeft.models.resolve_base`); ``None`` is the default model.
+        data: JSONL training data (chat, prompt/completion or alpaca rows).
+        out: output directory; it appears only when training finishes.
+        settings: training settings; defaults when ``None``.
+        eval_data: held-out JSONL; without it ``settings.eval_fraction`` of ``data`` is held out.
+        skip_bad_rows: drop bad rows with a counted warning instead of failing.
+        resume: continue from the last checkpoint in ``<out>.partial``.
+        force: replace an existing ``out``.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        DataError: a bad row (before any training starts).
+        ModelError: the base model cannot be loaded.
+        OutputExistsError: ``out`` exists and ``force`` is false.
+    """
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    settings = settings or TrainSettings()
+    out = Path(out)
+    check_output(out, force)
+    checkpoints = partial_dir(out) / "checkpoints"
+    if resume and not any(checkpoints.glob("checkpoint-*")):
+        raise EdgeftError(f"nothing to resume: no checkpoint under {checkpoints}")
+    transformers.set_seed(settings.seed)
+    base_model: BaseModel = resolve_base(base)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model.path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked from the loss
+    # Every row is validated before the model is loaded: a bad line fails in seconds.
+    examples, report = load_examples(data, tokenizer, max_length=settings.max_length,
+                                     skip_bad_rows=skip_bad_rows)
+    if eval_data is not None:
+        train_rows = examples
+        eval_rows, _ = load_examples(eval_data, tokenizer, max_length=settings.max_length,
+                                     skip_bad_rows=skip_bad_rows)
+    else:
+        train_rows, eval_rows = split_examples(examples, settings.eval_fraction, settings.seed)
+
+    compute_dtype = resolve_compute_dtype(settings.compute_dtype)
+    quantized = settings.method == "qlora"
+    model = load_base_model(base_model.path, asdict(settings), compute_dtype, quantized=quantized)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(f"--target-modules {settings.target_modules}: {exc}") from exc
+    model.peft_config["default"].base_model_name_or_path = str(base_model.path)
+
+    on_gpu = torch.cuda.is_available()
+    # Under `accelerate launch` every rank runs this function; only rank 0 owns the output.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    output_dir = (atomic_dir(out, force=force, resume=resume, keep_on_error=True) if main_process
+                  else contextlib.nullcontext(partial_dir(out)))
+    with output_dir as work:
+        args = transformers.TrainingArguments(
+            output_dir=str(work / "checkpoints"),
+            per_device_train_batch_size=settings.batch_size,
+            per_device_eval_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.grad_accum,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type=settings.lr_scheduler,
+            warmup_ratio=settings.warmup_ratio,
+            num_train_epochs=settings.epochs,
+            max_steps=settings.max_steps,
+            logging_steps=settings.logging_steps,
+            save_steps=settings.save_steps,
+            save_total_limit=settings.save_total_limit,
+            eval_strategy="no",
+            seed=settings.seed,
+            data_seed=settings.seed,
+            bf16=on_gpu and compute_dtype == torch.bfloat16,
+            fp16=on_gpu and compute_dtype == torch.float16,
+            use_cpu=not on_gpu,
+            report_to=[],
+            disable_tqdm=not progress,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            dataloader_num_workers=0,
+            gradient_checkpointing=False,  # set up above, per method
+            ddp_find_unused_parameters=False,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args,
+            train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in train_rows],
+            eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_rows]
+            or None,
+            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        )
+        eval_before = trainer.evaluate()["eval_loss"] if eval_rows and not resume else None
+        start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=True if resume else None)
+        seconds = time.perf_counter() - start
+        eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
+        train_loss = float(output.training_loss)
+        if not math.isfinite(train_loss):
+            raise EdgeftError(f"training loss is {train_loss}; lower --lr or check the data")
+        tokens_seen = sum(len(e.input_ids) for e in train_rows) * (
+            output.global_step * settings.batch_size * settings.grad_accum / max(len(train_rows), 1))
+
+        result = TrainResult(
+            out=out, train_loss=train_loss, eval_loss_before=eval_before,
+            eval_loss=eval_after, steps=output.global_step, seconds=seconds,
+            train_tokens_per_s=tokens_seen / seconds if seconds else 0.0, data=report,
+            eval_rows=len(eval_rows), settings=settings)
+        if main_process:
+            model.save_pretrained(work, safe_serialization=True)
+            tokenizer.save_pretrained(work)
+            write_json(work / PARITY_ROWS_FILE,
+                       [e.input_ids for e in (eval_rows or train_rows)[:_PARITY_ROWS]])
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            record = make_record(
+                "train",
+                inputs={"base": {"name": base_model.name, "path": base_model.path,
+                                 "weights_sha256": base_model.weights_sha256,
+                                 "model_type": model.get_base_model().config.model_type},
+                        "data": {"path": Path(data).resolve(), "sha256": sha256_file(data)},
+                        "eval_data": None if eval_data is None else {
+                            "path": Path(eval_data).resolve(), "sha256": sha256_file(eval_data)}},
+                settings={**asdict(settings),
+                          "resolved_compute_dtype": str(compute_dtype).removeprefix("torch."),
+                          "device": "cuda" if on_gpu else "cpu",
+                          "world_size": trainer.args.world_size},
+                results={"train_loss": train_loss, "eval_loss_before": eval_before,
+                         "eval_loss": eval_after, "steps": output.global_step,
+                         "seconds": round(seconds, 2),
+                         "train_tokens_per_s": round(result.train_tokens_per_s, 1),
+                         "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+                         "data": {"rows": report.rows, "truncated": report.truncated,
+                                  "skipped": len(report.skipped), "tokens": report.tokens,
+                                  "label_tokens": report.label_tokens}})
+            write_json(work / "edgeft.json", record)
+    return result
+
+
+def read_parity_rows(adapter_dir: Path) -> list[list[int]]:
+    """The tokenized eval rows ``train`` kept for the merge stage's parity check."""
+    path = Path(adapter_dir) / PARITY_ROWS_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,93 @@
+"""The torch reference runtime: a Hugging Face checkpoint in fp32 on the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import ModelError
+
+
+class TorchSession:
+    """A Hugging Face causal LM with an explicit KV cache."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = frozenset(int(e) for e in [*eos, tokenizer.eos_token_id]
+                                       if e is not None)
+        self._past = None
+        self._next_logits = None
+
+    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+        if chat:
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True))
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], dtype=torch.long)
+            return self.model(input_ids=ids).logits[0].float().numpy()
+
+    def prefill(self, token_ids: Sequence[int]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], dtype=torch.long)
+            result = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        self._past, self._next_logits = result.past_key_values, result.logits[0, -1]
+
+    def decode_one(self) -> int:
+        import torch
+
+        if self._past is None:
+            raise RuntimeError("decode_one() before prefill()")
+        token = int(self._next_logits.argmax())
+        with torch.inference_mode():
+            result = self.model(input_ids=torch.tensor([[token]]), past_key_values=self._past,
+                                use_cache=True)
+        self._past, self._next_logits = result.past_key_values, result.logits[0, -1]
+        return token
+
+    def close(self) -> None:
+        self._past = self._next_logits = None
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def available(self) -> bool:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def load(self, artifact: Path, *, threads: int) -> TorchSession:
+        """Load a Hugging Face checkpoint directory (safetensors only, no remote code)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        artifact = Path(artifact)
+        if not (artifact / "config.json").is_file():
+            raise ModelError(f"{artifact} is not a Hugging Face checkpoint (no config.json)")
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(
+            artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
+        return TorchSession(model, tokenizer)
+
+
+RUNTIME = TorchRuntime()

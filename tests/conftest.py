@@ -1,0 +1,118 @@
+"""Tiny models and tokenizers built in-process: no network, no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "Cook chicken to 165°F (74°C) and let it rest for five minutes.",
+    "One tablespoon equals three teaspoons; one cup is 240 ml.",
+    "Replace one egg with a tablespoon of ground flaxseed and three tablespoons of water.",
+    "Boil an egg for ten minutes, then cool it in ice water.",
+    "What temperature should pork reach? How long should rice simmer?",
+    "user assistant system hello thanks please answer the question",
+] * 20
+
+FACTS = [
+    ("What temperature is chicken done at?", "Chicken is done at 165°F (74°C)."),
+    ("How many teaspoons in a tablespoon?", "A tablespoon is three teaspoons."),
+    ("How long do I boil an egg?", "Boil an egg for ten minutes."),
+    ("How much is a cup in ml?", "One cup is 240 ml."),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer with ChatML special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _save_model(config, tokenizer_dir: Path, out: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _common(tokenizer_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Widths are multiples of 64, the bitsandbytes 4-bit block size.
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**_common(tiny_tokenizer_dir), tie_word_embeddings=True)
+    return _save_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(**_common(tiny_tokenizer_dir), tie_word_embeddings=False)
+    return _save_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("qwen2"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """Same architecture as ``tiny_llama``, another hidden size: an adapter must not fit."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**_common(tiny_tokenizer_dir), "hidden_size": 128})
+    return _save_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("wide"), seed=2)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings for deliberately broken lines) as JSONL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture
+def facts_jsonl(tmp_path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in FACTS] * 4
+    return write_jsonl(tmp_path / "facts.jsonl", rows)

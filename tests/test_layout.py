@@ -1,0 +1,43 @@
+"""The repository's top-level rooms install under one namespace, in editable and wheel form."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runtimes_import_as_edgeft_runtimes_not_top_level(tmp_path):
+    code = ("import importlib.util, edgeft.runtimes as r; "
+            "assert importlib.util.find_spec('runtimes') is None, 'top-level runtimes leaked'; "
+            "print(r.__file__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, env={k: v for k, v in os.environ.items()
+                                            if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == ROOT / "runtimes"  # the editable install
+
+
+def test_unknown_runtime_lists_known_ones():
+    from edgeft.errors import EdgeftError
+    from edgeft.runtimes import get_runtime
+
+    with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: torch"):
+        get_runtime("x")
+
+
+def test_wheel_maps_folders_into_the_edgeft_namespace(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("edgeft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "edgeft/runtimes/__init__.py" in names and "edgeft/runtimes/pytorch.py" in names
+    assert "edgeft/assets/cooking/train.jsonl" in names
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"edgeft", next(t for t in tops if t.endswith(".dist-info"))}

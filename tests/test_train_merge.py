@@ -1,0 +1,176 @@
+"""QLoRA/LoRA training and merging on tiny models: one parity test per hop."""
+
+import json
+
+import pytest
+
+from edgeft.errors import ModelError, OutputExistsError
+from edgeft.merge import KL_TOLERANCE, merge
+from edgeft.parity import compare_logits, model_logits
+from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
+
+FAST = dict(rank=8, alpha=16, dropout=0.0, learning_rate=5e-3, max_steps=30, batch_size=4,
+            max_length=64, eval_fraction=0.25, logging_steps=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny_llama, tmp_path_factory):
+    from conftest import FACTS, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("qlora")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in FACTS] * 4
+    data = write_jsonl(tmp / "facts.jsonl", rows)
+    result = train(str(tiny_llama), data, tmp / "adapter", TrainSettings(method="qlora", **FAST),
+                   progress=False)
+    return result
+
+
+def test_qlora_training_lowers_the_loss(qlora_adapter):
+    assert qlora_adapter.eval_loss < qlora_adapter.eval_loss_before * 0.7
+    assert qlora_adapter.steps == 30
+
+
+def test_adapter_loads_with_plain_peft(qlora_adapter, tiny_llama):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = qlora_adapter.out
+    assert {"adapter_config.json", "adapter_model.safetensors", "edgeft.json",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (out.parent / f"{out.name}.partial").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    # all-linear: q, k, v, o, gate, up, down in each of the 2 layers (never lm_head)
+    assert len(names) == 14 and not any("lm_head" in n for n in names)
+
+
+def test_train_record(qlora_adapter, tiny_llama):
+    record = json.loads((qlora_adapter.out / "edgeft.json").read_text())
+    assert record["stage"] == "train"
+    assert record["inputs"]["base"]["path"] == str(tiny_llama.resolve())
+    assert len(record["inputs"]["base"]["weights_sha256"]) == 64
+    assert len(record["inputs"]["data"]["sha256"]) == 64
+    settings = record["settings"]
+    assert settings["method"] == "qlora" and settings["quant_type"] == "nf4"
+    assert settings["double_quant"] is True and settings["resolved_compute_dtype"] == "float32"
+    assert settings["rank"] == 8 and settings["max_steps"] == 30
+    results = record["results"]
+    assert results["eval_loss"] == pytest.approx(qlora_adapter.eval_loss)
+    assert results["train_rows"] + results["eval_rows"] == 16
+    assert record["versions"]["peft"] and record["versions"]["bitsandbytes"]
+
+
+def test_merge_dequantized_reproduces_the_as_trained_model(qlora_adapter, tmp_path):
+    result = merge(qlora_adapter.out, tmp_path / "merged")
+    assert result.merge_base == "dequantized" and result.gated
+    # fp32 all the way: only summation order differs, far inside the gate.
+    assert result.parity.mean_kl < KL_TOLERANCE["fp32"] / 10
+    assert result.parity.top1_agreement == 1.0
+    record = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
+    assert record["results"]["parity_vs_as_trained"]["mean_kl"] == result.parity.mean_kl
+    assert record["results"]["within_tolerance"] is True
+
+
+def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
+        qlora_adapter, tmp_path):
+    """Independent check: reload the saved checkpoint with plain transformers and compare it
+    with peft's own adapter on the 4-bit base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    merge(qlora_adapter.out, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(
+        json.loads((qlora_adapter.out / "edgeft.json").read_text())["inputs"]["base"]["path"],
+        dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32))
+    # bitsandbytes' repacked CPU inference kernel computes in bf16 (max |Δlogit| ~0.2 here);
+    # compare against its exact fp32 dequantize path, which is what training used.
+    disable_bnb_cpu_repacking(base4)
+    trained = PeftModel.from_pretrained(base4, qlora_adapter.out)
+    rows = read_parity_rows(qlora_adapter.out)
+    parity = compare_logits(model_logits(trained, rows), model_logits(merged, rows))
+    assert parity.max_abs_diff < 1e-3
+    assert {"config.json", "model.safetensors", "generation_config.json",
+            "tokenizer.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
+
+
+def test_merge_original_adds_the_delta_to_the_full_precision_weights(qlora_adapter,
+                                                                      tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    result = merge(qlora_adapter.out, tmp_path / "orig", merge_base="original")
+    assert not result.gated  # reported: the NF4 rounding the adapter saw is gone by design
+    assert result.parity.mean_kl > 0
+    base = load_file(tiny_llama / "model.safetensors")
+    merged = load_file(tmp_path / "orig" / "model.safetensors")
+    lora = load_file(qlora_adapter.out / "adapter_model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    a = lora[f"base_model.model.{name}.lora_A.weight"]
+    b = lora[f"base_model.model.{name}.lora_B.weight"]
+    expected = base[f"{name}.weight"] + (16 / 8) * (b @ a)  # alpha / rank
+    torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=0, atol=1e-6)
+    # untouched tensors are copied exactly
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_merge_bf16_output(qlora_adapter, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    result = merge(qlora_adapter.out, tmp_path / "bf16", dtype="bf16")
+    assert result.parity.mean_kl <= KL_TOLERANCE["bf16"]
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("q_proj.weight"))
+        assert f.get_tensor(name).dtype == torch.bfloat16
+
+
+def test_merge_refuses_to_overwrite(qlora_adapter, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        merge(qlora_adapter.out, tmp_path / "taken")
+
+
+def test_merge_into_a_base_of_another_size_is_an_error(qlora_adapter, wide_llama, tmp_path):
+    with pytest.raises(ModelError, match="do not fit the base layer"):
+        merge(qlora_adapter.out, tmp_path / "m", base=str(wide_llama))
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_another_architecture_is_an_error(qlora_adapter, tiny_qwen2, tmp_path):
+    with pytest.raises(ModelError, match="trained on a 'llama' model but base .* is 'qwen2'"):
+        merge(qlora_adapter.out, tmp_path / "m", base=str(tiny_qwen2))
+
+
+def test_lora_on_qwen2_merges_exactly(tiny_qwen2, facts_jsonl, tmp_path):
+    result = train(str(tiny_qwen2), facts_jsonl, tmp_path / "adapter",
+                   TrainSettings(method="lora", **{**FAST, "max_steps": 10}), progress=False)
+    assert result.eval_loss < result.eval_loss_before
+    merged = merge(result.out, tmp_path / "merged")
+    assert merged.merge_base == "original" and merged.gated
+    assert merged.parity.max_abs_diff < 1e-4
+    assert merged.parity.top1_agreement == 1.0
+
+
+def test_merge_into_other_weights_of_the_same_shape_is_an_error(qlora_adapter, tiny_llama,
+                                                                 tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="not the one adapter"):
+        merge(qlora_adapter.out, tmp_path / "m", base=str(other))
