@@ -43,7 +43,9 @@ def sha256_files(paths: list[Path]) -> str:
 def check_output(out: Path, force: bool) -> None:
     """Raise if ``out`` exists and may not be replaced."""
     if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+        raise OutputExistsError(
+            f"{out} already exists; choose another --out or pass --force to replace it"
+        )
 
 
 def partial_dir(out: Path) -> Path:
@@ -52,8 +54,9 @@ def partial_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False, *, resume: bool = False,
-               keep_on_error: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    out: Path, force: bool = False, *, resume: bool = False, keep_on_error: bool = False
+) -> Iterator[Path]:
     """Yield a work directory that becomes ``out`` only if the block finishes.
 
     Args:
@@ -92,7 +95,9 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 

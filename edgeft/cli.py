@@ -22,48 +22,91 @@ def _add_train(sub) -> None:
     from edgeft.train import TrainSettings
 
     d = TrainSettings()
-    p = sub.add_parser("train", help="QLoRA/LoRA fine-tuning on a JSONL dataset",
-                       description="Fine-tune a causal LM on JSONL data (chat 'messages', "
-                       "'prompt'/'completion' or alpaca 'instruction'/'input'/'output' rows) "
-                       "and write a PEFT adapter directory.")
-    p.add_argument("--base", default=None, help="base model: local HF directory, hub id, or "
-                   "'smollm2-135m-instruct' (default, embedded)")
+    p = sub.add_parser(
+        "train",
+        help="QLoRA/LoRA fine-tuning on a JSONL dataset",
+        description="Fine-tune a causal LM on JSONL data (chat 'messages', "
+        "'prompt'/'completion' or alpaca 'instruction'/'input'/'output' rows) "
+        "and write a PEFT adapter directory.",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model: local HF directory, hub id, or "
+        "'smollm2-135m-instruct' (default, embedded)",
+    )
     p.add_argument("--data", required=True, type=Path, help="training JSONL file")
     p.add_argument("--out", required=True, type=Path, help="output adapter directory")
     p.add_argument("--eval-data", type=Path, help="held-out JSONL (default: split from --data)")
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
-                   help="share of --data held out for eval loss (default %(default)s)")
-    p.add_argument("--method", choices=["qlora", "lora"], default=d.method,
-                   help="qlora: 4-bit base (default); lora: full-precision base")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help="share of --data held out for eval loss (default %(default)s)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["qlora", "lora"],
+        default=d.method,
+        help="qlora: 4-bit base (default); lora: full-precision base",
+    )
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default=d.quant_type)
-    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                   help="do not quantize the 4-bit block scales")
-    p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp16", "fp32"],
-                   default=d.compute_dtype, help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--no-double-quant",
+        dest="double_quant",
+        action="store_false",
+        help="do not quantize the 4-bit block scales",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default=d.compute_dtype,
+        help="auto: bf16 on GPU, fp32 on CPU",
+    )
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--target-modules", default="all-linear",
-                   help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj",
+    )
     p.add_argument("--lr", type=float, default=d.learning_rate, dest="learning_rate")
-    p.add_argument("--lr-scheduler", default=d.lr_scheduler,
-                   help="transformers scheduler name (default %(default)s)")
+    p.add_argument(
+        "--lr-scheduler",
+        default=d.lr_scheduler,
+        help="transformers scheduler name (default %(default)s)",
+    )
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="> 0 overrides --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help="tokens per row; longer rows are truncated and counted")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help="tokens per row; longer rows are truncated and counted",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    p.add_argument("--save-steps", type=int, default=d.save_steps,
-                   help="checkpoint interval (kept in OUT.partial until training ends)")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="drop bad rows with a counted warning instead of failing")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint of an interrupted run")
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        default=d.save_steps,
+        help="checkpoint interval (kept in OUT.partial until training ends)",
+    )
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="drop bad rows with a counted warning instead of failing",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint of an interrupted run",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_train)
 
@@ -75,37 +118,66 @@ def _run_train(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     if args.target_modules != "all-linear":
         values["target_modules"] = _csv(args.target_modules)
-    result = train(args.base, args.data, args.out, TrainSettings(**values),
-                   eval_data=args.eval_data, skip_bad_rows=args.skip_bad_rows,
-                   resume=args.resume, force=args.force, progress=not args.quiet)
+    result = train(
+        args.base,
+        args.data,
+        args.out,
+        TrainSettings(**values),
+        eval_data=args.eval_data,
+        skip_bad_rows=args.skip_bad_rows,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.quiet,
+    )
     report = result.data
     if report.skipped:
-        print(f"warning: skipped {len(report.skipped)} bad rows, first: {report.skipped[0]}",
-              file=sys.stderr)
+        print(
+            f"warning: skipped {len(report.skipped)} bad rows, first: {report.skipped[0]}",
+            file=sys.stderr,
+        )
     if report.truncated:
-        print(f"warning: {report.truncated} of {report.rows} rows were truncated at "
-              f"--max-length {result.settings.max_length}", file=sys.stderr)
+        print(
+            f"warning: {report.truncated} of {report.rows} rows were truncated at "
+            f"--max-length {result.settings.max_length}",
+            file=sys.stderr,
+        )
     before = "" if result.eval_loss_before is None else f"{result.eval_loss_before:.4f} → "
     after = "-" if result.eval_loss is None else f"{result.eval_loss:.4f}"
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s: train loss "
-          f"{result.train_loss:.4f}, eval loss {before}{after}; adapter written to {result.out}")
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s: train loss "
+        f"{result.train_loss:.4f}, eval loss {before}{after}; adapter written to {result.out}"
+    )
     return 0
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="fold an adapter into full-precision weights",
-                       description="Merge a LoRA/QLoRA adapter into full-precision base weights "
-                       "(never into 4-bit weights), check parity against the as-trained model "
-                       "and save a plain Hugging Face checkpoint.")
+    p = sub.add_parser(
+        "merge",
+        help="fold an adapter into full-precision weights",
+        description="Merge a LoRA/QLoRA adapter into full-precision base weights "
+        "(never into 4-bit weights), check parity against the as-trained model "
+        "and save a plain Hugging Face checkpoint.",
+    )
     p.add_argument("--adapter", required=True, type=Path, help="output directory of edgeft train")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
-    p.add_argument("--merge-base", choices=["original", "dequantized"], default=None,
-                   help="QLoRA: 'dequantized' (default) reproduces the as-trained model; "
-                   "'original' adds the delta to the full-precision base")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="dtype of the saved weights (default fp32)")
-    p.add_argument("--base", default=None,
-                   help="base model location if it moved (must hash to the recorded weights)")
+    p.add_argument(
+        "--merge-base",
+        choices=["original", "dequantized"],
+        default=None,
+        help="QLoRA: 'dequantized' (default) reproduces the as-trained model; "
+        "'original' adds the delta to the full-precision base",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="dtype of the saved weights (default fp32)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model location if it moved (must hash to the recorded weights)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_merge)
 
@@ -113,22 +185,37 @@ def _add_merge(sub) -> None:
 def _run_merge(args) -> int:
     from edgeft.merge import merge
 
-    result = merge(args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
-                   base=args.base, force=args.force)
+    result = merge(
+        args.adapter,
+        args.out,
+        merge_base=args.merge_base,
+        dtype=args.dtype,
+        base=args.base,
+        force=args.force,
+    )
     verdict = "within tolerance" if result.gated else "reported (original base: not gated)"
-    print(f"merged {result.modules} modules into the {result.merge_base} weights ({result.dtype}); "
-          f"parity vs as-trained model: {result.parity.summary()} [{verdict}]; "
-          f"checkpoint written to {result.out}")
+    print(
+        f"merged {result.modules} modules into the {result.merge_base} weights ({result.dtype}); "
+        f"parity vs as-trained model: {result.parity.summary()} [{verdict}]; "
+        f"checkpoint written to {result.out}"
+    )
     return 0
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the cooking-assistant case study on the embedded model",
-                       description="Fine-tune SmolLM2-135M-Instruct on the shipped cooking "
-                       "dataset with QLoRA, merge it, and compare base vs fine-tuned on held-out "
-                       "questions.")
-    p.add_argument("--out", type=Path, default=Path("edgeft-demo"),
-                   help="output directory (default %(default)s)")
+    p = sub.add_parser(
+        "demo",
+        help="the cooking-assistant case study on the embedded model",
+        description="Fine-tune SmolLM2-135M-Instruct on the shipped cooking "
+        "dataset with QLoRA, merge it, and compare base vs fine-tuned on held-out "
+        "questions.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("edgeft-demo"),
+        help="output directory (default %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_demo)
 
@@ -139,9 +226,11 @@ def _run_demo(args) -> int:
     result = demo(args.out, force=args.force, progress=not args.quiet)
     print()
     print((args.out / "report.md").read_text(encoding="utf-8"))
-    print(f"base accuracy {result.base_task.accuracy:.1%} → fine-tuned "
-          f"{result.tuned_task.accuracy:.1%}; everything written under {result.out.resolve()} "
-          "(report.md, demo.json, adapter/, merged/)")
+    print(
+        f"base accuracy {result.base_task.accuracy:.1%} → fine-tuned "
+        f"{result.tuned_task.accuracy:.1%}; everything written under {result.out.resolve()} "
+        "(report.md, demo.json, adapter/, merged/)"
+    )
     return 0
 
 
@@ -149,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeft",
         description="Fine-tune small language models with QLoRA, merge them correctly, and ship "
-        "them to edge runtimes.")
+        "them to edge runtimes.",
+    )
     parser.add_argument("--version", action="version", version=f"edgeft {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show library logs and full tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show library logs and full tracebacks"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -195,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line by default, the traceback with --verbose
         if args.verbose:
             raise
-        print(f"edgeft {args.command}: internal error: {type(exc).__name__}: {exc} "
-              "(re-run with --verbose for the traceback)", file=sys.stderr)
+        print(
+            f"edgeft {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(re-run with --verbose for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL_ERROR
 
 

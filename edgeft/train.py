@@ -58,10 +58,18 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.method in ("qlora", "lora"), f"--method must be qlora or lora, got {self.method!r}"),
-            (self.quant_type in ("nf4", "fp4"), f"--quant-type must be nf4 or fp4, got {self.quant_type!r}"),
-            (self.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
-             f"--compute-dtype must be auto, bf16, fp16 or fp32, got {self.compute_dtype!r}"),
+            (
+                self.method in ("qlora", "lora"),
+                f"--method must be qlora or lora, got {self.method!r}",
+            ),
+            (
+                self.quant_type in ("nf4", "fp4"),
+                f"--quant-type must be nf4 or fp4, got {self.quant_type!r}",
+            ),
+            (
+                self.compute_dtype in ("auto", "bf16", "fp16", "fp32"),
+                f"--compute-dtype must be auto, bf16, fp16 or fp32, got {self.compute_dtype!r}",
+            ),
             (self.rank > 0, f"--rank must be positive, got {self.rank}"),
             (self.alpha > 0, f"--alpha must be positive, got {self.alpha}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
@@ -70,10 +78,15 @@ class TrainSettings:
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
             (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"),
-            (0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
-            (self.target_modules == "all-linear" or (
-                isinstance(self.target_modules, list) and self.target_modules),
-             "--target-modules must be 'all-linear' or a comma-separated list of module names"),
+            (
+                0 <= self.eval_fraction < 1,
+                f"--eval-fraction must be in [0, 1), got {self.eval_fraction}",
+            ),
+            (
+                self.target_modules == "all-linear"
+                or (isinstance(self.target_modules, list) and self.target_modules),
+                "--target-modules must be 'all-linear' or a comma-separated list of module names",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,15 +143,24 @@ def bnb_config(settings: dict, compute_dtype):
     )
 
 
-def load_base_model(path: Path, settings: dict, compute_dtype, *, quantized: bool):
+def load_base_model(
+    path: Path, settings: dict, compute_dtype, *, quantized: bool, device: str | None = None
+):
     """Load the base model as training sees it: 4-bit for QLoRA, ``compute_dtype`` for LoRA.
 
     Weights are read from safetensors only (no pickle) and remote code never runs.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``; default: this process's GPU if there is one.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": compute_dtype, "use_safetensors": True, "trust_remote_code": False,
-              "device_map": _device_map()}
+    kwargs = {
+        "dtype": compute_dtype,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "device_map": {"": device} if device else _device_map(),
+    }
     if quantized:
         kwargs["quantization_config"] = bnb_config(settings, compute_dtype)
     try:
@@ -163,9 +185,18 @@ def disable_bnb_cpu_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def train(base: str | None, data: Path, out: Path, settings: TrainSettings | None = None, *,
-          eval_data: Path | None = None, skip_bad_rows: bool = False, resume: bool = False,
-          force: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    base: str | None,
+    data: Path,
+    out: Path,
+    settings: TrainSettings | None = None,
+    *,
+    eval_data: Path | None = None,
+    skip_bad_rows: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune ``base`` on a JSONL dataset and write a PEFT adapter directory to ``out``.
 
     Args:
@@ -206,12 +237,14 @@ def train(base: str | None, data: Path, out: Path, settings: TrainSettings | Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked from the loss
     # Every row is validated before the model is loaded: a bad line fails in seconds.
-    examples, report = load_examples(data, tokenizer, max_length=settings.max_length,
-                                     skip_bad_rows=skip_bad_rows)
+    examples, report = load_examples(
+        data, tokenizer, max_length=settings.max_length, skip_bad_rows=skip_bad_rows
+    )
     if eval_data is not None:
         train_rows = examples
-        eval_rows, _ = load_examples(eval_data, tokenizer, max_length=settings.max_length,
-                                     skip_bad_rows=skip_bad_rows)
+        eval_rows, _ = load_examples(
+            eval_data, tokenizer, max_length=settings.max_length, skip_bad_rows=skip_bad_rows
+        )
     else:
         train_rows, eval_rows = split_examples(examples, settings.eval_fraction, settings.seed)
 
@@ -220,12 +253,19 @@ def train(base: str | None, data: Path, out: Path, settings: TrainSettings | Non
     model = load_base_model(base_model.path, asdict(settings), compute_dtype, quantized=quantized)
     if quantized:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing)
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:
@@ -235,8 +275,11 @@ def train(base: str | None, data: Path, out: Path, settings: TrainSettings | Non
     on_gpu = torch.cuda.is_available()
     # Under `accelerate launch` every rank runs this function; only rank 0 owns the output.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    output_dir = (atomic_dir(out, force=force, resume=resume, keep_on_error=True) if main_process
-                  else contextlib.nullcontext(partial_dir(out)))
+    output_dir = (
+        atomic_dir(out, force=force, resume=resume, keep_on_error=True)
+        if main_process
+        else contextlib.nullcontext(partial_dir(out))
+    )
     with output_dir as work:
         args = transformers.TrainingArguments(
             output_dir=str(work / "checkpoints"),
@@ -266,7 +309,8 @@ def train(base: str | None, data: Path, out: Path, settings: TrainSettings | Non
             ddp_find_unused_parameters=False,
         )
         trainer = transformers.Trainer(
-            model=model, args=args,
+            model=model,
+            args=args,
             train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in train_rows],
             eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_rows]
             or None,
@@ -281,39 +325,67 @@ def train(base: str | None, data: Path, out: Path, settings: TrainSettings | Non
         if not math.isfinite(train_loss):
             raise EdgeftError(f"training loss is {train_loss}; lower --lr or check the data")
         tokens_seen = sum(len(e.input_ids) for e in train_rows) * (
-            output.global_step * settings.batch_size * settings.grad_accum / max(len(train_rows), 1))
+            output.global_step * settings.batch_size * settings.grad_accum / max(len(train_rows), 1)
+        )
 
         result = TrainResult(
-            out=out, train_loss=train_loss, eval_loss_before=eval_before,
-            eval_loss=eval_after, steps=output.global_step, seconds=seconds,
-            train_tokens_per_s=tokens_seen / seconds if seconds else 0.0, data=report,
-            eval_rows=len(eval_rows), settings=settings)
+            out=out,
+            train_loss=train_loss,
+            eval_loss_before=eval_before,
+            eval_loss=eval_after,
+            steps=output.global_step,
+            seconds=seconds,
+            train_tokens_per_s=tokens_seen / seconds if seconds else 0.0,
+            data=report,
+            eval_rows=len(eval_rows),
+            settings=settings,
+        )
         if main_process:
             model.save_pretrained(work, safe_serialization=True)
             tokenizer.save_pretrained(work)
-            write_json(work / PARITY_ROWS_FILE,
-                       [e.input_ids for e in (eval_rows or train_rows)[:_PARITY_ROWS]])
+            write_json(
+                work / PARITY_ROWS_FILE,
+                [e.input_ids for e in (eval_rows or train_rows)[:_PARITY_ROWS]],
+            )
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
             record = make_record(
                 "train",
-                inputs={"base": {"name": base_model.name, "path": base_model.path,
-                                 "weights_sha256": base_model.weights_sha256,
-                                 "model_type": model.get_base_model().config.model_type},
-                        "data": {"path": Path(data).resolve(), "sha256": sha256_file(data)},
-                        "eval_data": None if eval_data is None else {
-                            "path": Path(eval_data).resolve(), "sha256": sha256_file(eval_data)}},
-                settings={**asdict(settings),
-                          "resolved_compute_dtype": str(compute_dtype).removeprefix("torch."),
-                          "device": "cuda" if on_gpu else "cpu",
-                          "world_size": trainer.args.world_size},
-                results={"train_loss": train_loss, "eval_loss_before": eval_before,
-                         "eval_loss": eval_after, "steps": output.global_step,
-                         "seconds": round(seconds, 2),
-                         "train_tokens_per_s": round(result.train_tokens_per_s, 1),
-                         "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-                         "data": {"rows": report.rows, "truncated": report.truncated,
-                                  "skipped": len(report.skipped), "tokens": report.tokens,
-                                  "label_tokens": report.label_tokens}})
+                inputs={
+                    "base": {
+                        "name": base_model.name,
+                        "path": base_model.path,
+                        "weights_sha256": base_model.weights_sha256,
+                        "model_type": model.get_base_model().config.model_type,
+                    },
+                    "data": {"path": Path(data).resolve(), "sha256": sha256_file(data)},
+                    "eval_data": None
+                    if eval_data is None
+                    else {"path": Path(eval_data).resolve(), "sha256": sha256_file(eval_data)},
+                },
+                settings={
+                    **asdict(settings),
+                    "resolved_compute_dtype": str(compute_dtype).removeprefix("torch."),
+                    "device": "cuda" if on_gpu else "cpu",
+                    "world_size": trainer.args.world_size,
+                },
+                results={
+                    "train_loss": train_loss,
+                    "eval_loss_before": eval_before,
+                    "eval_loss": eval_after,
+                    "steps": output.global_step,
+                    "seconds": round(seconds, 2),
+                    "train_tokens_per_s": round(result.train_tokens_per_s, 1),
+                    "train_rows": len(train_rows),
+                    "eval_rows": len(eval_rows),
+                    "data": {
+                        "rows": report.rows,
+                        "truncated": report.truncated,
+                        "skipped": len(report.skipped),
+                        "tokens": report.tokens,
+                        "label_tokens": report.label_tokens,
+                    },
+                },
+            )
             write_json(work / "edgeft.json", record)
     return result
 

@@ -18,15 +18,19 @@ class TorchSession:
         self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = frozenset(int(e) for e in [*eos, tokenizer.eos_token_id]
-                                       if e is not None)
+        self.eos_token_ids = frozenset(
+            int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None
+        )
         self._past = None
         self._next_logits = None
 
     def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
         if chat:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+                )
+            )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
@@ -55,10 +59,45 @@ class TorchSession:
             raise RuntimeError("decode_one() before prefill()")
         token = int(self._next_logits.argmax())
         with torch.inference_mode():
-            result = self.model(input_ids=torch.tensor([[token]]), past_key_values=self._past,
-                                use_cache=True)
+            result = self.model(
+                input_ids=torch.tensor([[token]]), past_key_values=self._past, use_cache=True
+            )
         self._past, self._next_logits = result.past_key_values, result.logits[0, -1]
         return token
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy generation for several prompts at once (left-padded), each cut at its first
+        end-of-turn token. Same tokens as :func:`edgeft.runtimes.generate` up to float noise
+        from padding, at a fraction of the per-token overhead on a CPU."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else next(iter(self.eos_token_ids))
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+            mask[i, width - len(prompt) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=sorted(self.eos_token_ids),
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        replies = []
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in self.eos_token_ids), len(row))
+            replies.append(row[:cut])
+        return replies
 
     def close(self) -> None:
         self._past = self._next_logits = None
@@ -85,7 +124,8 @@ class TorchRuntime:
             raise ModelError(f"{artifact} is not a Hugging Face checkpoint (no config.json)")
         torch.set_num_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(
-            artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False).eval()
+            artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        ).eval()
         tokenizer = AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
         return TorchSession(model, tokenizer)
 

@@ -12,15 +12,40 @@ from edgeft.cli import main
 
 def run_cli(*args, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "edgeft.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "edgeft.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_train_then_merge_from_the_cli(tiny_llama, facts_jsonl, tmp_path, capsys):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    code = main(["-q", "train", "--base", str(tiny_llama), "--data", str(facts_jsonl),
-                 "--out", str(adapter), "--max-steps", "8", "--lr", "5e-3", "--rank", "4",
-                 "--max-length", "64", "--eval-fraction", "0.25"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--base",
+            str(tiny_llama),
+            "--data",
+            str(facts_jsonl),
+            "--out",
+            str(adapter),
+            "--max-steps",
+            "8",
+            "--lr",
+            "5e-3",
+            "--rank",
+            "4",
+            "--max-length",
+            "64",
+            "--eval-fraction",
+            "0.25",
+        ]
+    )
     assert code == 0
     assert "adapter written to" in capsys.readouterr().out
     code = main(["-q", "merge", "--adapter", str(adapter), "--out", str(merged)])
@@ -40,8 +65,9 @@ def test_train_then_merge_from_the_cli(tiny_llama, facts_jsonl, tmp_path, capsys
 def test_bad_jsonl_line_is_one_line_error_and_nonzero_exit(tiny_llama, tmp_path):
     good = {"prompt": "q", "completion": "a"}
     data = write_jsonl(tmp_path / "d.jsonl", [good, good, good, '{"prompt": "q", "completion":'])
-    result = run_cli("train", "--base", str(tiny_llama), "--data", str(data),
-                     "--out", str(tmp_path / "out"))
+    result = run_cli(
+        "train", "--base", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "out")
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -51,16 +77,22 @@ def test_bad_jsonl_line_is_one_line_error_and_nonzero_exit(tiny_llama, tmp_path)
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-    result = run_cli("--verbose", "merge", "--adapter", str(tmp_path), "--out",
-                     str(tmp_path / "m"))
+    result = run_cli("--verbose", "merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "m"))
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
 def test_user_mistakes(tmp_path):
     result = run_cli("merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "m"))
     assert result.returncode == 2 and "has no edgeft.json" in result.stderr
-    result = run_cli("train", "--base", str(tmp_path / "missing"), "--data", "x.jsonl",
-                     "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "train",
+        "--base",
+        str(tmp_path / "missing"),
+        "--data",
+        "x.jsonl",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2 and "not found" in result.stderr
     result = run_cli("train", "--data", "x.jsonl", "--out", "o", "--rank", "0")
     assert result.returncode == 2 and "--rank must be positive" in result.stderr

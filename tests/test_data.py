@@ -1,7 +1,14 @@
 import pytest
 from conftest import write_jsonl
 
-from edgeft.data import IGNORE_INDEX, collate, encode, load_examples, row_to_messages, split_examples
+from edgeft.data import (
+    IGNORE_INDEX,
+    collate,
+    encode,
+    load_examples,
+    row_to_messages,
+    split_examples,
+)
 from edgeft.errors import DataError
 
 
@@ -13,11 +20,13 @@ def tokenizer(tiny_tokenizer_dir):
 
 
 def test_labels_cover_exactly_the_assistant_turns(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "How long do I boil an egg?"},
-                {"role": "assistant", "content": "Ten minutes."},
-                {"role": "user", "content": "And rice?"},
-                {"role": "assistant", "content": "Eighteen minutes."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How long do I boil an egg?"},
+        {"role": "assistant", "content": "Ten minutes."},
+        {"role": "user", "content": "And rice?"},
+        {"role": "assistant", "content": "Eighteen minutes."},
+    ]
     example = encode(tokenizer, messages, max_length=512, where="t:1")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -27,8 +36,13 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
         return tokenizer(s, add_special_tokens=False)["input_ids"]
 
     segments = [
-        (ids("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow long do I boil an "
-             "egg?<|im_end|>\n<|im_start|>assistant\n"), False),
+        (
+            ids(
+                "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow long do I boil an "
+                "egg?<|im_end|>\n<|im_start|>assistant\n"
+            ),
+            False,
+        ),
         (ids("Ten minutes.<|im_end|>\n"), True),
         (ids("<|im_start|>user\nAnd rice?<|im_end|>\n<|im_start|>assistant\n"), False),
         (ids("Eighteen minutes.<|im_end|>\n"), True),
@@ -43,9 +57,13 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
 
 
 def test_instruction_forms_render_as_chat(tokenizer):
-    alpaca = row_to_messages({"instruction": "Convert", "input": "1 cup", "output": "240 ml"}, "x:1")
-    assert alpaca == [{"role": "user", "content": "Convert\n\n1 cup"},
-                      {"role": "assistant", "content": "240 ml"}]
+    alpaca = row_to_messages(
+        {"instruction": "Convert", "input": "1 cup", "output": "240 ml"}, "x:1"
+    )
+    assert alpaca == [
+        {"role": "user", "content": "Convert\n\n1 cup"},
+        {"role": "assistant", "content": "240 ml"},
+    ]
     prompt = row_to_messages({"prompt": "Hi", "completion": "Hello", "system": "S"}, "x:2")
     assert [m["role"] for m in prompt] == ["system", "user", "assistant"]
     no_input = row_to_messages({"instruction": "Convert", "input": "", "output": "x"}, "x:3")
@@ -62,8 +80,10 @@ BAD_ROWS = [
     ({"instruction": "q", "output": ["a"]}, "'output' must be a string"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": "q"}]}, "no assistant turn"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
-     "empty assistant turn"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+        "empty assistant turn",
+    ),
     ({"messages": [{"role": "bot", "content": "q"}]}, "has role 'bot'"),
     ({"messages": [{"role": "user", "content": None}]}, "content must be a string"),
     ({"messages": [{"role": "user"}]}, "'role' and 'content'"),
@@ -81,16 +101,24 @@ def test_bad_row_names_file_and_line(tmp_path, tokenizer, row, message):
 
 
 def test_fully_truncated_answer_is_a_bad_row(tmp_path, tokenizer):
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 200},
-                                {"role": "assistant", "content": "answer"}]}
+    long_prompt = {
+        "messages": [
+            {"role": "user", "content": "word " * 200},
+            {"role": "assistant", "content": "answer"},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, long_prompt])
     with pytest.raises(DataError, match=r"d\.jsonl:2: the answer is cut off entirely"):
         load_examples(path, tokenizer, max_length=64)
 
 
 def test_skip_bad_rows_counts_and_truncation_is_counted(tmp_path, tokenizer):
-    long_answer = {"messages": [{"role": "user", "content": "q"},
-                                {"role": "assistant", "content": "word " * 200}]}
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "word " * 200},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "not json", "", {"prompt": 1}, long_answer])
     examples, report = load_examples(path, tokenizer, max_length=64, skip_bad_rows=True)
     assert report.rows == len(examples) == 2
@@ -111,9 +139,15 @@ def test_missing_file(tmp_path, tokenizer):
 
 
 def test_split_and_collate(tokenizer):
-    examples = [encode(tokenizer, [{"role": "user", "content": f"q{i}"},
-                                   {"role": "assistant", "content": "a" * (i + 1)}], 64, f"x:{i}")
-                for i in range(20)]
+    examples = [
+        encode(
+            tokenizer,
+            [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (i + 1)}],
+            64,
+            f"x:{i}",
+        )
+        for i in range(20)
+    ]
     train, held = split_examples(examples, 0.1, seed=3)
     assert len(held) == 2 and len(train) == 18
     assert {e.where for e in train}.isdisjoint(e.where for e in held)

@@ -12,19 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runtimes_import_as_edgeft_runtimes_not_top_level(tmp_path):
-    code = ("import importlib.util, edgeft.runtimes as r; "
-            "assert importlib.util.find_spec('runtimes') is None, 'top-level runtimes leaked'; "
-            "print(r.__file__)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, env={k: v for k, v in os.environ.items()
-                                            if k != "PYTHONPATH"})
+    code = (
+        "import importlib.util, edgeft.runtimes as r; "
+        "assert importlib.util.find_spec('runtimes') is None, 'top-level runtimes leaked'; "
+        "print(r.__file__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).parent == ROOT / "runtimes"  # the editable install
 
 
 def test_unknown_runtime_lists_known_ones():
-    from edgeft.errors import EdgeftError
     from edgeft.runtimes import get_runtime
+
+    from edgeft.errors import EdgeftError
 
     with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: torch"):
         get_runtime("x")
@@ -32,8 +39,22 @@ def test_unknown_runtime_lists_known_ones():
 
 def test_wheel_maps_folders_into_the_edgeft_namespace(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("edgeft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

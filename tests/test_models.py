@@ -44,9 +44,11 @@ def test_special_tokens_are_fixed(tokenizer):
 def test_chat_template_renders_like_smollm2_with_a_single_im_start(tokenizer):
     messages = [{"role": "user", "content": "Hi"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                    "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert ids[0] == 1 and ids[1] != 1
     assert ids.count(1) == 3  # one <|im_start|> per turn, no extra bos
@@ -70,8 +72,9 @@ def test_token_ids_equal_llama_cpp(tokenizer, llama_vocab, text):
 @pytest.mark.slow
 def test_default_model_converts_and_stops_at_im_end():
     """Converts the embedded GGUF (~1 min on first use, then cached) and generates."""
-    from edgeft.models import resolve_base
     from edgeft.runtimes import generate, get_runtime
+
+    from edgeft.models import resolve_base
 
     base = resolve_base(None)
     session = get_runtime("torch").load(base.path, threads=2)

@@ -9,8 +9,20 @@ from edgeft.merge import KL_TOLERANCE, merge
 from edgeft.parity import compare_logits, model_logits
 from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
 
-FAST = dict(rank=8, alpha=16, dropout=0.0, learning_rate=5e-3, max_steps=30, batch_size=4,
-            max_length=64, eval_fraction=0.25, logging_steps=100, seed=0)
+# fp32 compute on any device, so parity can be asserted at fp32 precision (a GPU would pick bf16).
+FAST = dict(
+    compute_dtype="fp32",
+    rank=8,
+    alpha=16,
+    dropout=0.0,
+    learning_rate=5e-3,
+    max_steps=30,
+    batch_size=4,
+    max_length=64,
+    eval_fraction=0.25,
+    logging_steps=100,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +30,18 @@ def qlora_adapter(tiny_llama, tmp_path_factory):
     from conftest import FACTS, write_jsonl
 
     tmp = tmp_path_factory.mktemp("qlora")
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in FACTS] * 4
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in FACTS
+    ] * 4
     data = write_jsonl(tmp / "facts.jsonl", rows)
-    result = train(str(tiny_llama), data, tmp / "adapter", TrainSettings(method="qlora", **FAST),
-                   progress=False)
+    result = train(
+        str(tiny_llama),
+        data,
+        tmp / "adapter",
+        TrainSettings(method="qlora", **FAST),
+        progress=False,
+    )
     return result
 
 
@@ -37,8 +56,12 @@ def test_adapter_loads_with_plain_peft(qlora_adapter, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     out = qlora_adapter.out
-    assert {"adapter_config.json", "adapter_model.safetensors", "edgeft.json",
-            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "edgeft.json",
+        "tokenizer.json",
+    } <= {p.name for p in out.iterdir()}
     assert not (out.parent / f"{out.name}.partial").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)
@@ -75,7 +98,8 @@ def test_merge_dequantized_reproduces_the_as_trained_model(qlora_adapter, tmp_pa
 
 
 def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
-        qlora_adapter, tmp_path):
+    qlora_adapter, tmp_path
+):
     """Independent check: reload the saved checkpoint with plain transformers and compare it
     with peft's own adapter on the 4-bit base."""
     import torch
@@ -86,10 +110,15 @@ def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     base4 = AutoModelForCausalLM.from_pretrained(
         json.loads((qlora_adapter.out / "edgeft.json").read_text())["inputs"]["base"]["path"],
-        dtype=torch.float32, device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=torch.float32))
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
     # bitsandbytes' repacked CPU inference kernel computes in bf16 (max |Δlogit| ~0.2 here);
     # compare against its exact fp32 dequantize path, which is what training used.
     disable_bnb_cpu_repacking(base4)
@@ -97,12 +126,14 @@ def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
     rows = read_parity_rows(qlora_adapter.out)
     parity = compare_logits(model_logits(trained, rows), model_logits(merged, rows))
     assert parity.max_abs_diff < 1e-3
-    assert {"config.json", "model.safetensors", "generation_config.json",
-            "tokenizer.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "merged").iterdir()
+    }
 
 
-def test_merge_original_adds_the_delta_to_the_full_precision_weights(qlora_adapter,
-                                                                      tiny_llama, tmp_path):
+def test_merge_original_adds_the_delta_to_the_full_precision_weights(
+    qlora_adapter, tiny_llama, tmp_path
+):
     import torch
     from safetensors.torch import load_file
 
@@ -150,8 +181,13 @@ def test_merge_into_another_architecture_is_an_error(qlora_adapter, tiny_qwen2, 
 
 
 def test_lora_on_qwen2_merges_exactly(tiny_qwen2, facts_jsonl, tmp_path):
-    result = train(str(tiny_qwen2), facts_jsonl, tmp_path / "adapter",
-                   TrainSettings(method="lora", **{**FAST, "max_steps": 10}), progress=False)
+    result = train(
+        str(tiny_qwen2),
+        facts_jsonl,
+        tmp_path / "adapter",
+        TrainSettings(method="lora", **{**FAST, "max_steps": 10}),
+        progress=False,
+    )
     assert result.eval_loss < result.eval_loss_before
     merged = merge(result.out, tmp_path / "merged")
     assert merged.merge_base == "original" and merged.gated
@@ -159,8 +195,9 @@ def test_lora_on_qwen2_merges_exactly(tiny_qwen2, facts_jsonl, tmp_path):
     assert merged.parity.top1_agreement == 1.0
 
 
-def test_merge_into_other_weights_of_the_same_shape_is_an_error(qlora_adapter, tiny_llama,
-                                                                 tmp_path):
+def test_merge_into_other_weights_of_the_same_shape_is_an_error(
+    qlora_adapter, tiny_llama, tmp_path
+):
     import shutil
 
     import torch
@@ -174,3 +211,38 @@ def test_merge_into_other_weights_of_the_same_shape_is_an_error(qlora_adapter, t
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match="not the one adapter"):
         merge(qlora_adapter.out, tmp_path / "m", base=str(other))
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(
+    tiny_llama, facts_jsonl, tmp_path, monkeypatch
+):
+    import transformers
+
+    out = tmp_path / "adapter"
+    settings = TrainSettings(method="qlora", **{**FAST, "max_steps": 6}, save_steps=4)
+    real_evaluate = transformers.Trainer.evaluate
+    calls = []
+
+    def crash_after_training(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the eval after training: the run dies here
+            raise KeyboardInterrupt
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", crash_after_training)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny_llama), facts_jsonl, out, settings, progress=False)
+    monkeypatch.setattr(transformers.Trainer, "evaluate", real_evaluate)
+    assert not out.exists()
+    assert (tmp_path / "adapter.partial" / "checkpoints" / "checkpoint-4").is_dir()
+
+    result = train(str(tiny_llama), facts_jsonl, out, settings, progress=False, resume=True)
+    assert result.steps == 6 and (out / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter.partial").exists()
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_llama, facts_jsonl, tmp_path):
+    from edgeft.errors import EdgeftError
+
+    with pytest.raises(EdgeftError, match="nothing to resume"):
+        train(str(tiny_llama), facts_jsonl, tmp_path / "a", TrainSettings(**FAST), resume=True)
