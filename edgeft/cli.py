@@ -83,6 +83,10 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batch rows in random order instead of by similar length")
+    p.add_argument("--neftune-alpha", type=float, default=d.neftune_alpha,
+                   help="NEFTune embedding noise during training (default 0: off)")
     p.add_argument(
         "--max-length",
         type=int,

@@ -49,6 +49,11 @@ class TrainSettings:
     batch_size: int = 4
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    # batches of similar length: ~15% less padding on chat data whose rows vary in length
+    group_by_length: bool = True
+    # NEFTune: noise on input embeddings during training, known to help instruction tuning
+    # generalise (0 = off)
+    neftune_alpha: float = 0.0
     max_length: int = 512
     eval_fraction: float = 0.05
     seed: int = 42
@@ -77,6 +82,7 @@ class TrainSettings:
             (self.epochs > 0 or self.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
+            (self.neftune_alpha >= 0, f"--neftune-alpha must be >= 0, got {self.neftune_alpha}"),
             (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"),
             (
                 0 <= self.eval_fraction < 1,
@@ -306,6 +312,8 @@ def train(
             label_names=["labels"],
             dataloader_num_workers=0,
             gradient_checkpointing=False,  # set up above, per method
+            group_by_length=settings.group_by_length,
+            neftune_noise_alpha=settings.neftune_alpha or None,
             ddp_find_unused_parameters=False,
         )
         trainer = transformers.Trainer(
