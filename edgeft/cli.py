@@ -83,10 +83,18 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   help="batch rows in random order instead of by similar length")
-    p.add_argument("--neftune-alpha", type=float, default=d.neftune_alpha,
-                   help="NEFTune embedding noise during training (default 0: off)")
+    p.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batch rows in random order instead of by similar length",
+    )
+    p.add_argument(
+        "--neftune-alpha",
+        type=float,
+        default=d.neftune_alpha,
+        help="NEFTune embedding noise during training (default 0: off)",
+    )
     p.add_argument(
         "--max-length",
         type=int,
@@ -249,7 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="show library logs and full tracebacks"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The same flags after the subcommand (`edgeft train ... --verbose`); SUPPRESS keeps a flag
+    # given before the subcommand from being reset by the subparser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show library logs and full tracebacks",
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw),
+    )
     sub.required = True
     _add_train(sub)
     _add_merge(sub)

@@ -83,3 +83,13 @@ def test_default_model_converts_and_stops_at_im_end():
     reply = generate(session, prompt, max_new_tokens=64)
     assert 0 < len(reply) < 64  # stopped at <|im_end|>, not at the token limit
     assert "Paris" in session.detokenize(reply)
+
+
+def test_training_rows_start_with_one_im_start_and_learn_im_end(tokenizer):
+    from edgeft.data import IGNORE_INDEX, encode
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    example = encode(tokenizer, messages, max_length=128, where="t:1")
+    assert example.input_ids[0] == 1 and example.input_ids[1] != 1
+    learned = [t for t in example.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Hello!<|im_end|>\n"
