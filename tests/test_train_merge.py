@@ -246,3 +246,20 @@ def test_resume_without_checkpoint_is_an_error(tiny_llama, facts_jsonl, tmp_path
 
     with pytest.raises(EdgeftError, match="nothing to resume"):
         train(str(tiny_llama), facts_jsonl, tmp_path / "a", TrainSettings(**FAST), resume=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rank", 0, "--rank must be positive"),
+        ("method", "full", "--method must be qlora or lora"),
+        ("neftune_alpha", -1.0, "--neftune-alpha must be >= 0"),
+        ("eval_fraction", 1.0, "--eval-fraction must be in"),
+        ("target_modules", [], "--target-modules must be"),
+    ],
+)
+def test_settings_are_validated_once(field, value, message):
+    from edgeft.errors import EdgeftError
+
+    with pytest.raises(EdgeftError, match=message):
+        TrainSettings(**{field: value})
