@@ -85,7 +85,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key in ("use_dora", "modules_to_save"):
+    for key in ("use_dora", "modules_to_save", "alpha_pattern"):
         if config.get(key):
             raise ModelError(f"{config_path}: {key} adapters are not supported by edgeft merge")
     tensors = load_file(weights_path)
@@ -245,10 +245,9 @@ def merge(
         )
 
     # The as-trained model: the adapter on the same base as in training (4-bit for QLoRA).
-    if method == "qlora":
-        as_trained_base = load_base_model(base_model.path, trained, train_dtype, quantized=True)
-    else:
-        as_trained_base = load_base_model(base_model.path, trained, train_dtype, quantized=False)
+    as_trained_base = load_base_model(
+        base_model.path, trained, train_dtype, quantized=method == "qlora"
+    )
     as_trained = PeftModel.from_pretrained(as_trained_base, adapter, is_trainable=False).eval()
     reference = model_logits(as_trained, rows)
     if merge_base == "dequantized":
@@ -258,11 +257,11 @@ def merge(
         start = {name: modules[name].weight.detach().float() for name in lora}
     del as_trained, as_trained_base
 
-    scale = lora_scale(config, next(iter(lora.values()))[0].shape[0])
+    scales = {name: lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
     modules = dict(full.named_modules())
     with torch.no_grad():
         for name, (a, b) in lora.items():
-            delta = (b.float() @ a.float()) * scale
+            delta = (b.float() @ a.float()) * scales[name]
             if config.get("fan_in_fan_out"):
                 delta = delta.T
             merged = start[name] + delta
@@ -289,14 +288,18 @@ def merge(
             f"{TOP1_TOLERANCE[coarse]:.0%} for {coarse})"
         )
 
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # Keep the base's generation settings (some models stop on several ids); make sure the
+    # tokenizer's end-of-turn token stops generation and padding has an id.
+    generation = full.generation_config or GenerationConfig()
+    stop = generation.eos_token_id
+    stop = list(stop) if isinstance(stop, (list, tuple)) else [stop] if stop is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    generation.eos_token_id = stop[0] if len(stop) == 1 else stop
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out, force=force) as work:
-        full.config.eos_token_id = tokenizer.eos_token_id
-        full.config.pad_token_id = tokenizer.pad_token_id
+        full.config.pad_token_id = generation.pad_token_id
         full.generation_config = generation
         full.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
@@ -320,7 +323,7 @@ def merge(
                 settings={
                     "merge_base": merge_base,
                     "dtype": dtype,
-                    "lora_scale": scale,
+                    "lora_scale": sorted(set(scales.values())),
                     "modules": len(lora),
                 },
                 results={

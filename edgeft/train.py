@@ -332,9 +332,9 @@ def train(
         train_loss = float(output.training_loss)
         if not math.isfinite(train_loss):
             raise EdgeftError(f"training loss is {train_loss}; lower --lr or check the data")
-        tokens_seen = sum(len(e.input_ids) for e in train_rows) * (
-            output.global_step * settings.batch_size * settings.grad_accum / max(len(train_rows), 1)
-        )
+        rows_seen = output.global_step * trainer.args.train_batch_size * settings.grad_accum
+        rows_seen *= trainer.args.world_size
+        tokens_seen = sum(len(e.input_ids) for e in train_rows) * rows_seen / len(train_rows)
 
         result = TrainResult(
             out=out,

@@ -95,6 +95,8 @@ def test_merge_dequantized_reproduces_the_as_trained_model(qlora_adapter, tmp_pa
     record = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
     assert record["results"]["parity_vs_as_trained"]["mean_kl"] == result.parity.mean_kl
     assert record["results"]["within_tolerance"] is True
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["pad_token_id"] == 2  # <|im_end|>
 
 
 def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
