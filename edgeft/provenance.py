@@ -79,6 +79,8 @@ def read_record(directory: Path, stage: str | None = None) -> dict:
         ModelError: the record is missing, unreadable, or from another stage.
     """
     path = Path(directory) / RECORD_NAME
+    if not Path(directory).is_dir():
+        raise ModelError(f"{directory}: no such directory")
     if not path.is_file():
         raise ModelError(
             f"{directory} has no {RECORD_NAME}; pass a directory written by edgeft "
