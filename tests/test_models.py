@@ -93,3 +93,60 @@ def test_training_rows_start_with_one_im_start_and_learn_im_end(tokenizer):
     assert example.input_ids[0] == 1 and example.input_ids[1] != 1
     learned = [t for t in example.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "Hello!<|im_end|>\n"
+
+
+def _write_vocab_gguf(path, model, pre):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_types([1, 1, 1])
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("model", "pre"), [("llama", "default"), ("gpt2", "qwen2")])
+def test_a_tokenizer_that_cannot_be_rebuilt_exactly_is_an_error(tmp_path, model, pre):
+    from edgeft.errors import ModelError
+
+    path = _write_vocab_gguf(tmp_path / "v.gguf", model, pre)
+    with pytest.raises(ModelError, match=f"tokenizer '{model}' with pre-tokenizer '{pre}'"):
+        tokenizer_from_gguf(path)
+
+
+def test_a_small_gpt2_vocab_is_rebuilt(tmp_path):
+    path = _write_vocab_gguf(tmp_path / "v.gguf", "gpt2", "gpt2")
+    tokenizer = tokenizer_from_gguf(path)
+    assert tokenizer("ab", add_special_tokens=False)["input_ids"] == [2]
+    assert tokenizer.eos_token == "ab" and tokenizer.pad_token == "ab"
+
+
+def test_resolve_base_errors(tmp_path):
+    from edgeft.errors import ModelError
+    from edgeft.models import resolve_base
+
+    with pytest.raises(ModelError, match="not found: pass a local directory"):
+        resolve_base(str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="not a Hugging Face checkpoint"):
+        resolve_base(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(ModelError, match="never unpickles"):
+        resolve_base(str(tmp_path))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from edgeft.models import cache_dir
+
+    monkeypatch.delenv("EDGEFT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "edgeft"
+    monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x"
