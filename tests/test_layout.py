@@ -29,9 +29,8 @@ def test_runtimes_import_as_edgeft_runtimes_not_top_level(tmp_path):
 
 
 def test_unknown_runtime_lists_known_ones():
-    from edgeft.runtimes import get_runtime
-
     from edgeft.errors import EdgeftError
+    from edgeft.runtimes import get_runtime
 
     with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: torch"):
         get_runtime("x")

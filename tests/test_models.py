@@ -69,12 +69,12 @@ def test_token_ids_equal_llama_cpp(tokenizer, llama_vocab, text):
     assert tokenizer.decode(expected) == text
 
 
-@pytest.mark.slow
-def test_default_model_converts_and_stops_at_im_end():
-    """Converts the embedded GGUF (~1 min on first use, then cached) and generates."""
+def test_default_model_converts_and_stops_at_im_end(tmp_path, monkeypatch):
+    """Converts the embedded GGUF into a fresh cache (seconds) and generates."""
+    from edgeft.models import resolve_base
     from edgeft.runtimes import generate, get_runtime
 
-    from edgeft.models import resolve_base
+    monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path))
 
     base = resolve_base(None)
     session = get_runtime("torch").load(base.path, threads=2)
@@ -83,6 +83,8 @@ def test_default_model_converts_and_stops_at_im_end():
     reply = generate(session, prompt, max_new_tokens=64)
     assert 0 < len(reply) < 64  # stopped at <|im_end|>, not at the token limit
     assert "Paris" in session.detokenize(reply)
+    assert base.path.parent == tmp_path / "models"
+    assert (base.path / "edgeft.json").is_file() and resolve_base(None).path == base.path
 
 
 def test_training_rows_start_with_one_im_start_and_learn_im_end(tokenizer):

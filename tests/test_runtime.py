@@ -1,6 +1,7 @@
 """The torch reference runtime: KV-cache decoding equals full recomputation."""
 
 import numpy as np
+
 from edgeft.runtimes import Session, generate, get_runtime
 
 
