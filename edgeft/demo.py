@@ -152,7 +152,6 @@ def demo(
     out.mkdir(parents=True)
     # Each stage below writes its own directory atomically, so the paths recorded in each
     # edgeft.json stay true after the demo ends.
-    work = out
     clock = time.perf_counter()
     log("[1/4] default base model (converted from its GGUF on first use, ~1 min)")
     base = resolve_base(None)
@@ -161,20 +160,20 @@ def demo(
     clock = time.perf_counter()
     log(f"[2/4] QLoRA fine-tuning on {dataset_path('train.jsonl').name}")
     trained = train(
-        DEFAULT_MODEL, dataset_path("train.jsonl"), work / "adapter", settings, progress=progress
+        DEFAULT_MODEL, dataset_path("train.jsonl"), out / "adapter", settings, progress=progress
     )
     seconds["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     log("[3/4] merging the adapter into full-precision weights")
-    merged = merge(work / "adapter", work / "merged")
+    merged = merge(out / "adapter", out / "merged")
     seconds["merge"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     log(f"[4/4] base vs fine-tuned on {len(heldout)} held-out questions")
     runtime = get_runtime("torch")
     results = {}
-    for label, path in (("base", base.path), ("fine-tuned", work / "merged")):
+    for label, path in (("base", base.path), ("fine-tuned", out / "merged")):
         session = runtime.load(path, threads=_threads())
         results[label] = task_accuracy(session, heldout, progress=progress, desc=label)
         session.close()
@@ -188,9 +187,9 @@ def demo(
         tuned_task=results["fine-tuned"],
         seconds=seconds,
     )
-    write_text(work / "report.md", render_report(result))
+    write_text(out / "report.md", render_report(result))
     write_json(
-        work / "demo.json",
+        out / "demo.json",
         {
             "machine": machine_summary(),
             "versions": package_versions(),
