@@ -265,3 +265,10 @@ def test_settings_are_validated_once(field, value, message):
 
     with pytest.raises(EdgeftError, match=message):
         TrainSettings(**{field: value})
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_gradient_checkpointing_still_learns(method, tiny_llama, facts_jsonl, tmp_path):
+    settings = TrainSettings(method=method, gradient_checkpointing=True, **FAST)
+    result = train(str(tiny_llama), facts_jsonl, tmp_path / "a", settings, progress=False)
+    assert result.eval_loss < result.eval_loss_before * 0.7
