@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edgeft._io import atomic_dir, check_output, write_json
+from edgeft._io import atomic_dir, check_output, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.parity import Parity, compare_logits, model_logits
@@ -51,16 +51,14 @@ class MergeResult:
     modules: int
 
 
+# edgeft's dtype names → torch's (as recorded in edgeft.json's resolved_compute_dtype).
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def _torch_dtype(name: str):
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _dtype_name(dtype) -> str:
-    import torch
-
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return getattr(torch, _TORCH_DTYPE_NAMES[name])
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
@@ -225,7 +223,8 @@ def merge(
     if not rows:
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
 
-    train_dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
+    train_dtype_name = trained.get("resolved_compute_dtype", "float32")
+    train_dtype = getattr(torch, train_dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     # The merge itself runs in fp32 on the CPU: exact, and no GPU memory needed.
     full = load_base_model(base_model.path, trained, torch.float32, quantized=False, device="cpu")
@@ -276,7 +275,8 @@ def merge(
     parity = compare_logits(reference, candidate)
     full = full.to(_torch_dtype(dtype))
 
-    coarse = max((_dtype_name(train_dtype), dtype), key=lambda d: KL_TOLERANCE[d])
+    trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
+    coarse = max((trained_in, dtype), key=lambda d: KL_TOLERANCE[d])
     gated = method == "lora" or merge_base == "dequantized"
     within = (
         parity.mean_kl <= KL_TOLERANCE[coarse] and parity.top1_agreement >= TOP1_TOLERANCE[coarse]
@@ -308,7 +308,10 @@ def merge(
             make_record(
                 "merge",
                 inputs={
-                    "adapter": {"path": adapter.resolve(), "sha256": _adapter_sha(adapter)},
+                    "adapter": {
+                        "path": adapter.resolve(),
+                        "sha256": sha256_file(adapter / "adapter_model.safetensors"),
+                    },
                     "base": {
                         "name": base_model.name,
                         "path": base_model.path,
@@ -340,9 +343,3 @@ def merge(
     return MergeResult(
         out=out, merge_base=merge_base, dtype=dtype, parity=parity, gated=gated, modules=len(lora)
     )
-
-
-def _adapter_sha(adapter: Path) -> str:
-    from edgeft._io import sha256_file
-
-    return sha256_file(adapter / "adapter_model.safetensors")
