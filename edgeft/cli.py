@@ -214,6 +214,157 @@ def _run_merge(args) -> int:
     return 0
 
 
+def _add_export(sub, parser_class) -> None:
+    from edgeft.export.gguf import GGUF_TYPES
+
+    p = sub.add_parser(
+        "export",
+        help="convert a merged checkpoint for an edge runtime",
+        description="Export a full-precision checkpoint to the files an edge runtime loads, "
+        "and measure each file against the checkpoint.",
+    )
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=parser_class)
+    formats.required = True
+    threads = max(1, min(4, os.cpu_count() or 1))
+
+    g = formats.add_parser(
+        "gguf",
+        help="GGUF files for llama.cpp (F32/F16/BF16 and llama.cpp quantizations)",
+        description="Convert a Hugging Face checkpoint (llama, mistral, qwen2) to GGUF, quantize "
+        "it with llama.cpp's own quantizer, prove llama.cpp tokenizes like the Hugging Face "
+        "tokenizer, and measure every file against the checkpoint.",
+    )
+    g.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="checkpoint directory (edgeft merge output), or a GGUF file to quantize",
+    )
+    g.add_argument(
+        "--quant",
+        default="f16,q8_0,q4_k_m",
+        help=f"comma-separated types from: {', '.join(GGUF_TYPES)} (default %(default)s)",
+    )
+    g.add_argument("--out", required=True, type=Path, help="output directory")
+    g.add_argument(
+        "--eval-text", type=Path, help="UTF-8 text for the parity check (default: a cooking text)"
+    )
+    g.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
+    g.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="quantize a GGUF --model that is itself quantized (adds rounding error)",
+    )
+    g.add_argument("--force", action="store_true", help="replace an existing --out")
+    g.set_defaults(handler=_run_export_gguf)
+
+    lo = formats.add_parser(
+        "gguf-lora",
+        help="a LoRA adapter as a GGUF that llama.cpp applies over the base GGUF",
+        description="Write an edgeft train adapter as a llama.cpp LoRA GGUF and check base + "
+        "adapter in llama.cpp against the adapter in PyTorch.",
+    )
+    lo.add_argument("--adapter", required=True, type=Path, help="output directory of edgeft train")
+    lo.add_argument("--out", required=True, type=Path, help="output directory")
+    lo.add_argument(
+        "--base-gguf",
+        type=Path,
+        help="the base GGUF apps ship (from edgeft export gguf); checked to be the adapter's base",
+    )
+    lo.add_argument("--base", help="base model location if it moved")
+    lo.add_argument(
+        "--type", choices=["f16", "f32"], default="f16", help="tensor type (default f16)"
+    )
+    lo.add_argument("--eval-text", type=Path, help="UTF-8 text for the parity check")
+    lo.add_argument(
+        "--threads", type=int, default=threads, help="CPU threads (default %(default)s)"
+    )
+    lo.add_argument("--force", action="store_true", help="replace an existing --out")
+    lo.set_defaults(handler=_run_export_gguf_lora)
+
+
+def _read_eval_text(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeftError(f"{path}: cannot read the eval text as UTF-8: {exc}") from exc
+
+
+def _progress(args):
+    return None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr))
+
+
+def _run_export_gguf(args) -> int:
+    from edgeft.export.gguf import export_gguf
+
+    result = export_gguf(
+        args.model,
+        args.out,
+        args.quant,
+        eval_text=_read_eval_text(args.eval_text),
+        threads=args.threads,
+        force=args.force,
+        allow_requantize=args.allow_requantize,
+        progress=_progress(args),
+    )
+    if result.tokenizer:
+        print(
+            f"llama.cpp token ids identical to the Hugging Face tokenizer on "
+            f"{result.tokenizer['texts']} texts ({result.tokenizer['tokens']} tokens)"
+        )
+    print(
+        f"parity on {result.eval_tokens} eval tokens against "
+        f"{'the source GGUF' if not result.tokenizer else 'the checkpoint in PyTorch'}, "
+        f"whose perplexity is {result.reference_perplexity:.3f}:"
+    )
+    print(
+        f"  {'file':<22}{'size':>10}{'mean KL':>11}{'top-1':>9}{'perplexity':>12}"
+        "  greedy (32 tokens)"
+    )
+    for f in result.files:
+        greedy = (
+            "identical"
+            if f.greedy_first_divergence is None
+            else (f"diverges at {f.greedy_first_divergence}")
+        )
+        print(
+            f"  {f.file:<22}{f.bytes / 1e6:>8.1f}MB{f.parity.mean_kl:>11.2e}"
+            f"{f.parity.top1_agreement:>9.1%}{f.perplexity:>12.3f}  {greedy}"
+        )
+        kinds = ", ".join(f"{n} {kind}" for kind, n in f.tensor_types.items())
+        print(f"  {'':<22}tensors: {kinds}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"written to {result.out}")
+    return 0
+
+
+def _run_export_gguf_lora(args) -> int:
+    from edgeft.export.gguf import export_gguf_lora
+
+    result = export_gguf_lora(
+        args.adapter,
+        args.out,
+        base_gguf=args.base_gguf,
+        base=args.base,
+        lora_type=args.type,
+        eval_text=_read_eval_text(args.eval_text),
+        threads=args.threads,
+        force=args.force,
+        progress=_progress(args),
+    )
+    verdict = "within tolerance" if result.gated else "reported (quantized base: not gated)"
+    print(
+        f"{result.modules} LoRA modules (alpha {result.alpha:g}) written to {result.file}; "
+        f"base ({result.base_gguf}) + adapter in llama.cpp vs PyTorch: "
+        f"{result.parity.summary()}, perplexity {result.perplexity:.3f} vs "
+        f"{result.reference_perplexity:.3f} [{verdict}]"
+    )
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -270,14 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
     )
-    sub = parser.add_subparsers(
-        dest="command",
-        metavar="COMMAND",
-        parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw),
-    )
+
+    def parser_class(**kw):
+        return argparse.ArgumentParser(parents=[common], **kw)
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     sub.required = True
     _add_train(sub)
     _add_merge(sub)
+    _add_export(sub, parser_class)
     _add_demo(sub)
     return parser
 

@@ -69,3 +69,24 @@ def model_logits(model, rows: Iterable[Sequence[int]]):
             batch = torch.tensor([list(ids)], dtype=torch.long, device=device)
             chunks.append(model(input_ids=batch).logits[0].float().cpu())
     return torch.cat(chunks)
+
+
+def perplexity(logits, token_ids: Sequence[int]) -> float:
+    """Perplexity of ``token_ids[1:]`` under ``logits[:-1]`` (``[n, vocab]``, one row per id)."""
+    import torch
+
+    scores = torch.as_tensor(logits).to(torch.float64)
+    targets = torch.as_tensor(list(token_ids)[1:], dtype=torch.long)
+    if scores.shape[0] != len(token_ids) or len(targets) == 0:
+        raise ValueError(f"need one logit row per token and ≥2 tokens, got {tuple(scores.shape)}")
+    nll = -torch.log_softmax(scores[:-1], dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return float(nll.mean().exp())
+
+
+def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
+    """Index of the first differing token of two generations, ``None`` if they are identical
+    (a length difference counts as a divergence where the shorter one ends)."""
+    for i, (a, b) in enumerate(zip(reference, candidate, strict=False)):
+        if a != b:
+            return i
+    return None if len(reference) == len(candidate) else min(len(reference), len(candidate))

@@ -51,7 +51,7 @@ class Runtime(Protocol):
 
 
 # name → module under edgeft.runtimes exposing RUNTIME. Later formats add rows here.
-RUNTIMES = {"torch": "pytorch"}
+RUNTIMES = {"torch": "pytorch", "llama.cpp": "llamacpp"}
 
 
 def get_runtime(name: str) -> Runtime:

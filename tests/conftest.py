@@ -136,3 +136,85 @@ def facts_jsonl(tmp_path) -> Path:
         for q, a in FACTS
     ] * 4
     return write_jsonl(tmp_path / "facts.jsonl", rows)
+
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """A SentencePiece BPE tokenizer with byte fallback (the Llama 2 / Mistral kind), trained
+    in-process and saved as a Hugging Face fast tokenizer."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizerFast
+
+    out = tmp_path_factory.mktemp("spm")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizerFast(
+        vocab_file=str(out / "tokenizer.model"), legacy=True, from_slow=True, add_prefix_space=True
+    )
+    tokenizer.chat_template = LLAMA2_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tokenizer_with_pre(tmp_path: Path, pre_tokenizer, *, decoder=None) -> Path:
+    """A byte-level BPE tokenizer with a chosen pre-tokenizer (and ChatML tokens), saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoder or decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def tiny_model(arch: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
+    """A tiny random ``llama``, ``mistral`` or ``qwen2`` checkpoint over ``tokenizer_dir``."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    config = config_class(**{**_common(tokenizer_dir), **overrides})
+    return _save_model(config, tokenizer_dir, out, seed=3)

@@ -11,11 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_runtimes_import_as_edgeft_runtimes_not_top_level(tmp_path):
+def test_rooms_import_under_edgeft_not_top_level(tmp_path):
     code = (
-        "import importlib.util, edgeft.runtimes as r; "
+        "import importlib.util, edgeft.runtimes as r, edgeft.export.gguf as g; "
         "assert importlib.util.find_spec('runtimes') is None, 'top-level runtimes leaked'; "
-        "print(r.__file__)"
+        "assert importlib.util.find_spec('export') is None, 'top-level export leaked'; "
+        "print(r.__file__); print(g.__file__)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -25,14 +26,16 @@ def test_runtimes_import_as_edgeft_runtimes_not_top_level(tmp_path):
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()).parent == ROOT / "runtimes"  # the editable install
+    runtimes, gguf = result.stdout.split()
+    assert Path(runtimes).parent == ROOT / "runtimes"  # the editable install
+    assert Path(gguf).parent == ROOT / "export" / "gguf"
 
 
 def test_unknown_runtime_lists_known_ones():
     from edgeft.errors import EdgeftError
     from edgeft.runtimes import get_runtime
 
-    with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: torch"):
+    with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: llama.cpp, torch"):
         get_runtime("x")
 
 
@@ -58,6 +61,9 @@ def test_wheel_maps_folders_into_the_edgeft_namespace(tmp_path):
     (wheel,) = tmp_path.glob("edgeft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgeft/runtimes/__init__.py" in names and "edgeft/runtimes/pytorch.py" in names
+    assert "edgeft/runtimes/llamacpp.py" in names
+    assert {"edgeft/export/__init__.py", "edgeft/export/gguf/convert.py"} <= set(names)
     assert "edgeft/assets/cooking/train.jsonl" in names
+    assert "edgeft/assets/eval/cooking.txt" in names
     tops = {n.split("/")[0] for n in names}
     assert tops == {"edgeft", next(t for t in tops if t.endswith(".dist-info"))}

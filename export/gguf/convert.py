@@ -1,0 +1,369 @@
+"""Hugging Face checkpoint → full-precision GGUF (F32, F16 or BF16), one tensor at a time.
+
+Weights are read straight from the safetensors files (no torch, no whole-model copy): each
+tensor is read, renamed to llama.cpp's name, permuted where llama.cpp's rotary layout needs it,
+cast, written and dropped before the next is read. Peak memory is the largest tensor twice
+over, plus the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import ModelError
+from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face architecture maps to a llama.cpp one.
+
+    Attributes:
+        gguf_arch: llama.cpp's architecture name.
+        permute_qk: llama.cpp's ``llama`` graph rotates interleaved pairs, Hugging Face rotates
+            the two halves of each head; the rows of q and k are reordered to match.
+    """
+
+    gguf_arch: str
+    permute_qk: bool
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture("llama", permute_qk=True),
+    "MistralForCausalLM": Architecture("llama", permute_qk=True),
+    "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
+}
+
+OutType = str  # "f32" | "f16" | "bf16"
+OUT_TYPES = ("f32", "f16", "bf16")
+
+# safetensors dtype → (numpy dtype of the stored bytes, converter to float32)
+_SAFETENSORS_DTYPES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "F32": ("<f4", lambda a: a),
+    "F16": ("<f2", lambda a: a.astype(np.float32)),
+    "BF16": ("<u2", lambda a: (a.astype(np.uint32) << 16).view(np.float32)),
+}
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _safetensors_index(model_dir: Path) -> dict[str, _StoredTensor]:
+    """Name → location of every tensor in the checkpoint's safetensors files (headers only)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in model_dir.glob("*.bin")] + [
+            p.name for p in model_dir.glob("*.pt")
+        ]
+        hint = f" (found {', '.join(pickled)}: edgeft does not unpickle)" if pickled else ""
+        raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
+    index: dict[str, _StoredTensor] = {}
+    for path in files:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{path}: truncated safetensors file")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100 << 20):
+                raise ModelError(f"{path}: safetensors header length {header_len} is past the end")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelError(f"{path}: unreadable safetensors header: {exc}") from exc
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = info["dtype"]
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ModelError(
+                    f"{path}: tensor {name} is {dtype}; only F32/F16/BF16 weights can be "
+                    "exported (is this checkpoint already quantized?)"
+                )
+            shape = tuple(int(d) for d in info["shape"])
+            itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype][0]).itemsize
+            if (
+                end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
+                or data_start + end > size
+            ):
+                raise ModelError(
+                    f"{path}: tensor {name} has inconsistent size or lies past the end"
+                )
+            index[name] = _StoredTensor(path, dtype, shape, data_start + begin, end - begin)
+    return index
+
+
+def _read_f32(stored: _StoredTensor) -> np.ndarray:
+    dtype, to_f32 = _SAFETENSORS_DTYPES[stored.dtype]
+    with open(stored.file, "rb") as f:
+        f.seek(stored.offset)
+        data = np.fromfile(f, dtype=dtype, count=stored.nbytes // np.dtype(dtype).itemsize)
+    return to_f32(data).reshape(stored.shape)
+
+
+def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows from Hugging Face's half-split rotary layout to llama.cpp's interleaved
+    one: within each head, rows [0..d/2) and [d/2..d) are interleaved pairwise."""
+    head_dim = weight.shape[0] // n_head
+    return (
+        weight.reshape(n_head, 2, head_dim // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+@dataclass
+class ModelSpec:
+    """A checkpoint's config, read and checked for what llama.cpp can run."""
+
+    model_dir: Path
+    config: dict
+    architecture: Architecture
+    hf_architecture: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    tied: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def read_model_spec(model_dir: Path) -> ModelSpec:
+    """Read ``config.json`` and check the architecture is one this converter maps.
+
+    Raises:
+        ModelError: missing config, unsupported architecture, quantized checkpoint, or a
+            rope scaling llama.cpp would compute differently.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from exc
+    names = config.get("architectures") or []
+    hf_arch = next((n for n in names if n in ARCHITECTURES), None)
+    if hf_arch is None:
+        raise ModelError(
+            f"{path}: architecture {', '.join(names) or config.get('model_type')!r} is not "
+            f"supported for GGUF export; supported: {', '.join(ARCHITECTURES)}"
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ModelError(
+            f"{path}: the checkpoint is quantized ({method}); export a full-precision "
+            "checkpoint (edgeft merge writes one)"
+        )
+    notes = []
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "linear"):
+        raise ModelError(
+            f"{path}: rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+            "supported for GGUF export; supported: none, linear"
+        )
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        notes.append(
+            f"sliding_window {config['sliding_window']} is not written: llama.cpp attends to the "
+            "whole context, identical up to that many tokens"
+        )
+    n_head = config["num_attention_heads"]
+    return ModelSpec(
+        model_dir=model_dir,
+        config=config,
+        architecture=ARCHITECTURES[hf_arch],
+        hf_architecture=hf_arch,
+        n_layer=config["num_hidden_layers"],
+        n_head=n_head,
+        n_head_kv=config.get("num_key_value_heads") or n_head,
+        head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
+        n_vocab=config["vocab_size"],
+        tied=bool(config.get("tie_word_embeddings", False)),
+        notes=notes,
+    )
+
+
+def _write_hparams(writer, spec: ModelSpec) -> None:
+    config = spec.config
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    writer.add_vocab_size(spec.n_vocab)
+
+
+def gguf_tensors(
+    spec: ModelSpec, index: dict[str, _StoredTensor]
+) -> Iterator[tuple[str, _StoredTensor, Callable[[np.ndarray], np.ndarray]]]:
+    """Yield (llama.cpp name, stored tensor, transform) for every tensor llama.cpp needs.
+
+    Raises:
+        ModelError: a tensor with no llama.cpp name, or a required tensor missing.
+    """
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == spec.architecture.gguf_arch)
+    names = gguf.get_tensor_name_map(arch, spec.n_layer)
+    for hf_name in sorted(index, key=_tensor_order):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and spec.tied:
+            continue
+        new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise ModelError(
+                f"{spec.model_dir}: tensor {hf_name} has no llama.cpp equivalent in "
+                f"{spec.architecture.gguf_arch}; the checkpoint has parts this converter does "
+                "not know"
+            )
+        transform = _identity
+        if spec.architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            transform = _rotary(spec.n_head)
+        elif spec.architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            transform = _rotary(spec.n_head_kv)
+        yield new_name, index[hf_name], transform
+    if not spec.tied and "lm_head.weight" not in index:
+        raise ModelError(f"{spec.model_dir}: lm_head.weight is missing and embeddings are not tied")
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _rotary(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: permute_rotary(a, n_head)
+
+
+def _tensor_order(name: str) -> tuple:
+    """Embeddings first, then layers in numeric order, then the final norm and head."""
+    parts = name.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), None)
+    if "embed_tokens" in name:
+        return (0, 0, name)
+    if layer is not None:
+        return (1, layer, name)
+    return (2, 0, name)
+
+
+def _cast(out_type: OutType, data: np.ndarray):
+    """Target array and GGML type for one tensor: 1-D tensors (norms, biases) stay F32."""
+    import gguf
+
+    if out_type == "f32" or data.ndim < 2:
+        return np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.F32
+    if out_type == "f16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(
+        data, gguf.GGMLQuantizationType.BF16
+    ), gguf.GGMLQuantizationType.BF16
+
+
+def _lazy(stored: _StoredTensor, transform, out_type: OutType):
+    """A tensor the GGUF writer reads only when it writes it."""
+    import gguf
+    from gguf.lazy import LazyNumpyTensor
+
+    ndim = len(stored.shape)
+    if out_type == "f32" or ndim < 2:
+        meta_dtype, shape = np.float32, stored.shape
+    elif out_type == "f16":
+        meta_dtype, shape = np.float16, stored.shape
+    else:  # gguf's BF16 rows come back as bytes: two per value
+        meta_dtype, shape = np.uint8, (*stored.shape[:-1], 2 * stored.shape[-1])
+    meta = LazyNumpyTensor.meta_with_dtype_and_shape(meta_dtype, shape)
+
+    def load() -> np.ndarray:
+        data = transform(_read_f32(stored))
+        if not np.isfinite(data).all():
+            raise ModelError(f"{stored.file}: tensor has non-finite values (NaN or inf)")
+        return _cast(out_type, data)[0]
+
+    raw_dtype = None if (out_type != "bf16" or ndim < 2) else gguf.GGMLQuantizationType.BF16
+    return LazyNumpyTensor(meta=meta, func=load), raw_dtype
+
+
+def convert_checkpoint(
+    model_dir: Path,
+    out_file: Path,
+    out_type: OutType = "f16",
+    *,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
+    vocab: GGUFVocab | None = None,
+) -> tuple[ModelSpec, GGUFVocab]:
+    """Write ``model_dir`` as one GGUF file of ``out_type`` at ``out_file``.
+
+    The caller owns atomicity: write to a temporary name and rename.
+
+    Args:
+        metadata: extra string keys (``edgeft.*`` provenance) written into the file.
+        vocab: tokenizer metadata already read by :func:`read_vocab`.
+
+    Raises:
+        ModelError: see :func:`read_model_spec`, :func:`read_vocab` and :func:`gguf_tensors`.
+    """
+    import gguf
+
+    if out_type not in OUT_TYPES:
+        raise ModelError(
+            f"unknown GGUF output type {out_type!r}; choose from {', '.join(OUT_TYPES)}"
+        )
+    spec = read_model_spec(model_dir)
+    vocab = vocab or read_vocab(spec.model_dir, spec.n_vocab)
+    index = _safetensors_index(spec.model_dir)
+    tensors = list(gguf_tensors(spec, index))
+
+    writer = gguf.GGUFWriter(out_file, spec.architecture.gguf_arch)
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or spec.model_dir.name)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            }[out_type]
+        )
+        _write_hparams(writer, spec)
+        vocab.add_to(writer)
+        for key, value in (metadata or {}).items():
+            writer.add_string(key, value)
+        for gguf_name, stored, transform in tensors:
+            tensor, raw_dtype = _lazy(stored, transform, out_type)
+            writer.add_tensor(gguf_name, tensor, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return spec, vocab

@@ -1,0 +1,507 @@
+"""``edgeft export gguf``: a merged checkpoint to llama.cpp files, with proof they match it.
+
+One full-precision GGUF is converted from the safetensors (F32 unless only F16/BF16 files are
+asked for), the quantized types are made from it by llama.cpp's own quantizer, and then every
+file is loaded in llama.cpp and measured against the checkpoint in PyTorch on the same token
+ids: tokenizer identity on a corpus, logits, perplexity and greedy generation. Full-precision
+files that miss the tolerance fail the export; quantized files are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from edgeft import __version__
+from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft.errors import EdgeftError, ModelError, ParityError
+from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
+from edgeft.export.gguf.quantize import QUANTIZED_TYPES, quantize
+from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
+from edgeft.models import weights_sha256
+from edgeft.parity import Parity, compare_logits, first_divergence, perplexity
+from edgeft.provenance import RECORD_NAME, make_record
+from edgeft.runtimes import get_runtime
+
+logger = logging.getLogger(__name__)
+
+GGUF_TYPES = (*OUT_TYPES, *QUANTIZED_TYPES)
+
+# Full-precision files must match the checkpoint: mean KL(reference || GGUF) in nats and top-1
+# agreement. F32 differs only by kernel summation order (measured ~1e-9 on SmolLM2-135M); F16
+# rounds weights to 11 mantissa bits (measured 4e-6); BF16 to 8.
+FULL_PRECISION_TOLERANCE = {"f32": (1e-4, 0.99), "f16": (5e-3, 0.95), "bf16": (2e-2, 0.90)}
+
+EVAL_MAX_TOKENS = 512
+GREEDY_TOKENS = 32
+GREEDY_PROMPT = "Give me three tips for cooking rice well."
+
+
+@dataclass
+class FileReport:
+    """One written GGUF file and how it compares with the checkpoint."""
+
+    file: str
+    type: str
+    bytes: int
+    sha256: str
+    seconds: float
+    parity: Parity
+    perplexity: float
+    greedy_first_divergence: int | None
+    gated: bool
+    tensor_types: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "parity": self.parity.as_dict()}
+
+
+@dataclass
+class GGUFExport:
+    """What ``export_gguf`` wrote and measured."""
+
+    out: Path
+    files: list[FileReport]
+    reference_perplexity: float
+    eval_tokens: int
+    tokenizer: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_types(spec: str | Sequence[str]) -> list[str]:
+    """``"f16,q8_0"`` → ``["f16", "q8_0"]`` in the given order, checked and de-duplicated."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    types: list[str] = []
+    for name in (n.strip().lower() for n in names):
+        if not name:
+            continue
+        if name not in GGUF_TYPES:
+            raise EdgeftError(f"unknown GGUF type {name!r}; choose from {', '.join(GGUF_TYPES)}")
+        if name not in types:
+            types.append(name)
+    if not types:
+        raise EdgeftError(f"no GGUF type given; choose from {', '.join(GGUF_TYPES)}")
+    return types
+
+
+def default_eval_text() -> str:
+    return resources.files("edgeft").joinpath("assets/eval/cooking.txt").read_text("utf-8")
+
+
+def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str, str], dict]:
+    """``edgeft.*`` GGUF keys from the checkpoint's own ``edgeft.json`` (if edgeft wrote it)."""
+    import json
+
+    record: dict = {}
+    path = model_dir / RECORD_NAME
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+    keys = {"edgeft.version": __version__, "edgeft.source.sha256": source_sha256}
+    inputs = record.get("inputs", {})
+    if record.get("stage") == "merge":
+        keys["edgeft.source.base_model"] = str(inputs.get("base", {}).get("name", ""))
+        keys["edgeft.source.base_sha256"] = str(inputs.get("base", {}).get("weights_sha256", ""))
+        keys["edgeft.adapter.sha256"] = str(inputs.get("adapter", {}).get("sha256", ""))
+        keys["edgeft.merge_base"] = str(record.get("settings", {}).get("merge_base", ""))
+    return {k: v for k, v in keys.items() if v}, record
+
+
+def _origin_notes(record: dict) -> list[str]:
+    """A warning when the checkpoint's weights were themselves rebuilt from a quantized file."""
+    from edgeft.models import DEFAULT_MODEL
+
+    base_name = record.get("inputs", {}).get("base", {}).get("name")
+    from_gguf = record.get("stage") == "base" and "dequantized" in str(record.get("settings"))
+    if from_gguf or (record.get("stage") == "merge" and base_name == DEFAULT_MODEL):
+        return [
+            "the base weights were dequantized from a Q4_1 GGUF (the embedded default model), "
+            "so quantized files re-round values already on a 4-bit grid"
+        ]
+    return []
+
+
+def _check_tokenizer(model_dir: Path, gguf_path: Path, vocab, threads: int) -> dict:
+    """Token ids and chat-template ids of llama.cpp vs Hugging Face; a mismatch is an error."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    chat_texts = []
+    conversation = [
+        {"role": "system", "content": "You are a helpful cooking assistant."},
+        {"role": "user", "content": "How long do I boil an egg?"},
+        {"role": "assistant", "content": "About ten minutes for a hard-boiled egg."},
+    ]
+    if hf.chat_template:
+        chat_texts.append(hf.apply_chat_template(conversation, tokenize=False))
+    check = check_token_ids(hf, gguf_path, corpus_for(vocab, chat_texts))
+    result = check.as_dict()
+    if hf.chat_template:
+        session = get_runtime("llama.cpp").load(gguf_path, threads=threads)
+        try:
+            expected = list(
+                hf.apply_chat_template(
+                    [{"role": "user", "content": GREEDY_PROMPT}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                )
+            )
+            got = session.tokenize(GREEDY_PROMPT, chat=True)
+        finally:
+            session.close()
+        result["chat_template_identical"] = expected == got
+        if expected != got:
+            at = first_divergence(expected, got)
+            check.mismatches.append(
+                {
+                    "text": "chat template",
+                    "first_difference": at,
+                    "hugging_face": expected[at : at + 5],
+                    "llama_cpp": got[at : at + 5],
+                }
+            )
+    if check.mismatches:
+        first = check.mismatches[0]
+        raise ModelError(
+            f"{gguf_path.name}: llama.cpp tokenizes differently from the Hugging Face tokenizer "
+            f"of {model_dir} on {len(check.mismatches)} of {check.texts} texts (first: "
+            f"{first['text']!r} at token {first['first_difference']}: Hugging Face "
+            f"{first['hugging_face']} vs llama.cpp {first['llama_cpp']}); nothing was written"
+        )
+    return result
+
+
+class Reference:
+    """What every GGUF is measured against: a PyTorch session's logits on the eval text and
+    its greedy generation for a chat prompt. The session is closed once this is built."""
+
+    def __init__(self, session, eval_text: str, max_tokens: int = EVAL_MAX_TOKENS) -> None:
+        from edgeft.runtimes import generate
+
+        try:
+            self.eval_ids = session.tokenize(eval_text)[:max_tokens]
+            if len(self.eval_ids) < 2:
+                raise EdgeftError("the eval text has fewer than 2 tokens; pass a longer text")
+            self.logits = session.logits(self.eval_ids)
+            self.perplexity = perplexity(self.logits, self.eval_ids)
+            try:
+                self.prompt_ids = session.tokenize(GREEDY_PROMPT, chat=True)
+            except (ModelError, ValueError):  # no chat template: continue the eval text
+                self.prompt_ids = self.eval_ids[:32]
+            self.greedy = generate(session, self.prompt_ids, GREEDY_TOKENS)
+        finally:
+            session.close()
+
+
+def _k_quant_fallbacks(path: Path, quant: str) -> tuple[dict[str, int], str | None]:
+    """Tensor-type counts of a written file, and a note when llama.cpp had to use a non-k type
+    for some weights of a k-quant file (it does so when a row is not a multiple of 256)."""
+    from edgeft.export.gguf.reader import read_gguf
+
+    info = read_gguf(path)
+    counts = info.tensor_type_counts()
+    if not quant.endswith(("_k", "_k_m")):
+        return counts, None
+    weights = [t for t in info.tensors if len(t.shape) >= 2]
+    fallback = [t for t in weights if not t.type.endswith("_k")]
+    if not fallback:
+        return counts, None
+    rows = sorted({t.shape[0] for t in fallback})
+    kinds = sorted({t.type for t in fallback})
+    return counts, (
+        f"{path.name}: {len(fallback)} of {len(weights)} weight tensors are "
+        f"{'/'.join(kinds)}, not k-quants: llama.cpp falls back when a row "
+        f"({', '.join(map(str, rows))}) is not a multiple of 256"
+    )
+
+
+def _eval_budget(context_length: int | None) -> int:
+    """Eval tokens that fit the model's trained context with room for the greedy check."""
+    if not context_length:
+        return EVAL_MAX_TOKENS
+    return max(2, min(EVAL_MAX_TOKENS, int(context_length) - GREEDY_TOKENS))
+
+
+def measure_file(path: Path, reference: Reference, threads: int, lora_path: Path | None = None):
+    """Parity, perplexity and greedy divergence of one GGUF against the reference."""
+    from edgeft.runtimes import generate
+
+    session = get_runtime("llama.cpp").load(
+        path, threads=threads, lora_path=lora_path, n_ctx=max(len(reference.eval_ids), 128) + 64
+    )
+    try:
+        logits = session.logits(reference.eval_ids)
+        greedy = generate(session, reference.prompt_ids, GREEDY_TOKENS)
+    finally:
+        session.close()
+    return (
+        compare_logits(reference.logits, logits),
+        perplexity(logits, reference.eval_ids),
+        first_divergence(reference.greedy, greedy),
+    )
+
+
+def export_gguf(
+    model: Path,
+    out: Path,
+    types: str | Sequence[str] = ("f16", "q8_0", "q4_k_m"),
+    *,
+    eval_text: str | None = None,
+    threads: int = 2,
+    force: bool = False,
+    allow_requantize: bool = False,
+    progress=None,
+) -> GGUFExport:
+    """Convert a Hugging Face checkpoint to GGUF files and measure each against it.
+
+    Args:
+        model: a full-precision checkpoint directory (``edgeft merge`` output or any supported
+            Hugging Face checkpoint with safetensors weights and a tokenizer.json), or a GGUF
+            file to quantize (measured against that file in llama.cpp).
+        out: output directory: ``model-<type>.gguf`` files and ``edgeft.json``.
+        types: GGUF types (:data:`GGUF_TYPES`).
+        eval_text: text for logits parity and perplexity (default: a shipped cooking text).
+        allow_requantize: quantize a GGUF source that is itself quantized (each rounding
+            adds error; off by default).
+        progress: optional callable ``(message: str) -> None`` for stage messages.
+
+    Raises:
+        ModelError: unsupported architecture or tokenizer, or llama.cpp tokenizes differently.
+        ParityError: a full-precision file differs from the checkpoint beyond tolerance.
+    """
+    say = progress or (lambda message: logger.info(message))
+    model, out = Path(model), Path(out)
+    types = parse_types(types)
+    if model.is_file():
+        return _requantize(
+            model,
+            out,
+            types,
+            eval_text=eval_text,
+            threads=threads,
+            force=force,
+            allow_requantize=allow_requantize,
+            say=say,
+        )
+    spec = read_model_spec(model)
+    vocab = read_vocab(model, spec.n_vocab)
+    source_sha256 = weights_sha256(model)
+    metadata, record = _provenance_metadata(model, source_sha256)
+    name = str(record.get("inputs", {}).get("base", {}).get("name", "")) or model.name
+    if record.get("stage") == "merge":
+        name = f"{name}-finetuned"
+
+    full = [t for t in types if t in OUT_TYPES]
+    quantized = [t for t in types if t in QUANTIZED_TYPES]
+    with atomic_dir(out, force) as work:
+        timings: dict[str, float] = {}
+        # The quantizer reads the most precise file there is; F32 is made for it if needed.
+        source_type = "f32" if quantized or not full else full[0]
+        for out_type in dict.fromkeys([source_type, *full]):
+            start = time.perf_counter()
+            say(f"converting {model} to {out_type.upper()}")
+            convert_checkpoint(
+                model,
+                work / f"model-{out_type}.gguf",
+                out_type,
+                name=name,
+                metadata=metadata,
+                vocab=vocab,
+            )
+            timings[out_type] = time.perf_counter() - start
+        source = work / f"model-{source_type}.gguf"
+        for quant in quantized:
+            start = time.perf_counter()
+            say(f"quantizing to {quant.upper()} with llama.cpp")
+            quantize(source, work / f"model-{quant}.gguf", quant, threads=threads)
+            timings[quant] = time.perf_counter() - start
+
+        say("checking llama.cpp's token ids against the Hugging Face tokenizer")
+        tokenizer = _check_tokenizer(model, source, vocab, threads)
+        say("measuring every file against the checkpoint in PyTorch")
+        reference = Reference(
+            get_runtime("torch").load(model, threads=threads),
+            eval_text or default_eval_text(),
+            _eval_budget(spec.config.get("max_position_embeddings")),
+        )
+        reports = []
+        notes = [*spec.notes, *vocab.notes, *_origin_notes(record)]
+        for out_type in types:
+            path = work / f"model-{out_type}.gguf"
+            parity, ppl, diverged = measure_file(path, reference, threads)
+            tensor_types, fallback = _k_quant_fallbacks(path, out_type)
+            notes += [fallback] if fallback else []
+            gated = out_type in FULL_PRECISION_TOLERANCE
+            reports.append(
+                FileReport(
+                    file=path.name,
+                    type=out_type,
+                    bytes=path.stat().st_size,
+                    sha256=sha256_file(path),
+                    seconds=round(timings[out_type], 3),
+                    parity=parity,
+                    perplexity=ppl,
+                    greedy_first_divergence=diverged,
+                    gated=gated,
+                    tensor_types=tensor_types,
+                )
+            )
+            say(
+                f"{path.name}: {parity.summary()}, perplexity {ppl:.3f} "
+                f"(checkpoint {reference.perplexity:.3f})"
+            )
+            if gated:
+                max_kl, min_top1 = FULL_PRECISION_TOLERANCE[out_type]
+                if parity.mean_kl > max_kl or parity.top1_agreement < min_top1:
+                    raise ParityError(
+                        f"{path.name} differs from {model}: {parity.summary()} (tolerance for "
+                        f"{out_type}: mean KL ≤ {max_kl}, top-1 ≥ {min_top1:.0%}); the converter "
+                        "lost something, nothing was written"
+                    )
+        if source_type not in types:
+            source.unlink()
+        write_json(
+            work / RECORD_NAME,
+            make_record(
+                "export-gguf",
+                inputs={
+                    "model": {
+                        "path": model.resolve(),
+                        "weights_sha256": source_sha256,
+                        "architecture": spec.hf_architecture,
+                    },
+                    "source_record": {k: record.get(k) for k in ("stage", "inputs", "settings")}
+                    if record
+                    else None,
+                },
+                settings={
+                    "types": types,
+                    "threads": threads,
+                    "quantized_from": source_type,
+                    "eval_tokens": len(reference.eval_ids),
+                    "greedy_prompt": GREEDY_PROMPT,
+                    "greedy_tokens": GREEDY_TOKENS,
+                    "tolerance": FULL_PRECISION_TOLERANCE,
+                    "gguf_metadata": metadata,
+                },
+                results={
+                    "reference": "the checkpoint in PyTorch fp32",
+                    "reference_perplexity": reference.perplexity,
+                    "tokenizer": {"model": vocab.model, "pre": vocab.pre, **tokenizer},
+                    "files": [r.as_dict() for r in reports],
+                    "notes": notes,
+                },
+            ),
+        )
+    return GGUFExport(
+        out=out,
+        files=reports,
+        reference_perplexity=reference.perplexity,
+        eval_tokens=len(reference.eval_ids),
+        tokenizer=tokenizer,
+        notes=notes,
+    )
+
+
+def _requantize(
+    source: Path, out: Path, types: list[str], *, eval_text, threads, force, allow_requantize, say
+) -> GGUFExport:
+    """Quantize a GGUF file with llama.cpp and measure each result against the file itself."""
+    from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, file_type_name, gguf_metadata
+
+    meta = gguf_metadata(source)
+    full = [t for t in types if t not in QUANTIZED_TYPES]
+    if full:
+        raise EdgeftError(
+            f"{source} is already a GGUF file: only quantized types can be made from it, not "
+            f"{', '.join(full)}; convert the Hugging Face checkpoint for those"
+        )
+    source_type = file_type_name(meta)
+    if meta.get("general.file_type") not in FULL_PRECISION_FILE_TYPES and not allow_requantize:
+        raise EdgeftError(
+            f"{source} is already quantized ({source_type}); quantizing it again compounds the "
+            "rounding error: export from the full-precision checkpoint, or pass "
+            "--allow-requantize"
+        )
+    with atomic_dir(out, force) as work:
+        timings = {}
+        for quant in types:
+            start = time.perf_counter()
+            say(f"quantizing {source.name} to {quant.upper()} with llama.cpp")
+            quantize(
+                source,
+                work / f"model-{quant}.gguf",
+                quant,
+                threads=threads,
+                allow_requantize=allow_requantize,
+            )
+            timings[quant] = time.perf_counter() - start
+        say(f"measuring every file against {source.name} in llama.cpp")
+        budget = _eval_budget(meta.get(f"{meta.get('general.architecture')}.context_length"))
+        reference = Reference(
+            get_runtime("llama.cpp").load(source, threads=threads, n_ctx=budget + 64),
+            eval_text or default_eval_text(),
+            budget,
+        )
+        reports = []
+        notes = [f"quantized from a {source_type} GGUF; measured against that file"]
+        if source_type not in FULL_PRECISION_FILE_TYPES.values():
+            notes.append("the source was already quantized (--allow-requantize)")
+        for quant in types:
+            path = work / f"model-{quant}.gguf"
+            parity, ppl, diverged = measure_file(path, reference, threads)
+            tensor_types, fallback = _k_quant_fallbacks(path, quant)
+            notes += [fallback] if fallback else []
+            reports.append(
+                FileReport(
+                    file=path.name,
+                    type=quant,
+                    bytes=path.stat().st_size,
+                    sha256=sha256_file(path),
+                    seconds=round(timings[quant], 3),
+                    parity=parity,
+                    perplexity=ppl,
+                    greedy_first_divergence=diverged,
+                    gated=False,
+                    tensor_types=tensor_types,
+                )
+            )
+        write_json(
+            work / RECORD_NAME,
+            make_record(
+                "export-gguf",
+                inputs={
+                    "model": {
+                        "path": source.resolve(),
+                        "sha256": sha256_file(source),
+                        "file_type": source_type,
+                    }
+                },
+                settings={
+                    "types": types,
+                    "threads": threads,
+                    "allow_requantize": allow_requantize,
+                    "eval_tokens": len(reference.eval_ids),
+                },
+                results={
+                    "reference": f"the source GGUF ({source_type}) in llama.cpp",
+                    "reference_perplexity": reference.perplexity,
+                    "files": [r.as_dict() for r in reports],
+                    "notes": notes,
+                },
+            ),
+        )
+    return GGUFExport(
+        out=out,
+        files=reports,
+        reference_perplexity=reference.perplexity,
+        eval_tokens=len(reference.eval_ids),
+        tokenizer={},
+        notes=notes,
+    )

@@ -1,0 +1,406 @@
+"""GGUF export on tiny models built in-process, and on the default model's tokenizer and weights:
+token-id identity through llama.cpp, logits parity, every quantization, LoRA GGUFs, errors,
+atomic writes."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CORPUS, tiny_model, tokenizer_with_pre
+
+from edgeft.errors import ModelError, OutputExistsError, ParityError
+from edgeft.export.gguf import GGUF_TYPES, export_gguf, export_gguf_lora
+from edgeft.export.gguf.convert import convert_checkpoint
+from edgeft.export.gguf.export import _check_tokenizer
+from edgeft.export.gguf.reader import gguf_metadata
+from edgeft.export.gguf.vocab import read_vocab
+from edgeft.runtimes import generate, get_runtime
+
+SHORT_EVAL = " ".join(CORPUS[:6])
+
+
+def _record(out):
+    return json.loads((out / "edgeft.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_export(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "llama"
+    return export_gguf(tiny_llama, out, "f32,f16", eval_text=SHORT_EVAL)
+
+
+def test_f32_and_f16_match_the_checkpoint(llama_export):
+    files = {f.type: f for f in llama_export.files}
+    # llama.cpp keeps its KV cache in F16, so even F32 weights differ by ~1e-6
+    assert files["f32"].parity.mean_kl < 1e-5
+    assert files["f32"].parity.top1_agreement == 1.0
+    assert files["f32"].greedy_first_divergence is None
+    assert files["f16"].parity.mean_kl < 1e-3
+    reference = llama_export.reference_perplexity
+    assert abs(files["f32"].perplexity - reference) / reference < 1e-3
+    assert llama_export.tokenizer["mismatches"] == []
+    assert llama_export.tokenizer["chat_template_identical"] is True
+    assert sorted(p.name for p in llama_export.out.iterdir()) == [
+        "edgeft.json",
+        "model-f16.gguf",
+        "model-f32.gguf",
+    ]
+
+
+def test_record_and_gguf_metadata(llama_export, tiny_llama):
+    from edgeft.models import weights_sha256
+
+    record = _record(llama_export.out)
+    assert record["stage"] == "export-gguf"
+    assert [f["file"] for f in record["results"]["files"]] == ["model-f32.gguf", "model-f16.gguf"]
+    assert record["results"]["tokenizer"]["pre"] == "gpt-2"
+    meta = gguf_metadata(llama_export.out / "model-f16.gguf")
+    assert meta["general.architecture"] == "llama"
+    assert meta["general.file_type"] == 1
+    assert meta["edgeft.source.sha256"] == weights_sha256(tiny_llama)
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert "tokenizer.chat_template" in meta
+    assert not (llama_export.out.parent / "llama.partial").exists()
+
+
+def test_existing_output_needs_force(llama_export, tiny_llama):
+    with pytest.raises(OutputExistsError):
+        export_gguf(tiny_llama, llama_export.out, "f32")
+
+
+def test_every_type_loads_and_generates(tiny_llama, tmp_path):
+    quants = [t for t in GGUF_TYPES if t not in ("f32", "f16")]
+    result = export_gguf(tiny_llama, tmp_path / "all", quants, eval_text=SHORT_EVAL)
+    assert [f.type for f in result.files] == quants
+    runtime = get_runtime("llama.cpp")
+    for report in result.files:
+        meta = gguf_metadata(tmp_path / "all" / report.file)
+        assert meta["edgeft.version"]
+        session = runtime.load(tmp_path / "all" / report.file, threads=2)
+        try:
+            assert len(generate(session, session.tokenize("hello", chat=True), 8)) >= 1
+        finally:
+            session.close()
+        assert np.isfinite(report.perplexity) and report.parity.top1_agreement > 0.3
+    # the intermediate F32 the quantizer read is not left behind
+    assert not (tmp_path / "all" / "model-f32.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_match(arch, tiny_tokenizer_dir, spm_tokenizer_dir, tmp_path):
+    tokenizer = spm_tokenizer_dir if arch == "mistral" else tiny_tokenizer_dir
+    model = tiny_model(arch, tokenizer, tmp_path / "model", tie_word_embeddings=False)
+    result = export_gguf(model, tmp_path / "out", "f32", eval_text=SHORT_EVAL)
+    assert result.files[0].parity.mean_kl < 1e-5
+    assert result.files[0].greedy_first_divergence is None
+    assert result.tokenizer["mismatches"] == []
+
+
+def test_sentencepiece_vocabulary(spm_tokenizer_dir, tmp_path):
+    model = tiny_model("llama", spm_tokenizer_dir, tmp_path / "model")
+    vocab = read_vocab(model, 600)
+    assert (vocab.model, vocab.pre, vocab.add_bos, vocab.add_space_prefix) == (
+        "llama",
+        "default",
+        True,
+        True,
+    )
+    assert vocab.types.count(6) == 256  # byte tokens
+    gguf = tmp_path / "spm.gguf"
+    convert_checkpoint(model, gguf, "f32", vocab=vocab)
+    result = _check_tokenizer(model, gguf, vocab, threads=2)
+    assert result["mismatches"] == [] and result["chat_template_identical"]
+
+
+def _splits():
+    from tokenizers import Regex, pre_tokenizers
+
+    from edgeft.export.gguf.vocab import _LLAMA3_REGEX, _QWEN2_REGEX
+
+    def split_then_bytes(regex):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    return {
+        "llama-bpe": split_then_bytes(_LLAMA3_REGEX),
+        "qwen2": split_then_bytes(_QWEN2_REGEX),
+        "smollm": pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        ),
+    }
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm"])
+def test_pre_tokenizers_give_identical_ids(pre, tmp_path):
+    tokenizer = tokenizer_with_pre(tmp_path / "tok", _splits()[pre])
+    model = tiny_model("llama", tokenizer, tmp_path / "model")
+    vocab = read_vocab(model, 400)
+    assert vocab.pre == pre
+    gguf = tmp_path / "m.gguf"
+    convert_checkpoint(model, gguf, "f32", vocab=vocab)
+    assert _check_tokenizer(model, gguf, vocab, threads=2)["mismatches"] == []
+
+
+def test_default_model_tokenizer_and_f16(tmp_path):
+    """The embedded SmolLM2: its 'smollm' tokenizer maps exactly and F16 matches fp32."""
+    from edgeft.models import default_model_dir
+
+    result = export_gguf(default_model_dir(), tmp_path / "smollm2", "f16")
+    assert result.tokenizer["mismatches"] == [] and result.tokenizer["chat_template_identical"]
+    assert result.tokenizer["texts"] >= 20
+    f16 = result.files[0]
+    assert f16.parity.mean_kl < 1e-4 and f16.parity.top1_agreement > 0.98
+    assert abs(f16.perplexity - result.reference_perplexity) / result.reference_perplexity < 0.01
+    meta = gguf_metadata(tmp_path / "smollm2" / "model-f16.gguf")
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.model"] == "gpt2"
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    from tokenizers import Regex, pre_tokenizers
+
+    odd = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[a-z]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(use_regex=False),
+        ]
+    )
+    model = tiny_model("llama", tokenizer_with_pre(tmp_path / "tok", odd), tmp_path / "m")
+    with pytest.raises(ModelError, match="matches none llama.cpp reproduces"):
+        export_gguf(model, tmp_path / "out", "f32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_supported(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="supported: LlamaForCausalLM, MistralForCausalLM"):
+        export_gguf(model, tmp_path / "out", "f16")
+
+
+def test_quantized_checkpoint_is_refused(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "bnb"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="quantized .bitsandbytes."):
+        export_gguf(model, tmp_path / "out", "q4_k_m")
+
+
+def test_unknown_type_is_refused(tiny_llama, tmp_path):
+    from edgeft.errors import EdgeftError
+
+    with pytest.raises(EdgeftError, match="unknown GGUF type 'q3_k'"):
+        export_gguf(tiny_llama, tmp_path / "out", "f16,q3_k")
+
+
+def test_a_converter_bug_fails_the_export_and_writes_nothing(tiny_llama, tmp_path, monkeypatch):
+    """Skipping the q/k row reordering is the classic 'gibberish after GGUF' bug: the parity
+    gate must catch it, and no output may appear under the final name."""
+    import edgeft.export.gguf.convert as convert
+
+    monkeypatch.setattr(convert, "permute_rotary", lambda weight, n_head: weight)
+    with pytest.raises(ParityError, match="model-f32.gguf differs"):
+        export_gguf(tiny_llama, tmp_path / "out", "f32,q8_0", eval_text=SHORT_EVAL)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_failed_quantization_keeps_the_old_output(llama_export, tiny_llama, monkeypatch):
+    import edgeft.export.gguf.export as export
+
+    before = {p.name: p.stat().st_mtime_ns for p in llama_export.out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise ModelError("quantizer failed")
+
+    monkeypatch.setattr(export, "quantize", broken)
+    with pytest.raises(ModelError, match="quantizer failed"):
+        export_gguf(tiny_llama, llama_export.out, "q8_0", force=True)
+    assert {p.name: p.stat().st_mtime_ns for p in llama_export.out.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_llama, tmp_path_factory):
+    from conftest import FACTS, write_jsonl
+
+    from edgeft.train import TrainSettings, train
+
+    tmp = tmp_path_factory.mktemp("lora")
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in FACTS
+    ] * 4
+    settings = TrainSettings(
+        method="lora",
+        compute_dtype="fp32",
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        learning_rate=5e-3,
+        max_steps=12,
+        batch_size=4,
+        max_length=64,
+        eval_fraction=0.25,
+        logging_steps=100,
+        seed=0,
+    )
+    return train(
+        str(tiny_llama), write_jsonl(tmp / "f.jsonl", rows), tmp / "a", settings, progress=False
+    ).out
+
+
+@pytest.fixture(scope="module")
+def lora_export(lora_adapter, llama_export, tmp_path_factory):
+    base = llama_export.out / "model-f32.gguf"
+    out = tmp_path_factory.mktemp("lora-gguf") / "lora"
+    return export_gguf_lora(
+        lora_adapter, out, base_gguf=base, lora_type="f32", eval_text=SHORT_EVAL
+    )
+
+
+def test_lora_gguf_matches_the_adapter(lora_export):
+    result = lora_export
+    assert result.modules == 14 and result.alpha == 16
+    assert result.gated and result.parity.mean_kl < 1e-5
+    assert result.greedy_first_divergence is None
+    meta = gguf_metadata(result.file)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert _record(result.out)["stage"] == "export-gguf-lora"
+
+
+def test_lora_over_base_equals_merged_gguf(lora_adapter, llama_export, tmp_path):
+    from edgeft.merge import merge
+
+    merged = merge(lora_adapter, tmp_path / "merged").out
+    merged_gguf = export_gguf(merged, tmp_path / "merged-gguf", "f32", eval_text=SHORT_EVAL)
+    lora = export_gguf_lora(
+        lora_adapter,
+        tmp_path / "lora",
+        base_gguf=llama_export.out / "model-f32.gguf",
+        lora_type="f32",
+        eval_text=SHORT_EVAL,
+    )
+    runtime = get_runtime("llama.cpp")
+    ids = list(range(3, 40))
+    with_lora = runtime.load(llama_export.out / "model-f32.gguf", threads=2, lora_path=lora.file)
+    folded = runtime.load(merged_gguf.out / "model-f32.gguf", threads=2)
+    try:
+        np.testing.assert_allclose(with_lora.logits(ids), folded.logits(ids), atol=1e-3)
+    finally:
+        with_lora.close()
+        folded.close()
+
+
+def test_lora_refuses_another_base(lora_adapter, tiny_qwen2, tmp_path):
+    other = export_gguf(tiny_qwen2, tmp_path / "qwen", "f32", eval_text=SHORT_EVAL)
+    with pytest.raises(ModelError, match="is a llama adapter but .* is a qwen2 model"):
+        export_gguf_lora(lora_adapter, tmp_path / "lora", base_gguf=other.out / "model-f32.gguf")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_lora_refuses_a_base_with_other_weights(
+    lora_adapter, lora_export, tiny_tokenizer_dir, tmp_path
+):
+    stranger = tiny_model("llama", tiny_tokenizer_dir, tmp_path / "stranger")
+    other = export_gguf(stranger, tmp_path / "gguf", "f32", eval_text=SHORT_EVAL)
+    base = other.out / "model-f32.gguf"
+    with pytest.raises(ModelError, match="is not the base .* was trained on"):
+        export_gguf_lora(lora_adapter, tmp_path / "lora", base_gguf=base)
+    # the runtime refuses the pairing too: llama.cpp alone would apply it (same shapes)
+    with pytest.raises(ModelError, match="is not the base .* was trained on"):
+        get_runtime("llama.cpp").load(base, threads=2, lora_path=lora_export.file)
+
+
+def test_requantize_a_gguf_file(llama_export, tmp_path):
+    from edgeft.errors import EdgeftError
+
+    source = llama_export.out / "model-f16.gguf"
+    result = export_gguf(source, tmp_path / "q8", "q8_0", eval_text=SHORT_EVAL)
+    assert result.files[0].parity.mean_kl < 0.05 and not result.files[0].gated
+    assert "measured against that file" in result.notes[0]
+    quantized = tmp_path / "q8" / "model-q8_0.gguf"
+    with pytest.raises(EdgeftError, match=r"already quantized \(q8_0\).*--allow-requantize"):
+        export_gguf(quantized, tmp_path / "q4", "q4_0")
+    again = export_gguf(quantized, tmp_path / "q4", "q4_0", allow_requantize=True)
+    assert "already quantized" in again.notes[1]
+    with pytest.raises(EdgeftError, match="only quantized types"):
+        export_gguf(source, tmp_path / "f32", "f32")
+
+
+def test_cli_export_gguf(tiny_llama, tmp_path, capsys):
+    from edgeft.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text(SHORT_EVAL)
+    args = ["export", "gguf", "--model", str(tiny_llama), "--eval-text", str(text)]
+    assert main([*args, "--quant", "f32,q8_0", "--out", str(tmp_path / "o"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "token ids identical" in printed and "model-q8_0.gguf" in printed
+    assert main([*args, "--quant", "f32,q9", "--out", str(tmp_path / "p")]) == 2
+    assert "unknown GGUF type 'q9'" in capsys.readouterr().err
+    assert main([*args, "--quant", "f32", "--out", str(tmp_path / "o")]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def _header(n_tensors=0, n_kv=1, version=3) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty", b"", "no GGUF magic"),
+        ("text", b"hello world, not a model", "no GGUF magic"),
+        ("truncated", None, "past the end"),
+        ("version", _header(version=99), "version 99"),
+        ("counts", _header(n_tensors=1 << 40), "absurd counts"),
+        ("key length", _header() + (1 << 62).to_bytes(8, "little"), "past the end"),
+        (
+            "array length",
+            _header()
+            + (3).to_bytes(8, "little")
+            + b"abc"
+            + (9).to_bytes(4, "little")
+            + (4).to_bytes(4, "little")
+            + (1 << 60).to_bytes(8, "little"),
+            "past the end",
+        ),
+        (
+            "dims",
+            _header(n_tensors=1, n_kv=0)
+            + (1).to_bytes(8, "little")
+            + b"t"
+            + (99).to_bytes(4, "little"),
+            "99 dimensions",
+        ),
+    ],
+)
+def test_damaged_gguf_headers_are_refused(name, content, message, llama_export, tmp_path):
+    import time
+
+    from edgeft.export.gguf.reader import read_gguf
+
+    path = tmp_path / "bad.gguf"
+    if content is None:  # a real file cut in the middle of its tensor data
+        content = (llama_export.out / "model-f16.gguf").read_bytes()[:-1000]
+    path.write_bytes(content)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=message):
+        read_gguf(path)
+    assert time.perf_counter() - start < 5
