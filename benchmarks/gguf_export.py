@@ -124,6 +124,7 @@ def quality(model: Path, work: Path, threads: int, with_reference: bool) -> dict
             "top1": f.parity.top1_agreement,
             "perplexity": f.perplexity,
             "seconds": f.seconds,
+            "tensor_types": f.tensor_types,
         }
         for f in result.files
     }
@@ -131,6 +132,7 @@ def quality(model: Path, work: Path, threads: int, with_reference: bool) -> dict
         "reference_perplexity": result.reference_perplexity,
         "eval_tokens": result.eval_tokens,
         "tokenizer": result.tokenizer,
+        "notes": result.notes,
         "edgeft_export_seconds": round(export_seconds, 1),
         "files": rows,
     }
@@ -201,6 +203,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"Whole `edgeft export gguf` of F16 + {len(QUANTS)} quantizations, with checks: "
         f"{q['edgeft_export_seconds']} s."
     )
+    lines += ["", "Notes from the export:", ""] + [f"- {note}" for note in q["notes"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

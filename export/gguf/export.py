@@ -106,7 +106,7 @@ def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str,
     keys = {"edgeft.version": __version__, "edgeft.source.sha256": source_sha256}
     inputs = record.get("inputs", {})
     if record.get("stage") == "merge":
-        keys["edgeft.source.base_model"] = str(inputs.get("base", {}).get("name", ""))
+        keys["edgeft.source.base_model"] = Path(str(inputs.get("base", {}).get("name", ""))).name
         keys["edgeft.source.base_sha256"] = str(inputs.get("base", {}).get("weights_sha256", ""))
         keys["edgeft.adapter.sha256"] = str(inputs.get("adapter", {}).get("sha256", ""))
         keys["edgeft.merge_base"] = str(record.get("settings", {}).get("merge_base", ""))
@@ -114,15 +114,21 @@ def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str,
 
 
 def _origin_notes(record: dict) -> list[str]:
-    """A warning when the checkpoint's weights were themselves rebuilt from a quantized file."""
-    from edgeft.models import DEFAULT_MODEL
+    """A warning when the weights were themselves rebuilt from a quantized file (the embedded
+    default model is dequantized from a Q4_1 GGUF), directly or as the base of a merge."""
+    import json
 
-    base_name = record.get("inputs", {}).get("base", {}).get("name")
-    from_gguf = record.get("stage") == "base" and "dequantized" in str(record.get("settings"))
-    if from_gguf or (record.get("stage") == "merge" and base_name == DEFAULT_MODEL):
+    origin = record
+    base_path = record.get("inputs", {}).get("base", {}).get("path")
+    if record.get("stage") == "merge" and base_path:
+        try:
+            origin = json.loads((Path(base_path) / RECORD_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            origin = {}
+    if origin.get("stage") == "base" and "dequantized" in str(origin.get("settings")):
         return [
-            "the base weights were dequantized from a Q4_1 GGUF (the embedded default model), "
-            "so quantized files re-round values already on a 4-bit grid"
+            "the base weights were dequantized from a 4-bit GGUF, so quantized files re-round "
+            "values that were already on a 4-bit grid"
         ]
     return []
 
@@ -293,7 +299,7 @@ def export_gguf(
     vocab = read_vocab(model, spec.n_vocab)
     source_sha256 = weights_sha256(model)
     metadata, record = _provenance_metadata(model, source_sha256)
-    name = str(record.get("inputs", {}).get("base", {}).get("name", "")) or model.name
+    name = Path(str(record.get("inputs", {}).get("base", {}).get("name", ""))).name or model.name
     if record.get("stage") == "merge":
         name = f"{name}-finetuned"
 

@@ -175,7 +175,7 @@ def export_gguf_lora(
     spec = read_model_spec(base_model.path)
     adapter_sha = sha256_file(adapter / "adapter_model.safetensors")
     meta = {
-        "general.name": f"{adapter.name} (LoRA over {base_model.name})",
+        "general.name": f"{adapter.name} (LoRA over {Path(base_model.name).name})",
         "edgeft.version": __version__,
         BASE_SHA_KEY: base_model.weights_sha256,
         "edgeft.adapter.sha256": adapter_sha,
