@@ -23,6 +23,22 @@ CORPUS = [
     "user assistant system hello thanks please answer the question",
 ] * 20
 
+# Training settings for tiny models: fp32 compute on any device, so parity can be asserted at
+# fp32 precision (a GPU would pick bf16).
+FAST_TRAIN = dict(
+    compute_dtype="fp32",
+    rank=8,
+    alpha=16,
+    dropout=0.0,
+    learning_rate=5e-3,
+    max_steps=30,
+    batch_size=4,
+    max_length=64,
+    eval_fraction=0.25,
+    logging_steps=100,
+    seed=0,
+)
+
 FACTS = [
     ("What temperature is chicken done at?", "Chicken is done at 165°F (74°C)."),
     ("How many teaspoons in a tablespoon?", "A tablespoon is three teaspoons."),
@@ -33,32 +49,12 @@ FACTS = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer with ChatML special tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer (GPT-2 splitting) with ChatML special tokens and template."""
+    from tokenizers import pre_tokenizers
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return tokenizer_with_pre(
+        tmp_path_factory.mktemp("tokenizer"), pre_tokenizers.ByteLevel(add_prefix_space=False)
     )
-    backend.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        chat_template=CHATML,
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _save_model(config, tokenizer_dir: Path, out: Path, seed: int) -> Path:
@@ -129,13 +125,17 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.fixture
-def facts_jsonl(tmp_path) -> Path:
-    rows = [
+def facts_rows() -> list[dict]:
+    """:data:`FACTS` as chat rows, four times over."""
+    return [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in FACTS
     ] * 4
-    return write_jsonl(tmp_path / "facts.jsonl", rows)
+
+
+@pytest.fixture
+def facts_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "facts.jsonl", facts_rows())
 
 
 LLAMA2_TEMPLATE = (
@@ -184,14 +184,16 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tokenizer_with_pre(tmp_path: Path, pre_tokenizer, *, decoder=None) -> Path:
-    """A byte-level BPE tokenizer with a chosen pre-tokenizer (and ChatML tokens), saved."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tokenizer_with_pre(tmp_path: Path, pre_tokenizer) -> Path:
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` with a chosen pre-tokenizer, ChatML
+    special tokens and template, saved to ``tmp_path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizer
-    backend.decoder = decoder or decoders.ByteLevel()
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

@@ -235,32 +235,14 @@ def test_failed_quantization_keeps_the_old_output(llama_export, tiny_llama, monk
 
 @pytest.fixture(scope="module")
 def lora_adapter(tiny_llama, tmp_path_factory):
-    from conftest import FACTS, write_jsonl
+    from conftest import FAST_TRAIN, facts_rows, write_jsonl
 
     from edgeft.train import TrainSettings, train
 
     tmp = tmp_path_factory.mktemp("lora")
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in FACTS
-    ] * 4
-    settings = TrainSettings(
-        method="lora",
-        compute_dtype="fp32",
-        rank=8,
-        alpha=16,
-        dropout=0.0,
-        learning_rate=5e-3,
-        max_steps=12,
-        batch_size=4,
-        max_length=64,
-        eval_fraction=0.25,
-        logging_steps=100,
-        seed=0,
-    )
-    return train(
-        str(tiny_llama), write_jsonl(tmp / "f.jsonl", rows), tmp / "a", settings, progress=False
-    ).out
+    settings = TrainSettings(method="lora", **{**FAST_TRAIN, "max_steps": 12})
+    data = write_jsonl(tmp / "f.jsonl", facts_rows())
+    return train(str(tiny_llama), data, tmp / "a", settings, progress=False).out
 
 
 @pytest.fixture(scope="module")

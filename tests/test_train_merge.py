@@ -3,38 +3,20 @@
 import json
 
 import pytest
+from conftest import FAST_TRAIN as FAST
 
 from edgeft.errors import ModelError, OutputExistsError
 from edgeft.merge import KL_TOLERANCE, merge
 from edgeft.parity import compare_logits, model_logits
 from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
 
-# fp32 compute on any device, so parity can be asserted at fp32 precision (a GPU would pick bf16).
-FAST = dict(
-    compute_dtype="fp32",
-    rank=8,
-    alpha=16,
-    dropout=0.0,
-    learning_rate=5e-3,
-    max_steps=30,
-    batch_size=4,
-    max_length=64,
-    eval_fraction=0.25,
-    logging_steps=100,
-    seed=0,
-)
-
 
 @pytest.fixture(scope="module")
 def qlora_adapter(tiny_llama, tmp_path_factory):
-    from conftest import FACTS, write_jsonl
+    from conftest import facts_rows, write_jsonl
 
     tmp = tmp_path_factory.mktemp("qlora")
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in FACTS
-    ] * 4
-    data = write_jsonl(tmp / "facts.jsonl", rows)
+    data = write_jsonl(tmp / "facts.jsonl", facts_rows())
     result = train(
         str(tiny_llama),
         data,

@@ -227,6 +227,27 @@ def _k_quant_fallbacks(path: Path, quant: str) -> tuple[dict[str, int], str | No
     )
 
 
+def _measured_report(
+    path: Path, out_type: str, reference: Reference, threads: int, seconds: float, *, gated: bool
+) -> tuple[FileReport, str | None]:
+    """Measure one written file; return its report and a k-quant fallback note, if any."""
+    parity, ppl, diverged = measure_file(path, reference, threads)
+    tensor_types, fallback = _k_quant_fallbacks(path, out_type)
+    report = FileReport(
+        file=path.name,
+        type=out_type,
+        bytes=path.stat().st_size,
+        sha256=sha256_file(path),
+        seconds=round(seconds, 3),
+        parity=parity,
+        perplexity=ppl,
+        greedy_first_divergence=diverged,
+        gated=gated,
+        tensor_types=tensor_types,
+    )
+    return report, fallback
+
+
 def _eval_budget(context_length: int | None) -> int:
     """Eval tokens that fit the model's trained context with room for the greedy check."""
     if not context_length:
@@ -340,24 +361,17 @@ def export_gguf(
         notes = [*spec.notes, *vocab.notes, *_origin_notes(record)]
         for out_type in types:
             path = work / f"model-{out_type}.gguf"
-            parity, ppl, diverged = measure_file(path, reference, threads)
-            tensor_types, fallback = _k_quant_fallbacks(path, out_type)
-            notes += [fallback] if fallback else []
-            gated = out_type in FULL_PRECISION_TOLERANCE
-            reports.append(
-                FileReport(
-                    file=path.name,
-                    type=out_type,
-                    bytes=path.stat().st_size,
-                    sha256=sha256_file(path),
-                    seconds=round(timings[out_type], 3),
-                    parity=parity,
-                    perplexity=ppl,
-                    greedy_first_divergence=diverged,
-                    gated=gated,
-                    tensor_types=tensor_types,
-                )
+            report, fallback = _measured_report(
+                path,
+                out_type,
+                reference,
+                threads,
+                timings[out_type],
+                gated=out_type in FULL_PRECISION_TOLERANCE,
             )
+            notes += [fallback] if fallback else []
+            reports.append(report)
+            parity, ppl, gated = report.parity, report.perplexity, report.gated
             say(
                 f"{path.name}: {parity.summary()}, perplexity {ppl:.3f} "
                 f"(checkpoint {reference.perplexity:.3f})"
@@ -461,23 +475,11 @@ def _requantize(
             notes.append("the source was already quantized (--allow-requantize)")
         for quant in types:
             path = work / f"model-{quant}.gguf"
-            parity, ppl, diverged = measure_file(path, reference, threads)
-            tensor_types, fallback = _k_quant_fallbacks(path, quant)
-            notes += [fallback] if fallback else []
-            reports.append(
-                FileReport(
-                    file=path.name,
-                    type=quant,
-                    bytes=path.stat().st_size,
-                    sha256=sha256_file(path),
-                    seconds=round(timings[quant], 3),
-                    parity=parity,
-                    perplexity=ppl,
-                    greedy_first_divergence=diverged,
-                    gated=False,
-                    tensor_types=tensor_types,
-                )
+            report, fallback = _measured_report(
+                path, quant, reference, threads, timings[quant], gated=False
             )
+            notes += [fallback] if fallback else []
+            reports.append(report)
         write_json(
             work / RECORD_NAME,
             make_record(
