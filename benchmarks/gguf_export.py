@@ -110,8 +110,9 @@ def tensors_identical(a: Path, b: Path) -> bool:
 
 def quality(model: Path, work: Path, threads: int, with_reference: bool) -> dict:
     from edgeft.export.gguf import export_gguf
-    from edgeft.export.gguf.export import Reference, default_eval_text, measure_file
+    from edgeft.export.gguf.export import measure_file
     from edgeft.export.gguf.quantize import quantize
+    from edgeft.fidelity import Reference, default_eval_text
     from edgeft.runtimes import get_runtime
 
     start = time.perf_counter()

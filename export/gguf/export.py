@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from edgeft import __version__
@@ -22,8 +21,16 @@ from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
 from edgeft.export.gguf.quantize import QUANTIZED_TYPES, quantize
 from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
+from edgeft.fidelity import (
+    GREEDY_PROMPT,
+    GREEDY_TOKENS,
+    Reference,
+    default_eval_text,
+    eval_budget,
+    measure,
+)
 from edgeft.models import weights_sha256
-from edgeft.parity import Parity, compare_logits, first_divergence, perplexity
+from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import get_runtime
 
@@ -35,10 +42,6 @@ GGUF_TYPES = (*OUT_TYPES, *QUANTIZED_TYPES)
 # agreement. F32 differs only by kernel summation order (measured ~1e-9 on SmolLM2-135M); F16
 # rounds weights to 11 mantissa bits (measured 4e-6); BF16 to 8.
 FULL_PRECISION_TOLERANCE = {"f32": (1e-4, 0.99), "f16": (5e-3, 0.95), "bf16": (2e-2, 0.90)}
-
-EVAL_MAX_TOKENS = 512
-GREEDY_TOKENS = 32
-GREEDY_PROMPT = "Give me three tips for cooking rice well."
 
 
 @dataclass
@@ -86,10 +89,6 @@ def parse_types(spec: str | Sequence[str]) -> list[str]:
     if not types:
         raise EdgeftError(f"no GGUF type given; choose from {', '.join(GGUF_TYPES)}")
     return types
-
-
-def default_eval_text() -> str:
-    return resources.files("edgeft").joinpath("assets/eval/cooking.txt").read_text("utf-8")
 
 
 def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str, str], dict]:
@@ -183,28 +182,6 @@ def _check_tokenizer(model_dir: Path, gguf_path: Path, vocab, threads: int) -> d
     return result
 
 
-class Reference:
-    """What every GGUF is measured against: a PyTorch session's logits on the eval text and
-    its greedy generation for a chat prompt. The session is closed once this is built."""
-
-    def __init__(self, session, eval_text: str, max_tokens: int = EVAL_MAX_TOKENS) -> None:
-        from edgeft.runtimes import generate
-
-        try:
-            self.eval_ids = session.tokenize(eval_text)[:max_tokens]
-            if len(self.eval_ids) < 2:
-                raise EdgeftError("the eval text has fewer than 2 tokens; pass a longer text")
-            self.logits = session.logits(self.eval_ids)
-            self.perplexity = perplexity(self.logits, self.eval_ids)
-            try:
-                self.prompt_ids = session.tokenize(GREEDY_PROMPT, chat=True)
-            except (ModelError, ValueError):  # no chat template: continue the eval text
-                self.prompt_ids = self.eval_ids[:32]
-            self.greedy = generate(session, self.prompt_ids, GREEDY_TOKENS)
-        finally:
-            session.close()
-
-
 def _k_quant_fallbacks(path: Path, quant: str) -> tuple[dict[str, int], str | None]:
     """Tensor-type counts of a written file, and a note when llama.cpp had to use a non-k type
     for some weights of a k-quant file (it does so when a row is not a multiple of 256)."""
@@ -248,30 +225,16 @@ def _measured_report(
     return report, fallback
 
 
-def _eval_budget(context_length: int | None) -> int:
-    """Eval tokens that fit the model's trained context with room for the greedy check."""
-    if not context_length:
-        return EVAL_MAX_TOKENS
-    return max(2, min(EVAL_MAX_TOKENS, int(context_length) - GREEDY_TOKENS))
-
-
 def measure_file(path: Path, reference: Reference, threads: int, lora_path: Path | None = None):
     """Parity, perplexity and greedy divergence of one GGUF against the reference."""
-    from edgeft.runtimes import generate
-
     session = get_runtime("llama.cpp").load(
         path, threads=threads, lora_path=lora_path, n_ctx=max(len(reference.eval_ids), 128) + 64
     )
     try:
-        logits = session.logits(reference.eval_ids)
-        greedy = generate(session, reference.prompt_ids, GREEDY_TOKENS)
+        result = measure(session, reference)
     finally:
         session.close()
-    return (
-        compare_logits(reference.logits, logits),
-        perplexity(logits, reference.eval_ids),
-        first_divergence(reference.greedy, greedy),
-    )
+    return result.parity, result.perplexity, result.greedy_first_divergence
 
 
 def export_gguf(
@@ -355,7 +318,7 @@ def export_gguf(
         reference = Reference(
             get_runtime("torch").load(model, threads=threads),
             eval_text or default_eval_text(),
-            _eval_budget(spec.config.get("max_position_embeddings")),
+            eval_budget(spec.config.get("max_position_embeddings")),
         )
         reports = []
         notes = [*spec.notes, *vocab.notes, *_origin_notes(record)]
@@ -463,7 +426,7 @@ def _requantize(
             )
             timings[quant] = time.perf_counter() - start
         say(f"measuring every file against {source.name} in llama.cpp")
-        budget = _eval_budget(meta.get(f"{meta.get('general.architecture')}.context_length"))
+        budget = eval_budget(meta.get(f"{meta.get('general.architecture')}.context_length"))
         reference = Reference(
             get_runtime("llama.cpp").load(source, threads=threads, n_ctx=budget + 64),
             eval_text or default_eval_text(),

@@ -18,13 +18,9 @@ from edgeft import __version__
 from edgeft._io import atomic_dir, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export.gguf.convert import convert_checkpoint, permute_rotary, read_model_spec
-from edgeft.export.gguf.export import (
-    FULL_PRECISION_TOLERANCE,
-    Reference,
-    default_eval_text,
-    measure_file,
-)
+from edgeft.export.gguf.export import FULL_PRECISION_TOLERANCE, measure_file
 from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, gguf_metadata
+from edgeft.fidelity import Reference, default_eval_text
 from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.parity import Parity
 from edgeft.provenance import RECORD_NAME, make_record

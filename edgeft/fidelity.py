@@ -1,0 +1,75 @@
+"""Measuring an exported artifact against the model it came from, through the runtimes.
+
+A :class:`Reference` holds what the source model (usually the checkpoint in PyTorch fp32)
+produces on an eval text and a chat prompt; :func:`measure` runs the same token ids through a
+candidate session and compares: logits (KL, top-1, max difference), perplexity, and where a
+greedy answer first diverges. Every exporter uses this, so their figures mean the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+from edgeft.errors import EdgeftError, ModelError
+from edgeft.parity import Parity, compare_logits, first_divergence, perplexity
+
+EVAL_MAX_TOKENS = 512
+GREEDY_TOKENS = 32
+GREEDY_PROMPT = "Give me three tips for cooking rice well."
+
+
+def default_eval_text() -> str:
+    """The shipped eval text: a ~260-token recipe paragraph."""
+    return resources.files("edgeft").joinpath("assets/eval/cooking.txt").read_text("utf-8")
+
+
+def eval_budget(context_length: int | None) -> int:
+    """Eval tokens that fit a model's trained context with room for the greedy check."""
+    if not context_length:
+        return EVAL_MAX_TOKENS
+    return max(2, min(EVAL_MAX_TOKENS, int(context_length) - GREEDY_TOKENS))
+
+
+class Reference:
+    """What candidates are measured against: a session's logits on the eval text and its
+    greedy answer to a chat prompt. The session is closed once this is built."""
+
+    def __init__(self, session, eval_text: str, max_tokens: int = EVAL_MAX_TOKENS) -> None:
+        from edgeft.runtimes import generate
+
+        try:
+            self.eval_ids = session.tokenize(eval_text)[:max_tokens]
+            if len(self.eval_ids) < 2:
+                raise EdgeftError("the eval text has fewer than 2 tokens; pass a longer text")
+            self.logits = session.logits(self.eval_ids)
+            self.perplexity = perplexity(self.logits, self.eval_ids)
+            try:
+                self.prompt_ids = session.tokenize(GREEDY_PROMPT, chat=True)
+            except (ModelError, ValueError):  # no chat template: continue the eval text
+                self.prompt_ids = self.eval_ids[:32]
+            self.greedy = generate(session, self.prompt_ids, GREEDY_TOKENS)
+        finally:
+            session.close()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    parity: Parity
+    perplexity: float
+    greedy: list[int]
+    greedy_first_divergence: int | None
+
+
+def measure(session, reference: Reference) -> Measurement:
+    """Run the reference's token ids through ``session`` (left open) and compare."""
+    from edgeft.runtimes import generate
+
+    logits = session.logits(reference.eval_ids)
+    greedy = generate(session, reference.prompt_ids, GREEDY_TOKENS)
+    return Measurement(
+        parity=compare_logits(reference.logits, logits),
+        perplexity=perplexity(logits, reference.eval_ids),
+        greedy=greedy,
+        greedy_first_divergence=first_divergence(reference.greedy, greedy),
+    )
