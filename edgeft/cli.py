@@ -282,6 +282,74 @@ def _add_export(sub, parser_class) -> None:
     lo.add_argument("--force", action="store_true", help="replace an existing --out")
     lo.set_defaults(handler=_run_export_gguf_lora)
 
+    from edgeft.export.onnx.quantize import (
+        ACCURACY_LEVELS,
+        BLOCK_SIZES,
+        MODULE_KINDS,
+        ONNX_TYPES,
+        PRECISIONS,
+        QuantSettings,
+    )
+
+    q = QuantSettings()
+    o = formats.add_parser(
+        "onnx",
+        help="ONNX folders with a KV cache for onnxruntime and onnxruntime-genai",
+        description="Export a Hugging Face checkpoint (llama, mistral, qwen2) with optimum-onnx "
+        "to one folder per precision (model.onnx, tokenizer, genai_config.json), check fp32 "
+        "against PyTorch, and measure every folder in onnxruntime and onnxruntime-genai.",
+    )
+    o.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    o.add_argument(
+        "--quant",
+        default="fp32,int8,int4",
+        help=f"comma-separated types from: {', '.join(ONNX_TYPES)} (default %(default)s); "
+        "int8/int4 are weight-only (MatMulNBits), int8-dynamic quantizes activations too",
+    )
+    o.add_argument("--out", required=True, type=Path, help="output directory")
+    o.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=q.block_size,
+        help="weights per scale (default %(default)s)",
+    )
+    o.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less exact)")
+    o.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=q.accuracy_level,
+        help="MatMulNBits compute precision: 0/1 fp32, 4 int8 activations (default %(default)s)",
+    )
+    o.add_argument(
+        "--lm-head",
+        choices=PRECISIONS,
+        default=q.lm_head,
+        help="lm_head precision in the int4 folder (default %(default)s)",
+    )
+    o.add_argument(
+        "--embeddings",
+        choices=PRECISIONS,
+        default=q.embeddings,
+        help="embedding table precision in the int8/int4 folders (default %(default)s)",
+    )
+    o.add_argument(
+        "--int8-modules",
+        default=",".join(q.int8_modules),
+        help=f"projections kept at 8 bits in the int4 folder, from: {', '.join(MODULE_KINDS)} "
+        "(default %(default)s; '' for none)",
+    )
+    o.add_argument(
+        "--ort-format",
+        action="store_true",
+        help="also write model.ort and required_operators.config for mobile builds",
+    )
+    o.add_argument("--eval-text", type=Path, help="UTF-8 text for the parity check")
+    o.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
+    o.add_argument("--force", action="store_true", help="replace an existing --out")
+    o.set_defaults(handler=_run_export_onnx)
+
 
 def _read_eval_text(path: Path | None) -> str | None:
     if path is None:
@@ -335,6 +403,53 @@ def _run_export_gguf(args) -> int:
         )
         kinds = ", ".join(f"{n} {kind}" for kind, n in f.tensor_types.items())
         print(f"  {'':<22}tensors: {kinds}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"written to {result.out}")
+    return 0
+
+
+def _run_export_onnx(args) -> int:
+    from edgeft.export.onnx import QuantSettings, export_onnx
+
+    settings = QuantSettings(
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        accuracy_level=args.accuracy_level,
+        lm_head=args.lm_head,
+        embeddings=args.embeddings,
+        int8_modules=tuple(_csv(args.int8_modules)),
+    )
+    result = export_onnx(
+        args.model,
+        args.out,
+        args.quant,
+        settings=settings,
+        eval_text=_read_eval_text(args.eval_text),
+        ort_format=args.ort_format,
+        threads=args.threads,
+        force=args.force,
+        progress=_progress(args),
+    )
+    print(
+        f"parity on {result.eval_tokens} eval tokens against the checkpoint in PyTorch, whose "
+        f"perplexity is {result.reference_perplexity:.3f}:"
+    )
+    print(
+        f"  {'folder':<14}{'size':>10}{'mean KL':>11}{'top-1':>9}{'perplexity':>12}"
+        "  greedy (32 tokens)   onnxruntime-genai"
+    )
+    for f in result.folders:
+        greedy = (
+            "identical"
+            if f.greedy_first_divergence is None
+            else (f"diverges at {f.greedy_first_divergence}")
+        )
+        genai = "same tokens" if f.genai_greedy_identical else "other tokens"
+        print(
+            f"  {f.folder:<14}{f.bytes / 1e6:>8.1f}MB{f.parity.mean_kl:>11.2e}"
+            f"{f.parity.top1_agreement:>9.1%}{f.perplexity:>12.3f}  {greedy:<21}{genai}"
+        )
     for note in result.notes:
         print(f"note: {note}")
     print(f"written to {result.out}")

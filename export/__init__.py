@@ -5,4 +5,4 @@ to the format that needs it.
 """
 
 # format name → module under edgeft.export. Later formats add rows here.
-FORMATS = {"gguf": "gguf"}
+FORMATS = {"gguf": "gguf", "onnx": "onnx"}

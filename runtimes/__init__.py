@@ -51,7 +51,12 @@ class Runtime(Protocol):
 
 
 # name → module under edgeft.runtimes exposing RUNTIME. Later formats add rows here.
-RUNTIMES = {"torch": "pytorch", "llama.cpp": "llamacpp"}
+RUNTIMES = {
+    "torch": "pytorch",
+    "llama.cpp": "llamacpp",
+    "onnxruntime": "onnxrt",
+    "onnxruntime-genai": "ortgenai",
+}
 
 
 def get_runtime(name: str) -> Runtime:

@@ -35,7 +35,10 @@ def test_unknown_runtime_lists_known_ones():
     from edgeft.errors import EdgeftError
     from edgeft.runtimes import get_runtime
 
-    with pytest.raises(EdgeftError, match="unknown runtime 'x'; choose from: llama.cpp, torch"):
+    with pytest.raises(
+        EdgeftError,
+        match="unknown runtime 'x'; choose from: llama.cpp, onnxruntime, onnxruntime-genai, torch",
+    ):
         get_runtime("x")
 
 

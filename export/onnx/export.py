@@ -1,0 +1,436 @@
+"""``edgeft export onnx``: a merged checkpoint to ONNX folders with a KV cache, proven to run
+in onnxruntime and onnxruntime-genai and measured against the checkpoint.
+
+optimum-onnx exports the fp32 decoder (past key/values in, present out). Every other precision
+is a pass over that graph (:mod:`edgeft.export.onnx.quantize`). Each precision gets its own
+folder, complete for an app: ``model.onnx`` (+ ``model.onnx.data`` when large), tokenizer,
+config and ``genai_config.json``, optionally ``model.ort`` with its operator list. The fp32
+folder must match PyTorch within a stated tolerance, or the export fails; the others are
+measured and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft.errors import EdgeftError, ModelError, ParityError
+from edgeft.export.onnx.quantize import (
+    ONNX_TYPES,
+    QuantSettings,
+    bits_plan,
+    dynamic_int8,
+    quantize_embeddings,
+    quantize_weights,
+    to_fp16,
+)
+from edgeft.fidelity import Reference, default_eval_text, eval_budget, measure
+from edgeft.models import weights_sha256
+from edgeft.parity import Parity, first_divergence
+from edgeft.provenance import RECORD_NAME, make_record
+from edgeft.runtimes import generate, get_runtime
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# fp32 ONNX vs PyTorch fp32: both compute in fp32, so only kernel summation order differs
+# (measured on SmolLM2-135M: max |Δlogit| 7e-5, mean KL 1e-11).
+FP32_MAX_ABS_DIFF = 1e-2
+FP32_MAX_KL = 1e-5
+# fp16 weights and compute: reported against these, and failed only beyond them.
+FP16_MAX_KL = 5e-3
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Graphs above this size keep their weights in DATA_FILE (protobuf cannot exceed 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+# Files an app needs beside the graph, copied from the optimum export.
+COMPANION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class FolderReport:
+    """One written ONNX folder and how it compares with the checkpoint."""
+
+    folder: str
+    type: str
+    bytes: int
+    files: dict[str, str]  # name → sha256
+    seconds: float
+    parity: Parity
+    perplexity: float
+    greedy_first_divergence: int | None
+    genai_greedy_identical: bool
+    gated: bool
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "parity": self.parity.as_dict()}
+
+
+@dataclass
+class OnnxExport:
+    """What ``export_onnx`` wrote and measured."""
+
+    out: Path
+    folders: list[FolderReport]
+    reference_perplexity: float
+    eval_tokens: int
+    settings: QuantSettings
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_types(spec: str | Sequence[str]) -> list[str]:
+    """``"fp32,int4"`` → ``["fp32", "int4"]``, checked and de-duplicated."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    types: list[str] = []
+    for name in (n.strip().lower() for n in names):
+        if not name:
+            continue
+        if name not in ONNX_TYPES:
+            raise EdgeftError(f"unknown ONNX type {name!r}; choose from {', '.join(ONNX_TYPES)}")
+        if name not in types:
+            types.append(name)
+    if not types:
+        raise EdgeftError(f"no ONNX type given; choose from {', '.join(ONNX_TYPES)}")
+    return types
+
+
+def _read_config(model: Path) -> dict:
+    path = model / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from exc
+    names = config.get("architectures") or []
+    if not any(n in SUPPORTED_ARCHITECTURES for n in names):
+        raise ModelError(
+            f"{path}: architecture {', '.join(names) or config.get('model_type')!r} is not "
+            f"supported for ONNX export; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ModelError(
+            f"{path}: the checkpoint is quantized ({method}); export a full-precision "
+            "checkpoint (edgeft merge writes one)"
+        )
+    return config
+
+
+def _optimum_export(model: Path, folder: Path) -> None:
+    """The fp32 decoder with KV cache, through optimum-onnx (PyTorch trace, no validation:
+    edgeft validates against PyTorch itself, and fails instead of warning)."""
+    import warnings
+
+    from optimum.exporters.onnx import main_export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(
+            str(model),
+            output=str(folder),
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=False,
+            trust_remote_code=False,
+        )
+    for stray in folder.glob("*.onnx_data"):  # optimum's own external-data name
+        stray.unlink()
+    if not (folder / MODEL_FILE).is_file():
+        raise ModelError(f"optimum-onnx wrote no {MODEL_FILE} for {model}")
+
+
+def _load(folder: Path):
+    import onnx
+
+    return onnx.load(str(folder / MODEL_FILE))
+
+
+def _save(model, folder: Path) -> None:
+    """Save a graph with every path inside ``folder`` (external data only when large)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model, "ByteSize") else True
+    onnx.save_model(
+        model,
+        str(folder / MODEL_FILE),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+
+
+def check_external_data(folder: Path) -> None:
+    """Every external-data location of ``folder/model.onnx`` must be a plain file name inside
+    the folder (no absolute paths, no ``..``), and the file must exist.
+
+    Raises:
+        ModelError: a location escapes the folder or is missing.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        path = Path(location)
+        if path.is_absolute() or ".." in path.parts or not (folder / path).is_file():
+            raise ModelError(
+                f"{folder / MODEL_FILE}: tensor {tensor.name} points to external data "
+                f"{location!r} outside the folder or missing"
+            )
+
+
+def _companions(source: Path, folder: Path) -> None:
+    for name in COMPANION_FILES:
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+
+
+def _op_counts(folder: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in (
+            "MatMul",
+            "MatMulNBits",
+            "MatMulInteger",
+            "Gather",
+            "GatherBlockQuantized",
+            "DynamicQuantizeMatMul",
+        ):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _make_folder(quant: str, fp32: Path, folder: Path, settings: QuantSettings) -> None:
+    """Write the ``quant`` folder from the fp32 export."""
+    if quant == "fp16":
+        _save(to_fp16(_load(fp32)), folder)
+    elif quant == "int8-dynamic":
+        folder.mkdir(parents=True, exist_ok=True)
+        dynamic_int8(fp32 / MODEL_FILE, folder / MODEL_FILE)
+    else:  # int8, int4: weight-only
+        model = _load(fp32)
+        model = quantize_weights(model, bits_plan(model, quant, settings), settings)
+        if settings.embeddings != "fp32":
+            quantize_embeddings(
+                model, 8 if settings.embeddings == "int8" else 4, settings.block_size
+            )
+        _save(model, folder)
+    _companions(fp32, folder)
+
+
+def _ort_format(folder: Path) -> None:
+    """Also write ``model.ort`` and ``required_operators.config`` (for a reduced mobile
+    onnxruntime build) with onnxruntime's own converter."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime.tools.convert_onnx_models_to_ort",
+            str(folder),
+            "--optimization_style",
+            "Fixed",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+        raise ModelError(f"{folder}: ORT-format conversion failed: {' '.join(tail)}")
+    configs = list(folder.glob("*.required_operators*.config"))
+    for config in configs:
+        config.rename(folder / "required_operators.config")
+
+
+def _measure_folder(folder: Path, quant: str, reference: Reference, threads: int):
+    """Parity in onnxruntime, and whether onnxruntime-genai answers the same greedy tokens."""
+    session = get_runtime("onnxruntime").load(folder, threads=threads)
+    try:
+        result = measure(session, reference)
+    finally:
+        session.close()
+    genai = get_runtime("onnxruntime-genai").load(folder, threads=threads)
+    try:
+        genai_greedy = generate(genai, reference.prompt_ids, len(result.greedy) or 1)
+    finally:
+        genai.close()
+    return result, first_divergence(result.greedy, genai_greedy) is None
+
+
+def export_onnx(
+    model: Path,
+    out: Path,
+    types: str | Sequence[str] = ("fp32", "int8", "int4"),
+    *,
+    settings: QuantSettings | None = None,
+    eval_text: str | None = None,
+    ort_format: bool = False,
+    threads: int = 2,
+    force: bool = False,
+    progress=None,
+) -> OnnxExport:
+    """Export a Hugging Face checkpoint to one ONNX folder per type and measure each.
+
+    Args:
+        model: a full-precision checkpoint (llama, mistral, qwen2) with safetensors weights.
+        out: output directory: ``<type>/`` folders and ``edgeft.json``.
+        types: from :data:`ONNX_TYPES`.
+        settings: quantization choices for the int8 and int4 folders.
+        ort_format: also write ``model.ort`` and ``required_operators.config``.
+
+    Raises:
+        ModelError: unsupported or quantized checkpoint, or a folder a runtime cannot load.
+        ParityError: the fp32 (or fp16) folder differs from PyTorch beyond tolerance.
+    """
+    say = progress or (lambda message: logger.info(message))
+    settings = settings or QuantSettings()
+    settings.check()
+    model, out = Path(model), Path(out)
+    types = parse_types(types)
+    config = _read_config(model)
+    source_sha256 = weights_sha256(model)
+
+    with atomic_dir(out, force) as work:
+        fp32 = work / "fp32" if "fp32" in types else work / ".fp32"
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        say(f"exporting {model} to ONNX with optimum-onnx (fp32, KV cache)")
+        _optimum_export(model, fp32)
+        timings["fp32"] = time.perf_counter() - start
+        for quant in types:
+            if quant == "fp32":
+                continue
+            start = time.perf_counter()
+            say(f"writing the {quant} folder")
+            _make_folder(quant, fp32, work / quant, settings)
+            timings[quant] = time.perf_counter() - start
+        from edgeft.export.onnx.genai import write_genai_config
+
+        for quant in types:
+            folder = work / quant
+            check_external_data(folder)
+            write_genai_config(folder)
+            if ort_format:
+                say(f"converting {quant} to the ORT format")
+                _ort_format(folder)
+
+        say("measuring every folder against the checkpoint in PyTorch")
+        reference = Reference(
+            get_runtime("torch").load(model, threads=threads),
+            eval_text or default_eval_text(),
+            eval_budget(config.get("max_position_embeddings")),
+        )
+        reports = []
+        for quant in types:
+            folder = work / quant
+            result, genai_same = _measure_folder(folder, quant, reference, threads)
+            files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+            report = FolderReport(
+                folder=quant,
+                type=quant,
+                bytes=sum(
+                    (folder / name).stat().st_size for name in files if name.startswith("model.")
+                ),
+                files=files,
+                seconds=round(timings[quant], 2),
+                parity=result.parity,
+                perplexity=result.perplexity,
+                greedy_first_divergence=result.greedy_first_divergence,
+                genai_greedy_identical=genai_same,
+                gated=quant in ("fp32", "fp16"),
+                ops=_op_counts(folder),
+            )
+            reports.append(report)
+            say(
+                f"{quant}: {result.parity.summary()}, perplexity {result.perplexity:.3f} "
+                f"(checkpoint {reference.perplexity:.3f})"
+            )
+            _gate(report, model)
+        if "fp32" not in types:
+            shutil.rmtree(fp32)
+
+        notes = []
+        if any(not r.genai_greedy_identical for r in reports):
+            odd = ", ".join(r.folder for r in reports if not r.genai_greedy_identical)
+            notes.append(f"onnxruntime-genai's greedy answer differs from onnxruntime's in {odd}")
+        write_json(
+            work / RECORD_NAME,
+            make_record(
+                "export-onnx",
+                inputs={
+                    "model": {
+                        "path": model.resolve(),
+                        "weights_sha256": source_sha256,
+                        "architecture": config.get("architectures", [None])[0],
+                    }
+                },
+                settings={
+                    "types": types,
+                    "quantization": asdict(settings),
+                    "ort_format": ort_format,
+                    "threads": threads,
+                    "eval_tokens": len(reference.eval_ids),
+                    "fp32_tolerance": {"max_abs_diff": FP32_MAX_ABS_DIFF, "mean_kl": FP32_MAX_KL},
+                },
+                results={
+                    "reference": "the checkpoint in PyTorch fp32",
+                    "reference_perplexity": reference.perplexity,
+                    "folders": [r.as_dict() for r in reports],
+                    "notes": notes,
+                },
+            ),
+        )
+    return OnnxExport(
+        out=out,
+        folders=reports,
+        reference_perplexity=reference.perplexity,
+        eval_tokens=len(reference.eval_ids),
+        settings=settings,
+        notes=notes,
+    )
+
+
+def _gate(report: FolderReport, model: Path) -> None:
+    parity = report.parity
+    if report.type == "fp32" and (
+        parity.max_abs_diff > FP32_MAX_ABS_DIFF or parity.mean_kl > FP32_MAX_KL
+    ):
+        raise ParityError(
+            f"the fp32 ONNX model differs from {model} in PyTorch: {parity.summary()} "
+            f"(tolerance: max |Δlogit| ≤ {FP32_MAX_ABS_DIFF}, mean KL ≤ {FP32_MAX_KL}); "
+            "nothing was written"
+        )
+    if report.type == "fp32" and not report.genai_greedy_identical:
+        raise ModelError(
+            "onnxruntime-genai generates other greedy tokens than onnxruntime from the fp32 "
+            "folder; its genai_config.json does not describe the graph; nothing was written"
+        )
+    if report.type == "fp16" and parity.mean_kl > FP16_MAX_KL:
+        raise ParityError(
+            f"the fp16 ONNX model differs from {model}: {parity.summary()} (tolerance: mean KL "
+            f"≤ {FP16_MAX_KL}); nothing was written"
+        )

@@ -1,0 +1,214 @@
+"""Precision passes over an optimum-exported decoder graph: fp16, weight-only int8/int4
+(``MatMulNBits``), dynamic int8, and quantized embedding tables (``GatherBlockQuantized``).
+
+Weight-only quantization keeps activations in float and stores each weight matrix in blocks of
+``block_size`` values along the input dimension, with one float scale (and, unless symmetric,
+one zero point) per block. Which matrices get 8 bits and which 4 is a per-module choice: in
+small models the vocabulary-sized lm_head and embedding table are a large share of the file and
+of the error, and some projections are more sensitive than others.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+ONNX_TYPES = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+PRECISIONS = ("fp32", "int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128)
+# MatMulNBits accuracy_level: the precision its CPU kernel computes in. 0 (unset) and 1 keep
+# fp32 activations; 4 quantizes activations to int8 per block (faster, less accurate).
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the int8 and int4 folders are quantized.
+
+    Attributes:
+        block_size: values per scale along the input dimension (16, 32, 64 or 128).
+        symmetric: no zero points (a little smaller, less accurate for skewed rows).
+        accuracy_level: MatMulNBits compute precision (see :data:`ACCURACY_LEVELS`).
+        lm_head: lm_head precision in the int4 folder (the int8 folder keeps int8).
+        embeddings: embedding-table precision in the int8 and int4 folders.
+        int8_modules: projections kept at 8 bits in the int4 folder (e.g. ``v_proj``).
+    """
+
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 0
+    lm_head: str = "int8"
+    embeddings: str = "int8"
+    int8_modules: tuple[str, ...] = field(default=("v_proj", "down_proj"))
+
+    def check(self) -> None:
+        """Raise :class:`EdgeftError` on any value outside its choices."""
+        if self.block_size not in BLOCK_SIZES:
+            raise EdgeftError(
+                f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}; "
+                f"got {self.block_size}"
+            )
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise EdgeftError(f"--accuracy-level must be one of 0-4; got {self.accuracy_level}")
+        for name, value in (("--lm-head", self.lm_head), ("--embeddings", self.embeddings)):
+            if value not in PRECISIONS:
+                raise EdgeftError(f"{name} must be one of {', '.join(PRECISIONS)}; got {value!r}")
+        unknown = [m for m in self.int8_modules if m not in MODULE_KINDS]
+        if unknown:
+            raise EdgeftError(
+                f"--int8-modules: unknown module {', '.join(unknown)}; choose from "
+                f"{', '.join(MODULE_KINDS)}"
+            )
+
+
+def module_kind(node_name: str) -> str | None:
+    """``/model/layers.3/mlp/down_proj/MatMul`` → ``down_proj``; lm_head → ``lm_head``."""
+    if "lm_head" in node_name:
+        return "lm_head"
+    match = re.search(r"/(\w+_proj)/", node_name)
+    return match.group(1) if match else None
+
+
+def weight_matmuls(model) -> list:
+    """MatMul nodes whose second input is a weight initializer."""
+    weights = {init.name for init in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def bits_plan(model, quant: str, settings: QuantSettings) -> dict[str, int]:
+    """Bits for every weight MatMul of ``model`` in the ``int8`` or ``int4`` folder."""
+    plan = {}
+    for node in weight_matmuls(model):
+        kind = module_kind(node.name)
+        if quant == "int8":
+            plan[node.name] = 8
+        elif kind == "lm_head":
+            plan[node.name] = {"fp32": 0, "int8": 8, "int4": 4}[settings.lm_head]
+        else:
+            plan[node.name] = 8 if kind in settings.int8_modules else 4
+    return plan
+
+
+def quantize_weights(model, plan: dict[str, int], settings: QuantSettings):
+    """Replace each planned MatMul by a MatMulNBits of its bits (0 = leave in float)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    logging.getLogger(mnb.__name__).setLevel(logging.WARNING)
+    for bits in sorted({b for b in plan.values() if b}):
+        chosen = {name for name, b in plan.items() if b == bits}
+        config = mnb.DefaultWeightOnlyQuantConfig(
+            block_size=settings.block_size,
+            is_symmetric=settings.symmetric,
+            accuracy_level=settings.accuracy_level or None,
+            bits=bits,
+        )
+        others = [n.name for n in weight_matmuls(model) if n.name not in chosen]
+        quantizer = mnb.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+    return model
+
+
+def _block_quantize(weight: np.ndarray, bits: int, block: int):
+    """Asymmetric per-block quantization of each row: (codes, scales, zero points)."""
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // block, block)
+    low = np.minimum(blocks.min(axis=-1), 0.0)
+    high = np.maximum(blocks.max(axis=-1), 0.0)
+    top = (1 << bits) - 1
+    scales = (high - low) / top
+    scales[scales == 0] = 1.0
+    zero = np.clip(np.round(-low / scales), 0, top)
+    codes = np.clip(np.round(blocks / scales[..., None]) + zero[..., None], 0, top)
+    return (
+        codes.astype(np.uint8).reshape(rows, cols),
+        scales.astype(np.float32),
+        zero.astype(np.uint8),
+    )
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, the first in the low nibble."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_embeddings(model, bits: int, block_size: int) -> int:
+    """Replace the embedding Gather by a GatherBlockQuantized of ``bits`` (in place).
+
+    Returns:
+        The number of tables quantized (0 when the rows do not split into whole blocks).
+    """
+    from onnx import helper, numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    done = 0
+    for index, node in enumerate(list(model.graph.node)):
+        table = weights.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or len(table.dims) != 2 or "embed" not in table.name:
+            continue
+        if table.dims[1] % block_size:
+            continue
+        codes, scales, zero = _block_quantize(numpy_helper.to_array(table), bits, block_size)
+        if bits == 4:
+            codes, zero = _pack_nibbles(codes), _pack_nibbles(zero)
+        base = f"{table.name}_q{bits}"
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, base),
+                numpy_helper.from_array(scales, f"{base}_scales"),
+                numpy_helper.from_array(zero, f"{base}_zero_points"),
+            ]
+        )
+        replacement = helper.make_node(
+            "GatherBlockQuantized",
+            [base, node.input[1], f"{base}_scales", f"{base}_zero_points"],
+            list(node.output),
+            name=f"{node.name}_q{bits}",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block_size,
+            bits=bits,
+        )
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, replacement)
+        if users.get(table.name, 0) == 1:
+            model.graph.initializer.remove(table)
+        done += 1
+    if done and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def to_fp16(model):
+    """Weights and compute in fp16; graph inputs and outputs (cache, logits) stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+
+
+def dynamic_int8(source, destination) -> None:
+    """onnxruntime's dynamic quantization: int8 per-channel weights, activations quantized
+    at run time (fast on CPUs with int8 dot products, lossy on small models)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(destination),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        extra_options={"MatMulConstBOnly": True},
+    )

@@ -1,0 +1,192 @@
+"""The onnxruntime-genai runtime: an ONNX export folder with its ``genai_config.json``, run on
+the CPU by onnxruntime-genai's own generator loop.
+
+Tokenization and chat rendering use onnxruntime-genai's tokenizer, not the Hugging Face one,
+so any drift between the two shows up in the measured ids instead of being papered over.
+
+What onnxruntime-genai 0.18 offers, and how this module uses it:
+
+* threads: ``og.Config.overlay`` sets the decoder's session options (``intra_op_num_threads``)
+  before the model loads; nothing is written to the folder.
+* chat: ``og.Tokenizer.apply_chat_template`` renders the folder's chat template
+  (``chat_template.jinja`` or tokenizer_config.json) and ``encode`` tokenizes the result.
+* logits: after ``append_tokens``, ``get_output("logits")`` returns the graph's raw logits,
+  every position for optimum graphs; ``get_logits`` would give the last position only.
+* a generator that has produced an end token, or reached ``max_length``, is done: it cannot
+  decode past it (0.18 fails inside the graph if asked to), so :meth:`decode_one` refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import EdgeftError, ModelError
+from edgeft.runtimes import generate
+
+GENAI_CONFIG = "genai_config.json"
+
+
+class GenaiSession:
+    """An onnxruntime-genai model and tokenizer; one generator holds the current sequence."""
+
+    def __init__(self, model, tokenizer, path: Path, eos_token_ids, n_ctx: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.n_ctx = n_ctx
+        self._generator = None
+        self._last: int | None = None
+
+    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+        """Token ids from onnxruntime-genai's tokenizer; with ``chat``, its own rendering of
+        the chat template, user turn plus generation prompt."""
+        if chat:
+            messages = json.dumps([{"role": "user", "content": text}])
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except RuntimeError as exc:
+                raise ModelError(
+                    f"onnxruntime-genai cannot render the chat template of {self.path} ({exc}); "
+                    "export a model that has a chat template"
+                ) from exc
+        return self.tokenizer.encode(text).tolist()
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids``; onnxruntime-genai's decode skips special tokens."""
+        return self.tokenizer.decode(np.asarray(list(token_ids), dtype=np.int32))
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position, [n, vocab] float32, from a fresh generator (an empty KV
+        cache). A prefilled sequence is left as it was."""
+        ids = self._checked(token_ids)
+        generator = self._generator_for(ids)
+        logits = generator.get_output("logits")
+        if logits.ndim != 3 or logits.shape[1] != len(ids):
+            raise NotImplementedError(
+                f"{self.path} returns logits of shape {list(logits.shape)}, not one row per "
+                "token; its graph keeps only the last position, use the onnxruntime runtime"
+            )
+        return logits[0].astype(np.float32, copy=False)
+
+    def prefill(self, token_ids: Sequence[int]) -> None:
+        """Start a new generator on the prompt; the next :meth:`decode_one` continues it."""
+        self._generator = self._last = None
+        self._generator = self._generator_for(self._checked(token_ids))
+
+    def decode_one(self) -> int:
+        """Greedy next token, extending the sequence by one position.
+
+        onnxruntime-genai picks from the logits it already has and runs the model on the
+        picked token at the next call, so each call costs one forward, like the other runtimes.
+        """
+        generator = self._generator
+        if generator is None:
+            raise RuntimeError("decode_one() before prefill()")
+        if generator.is_done():
+            if self._last in self.eos_token_ids:
+                raise EdgeftError(
+                    f"onnxruntime-genai ended the sequence at end token {self._last}; it "
+                    "cannot decode past it: stop at eos_token_ids"
+                )
+            raise EdgeftError(
+                f"the {self.n_ctx}-token context of {self.path} is full; "
+                "send a shorter prompt or generate fewer tokens"
+            )
+        generator.generate_next_token()
+        self._last = int(generator.get_next_tokens()[0])
+        return self._last
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy generation for each prompt in turn, each cut at its first end-of-turn token:
+        the same interface as the torch session's batched generation."""
+        return [generate(self, prompt, max_new_tokens) for prompt in prompts]
+
+    def close(self) -> None:
+        self._generator = self._last = None
+
+    def _checked(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("no tokens to evaluate")
+        if len(ids) >= self.n_ctx:
+            raise EdgeftError(
+                f"{len(ids)} tokens leave no room in the {self.n_ctx}-token context of "
+                f"{self.path}; send a shorter prompt"
+            )
+        return ids
+
+    def _generator_for(self, ids: list[int]):
+        """A greedy generator that has run ``ids`` (logits computed, nothing picked yet)."""
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, num_beams=1, max_length=self.n_ctx)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        return generator
+
+
+class GenaiRuntime:
+    name = "onnxruntime-genai"
+
+    def available(self) -> bool:
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def load(self, artifact: Path, *, threads: int) -> GenaiSession:
+        """Load an ONNX export folder (or a file inside it) that holds ``genai_config.json``,
+        with ``threads`` intra-op threads on the CPU.
+
+        Raises:
+            ModelError: the folder or its genai_config.json is missing or unreadable, or
+                onnxruntime-genai cannot load the model it names.
+        """
+        import onnxruntime_genai as og
+
+        artifact = Path(artifact)
+        if not artifact.exists():
+            raise ModelError(
+                f"{artifact} not found; pass an ONNX export folder holding {GENAI_CONFIG}"
+            )
+        folder = artifact if artifact.is_dir() else artifact.parent
+        source = folder / GENAI_CONFIG
+        if not source.is_file():
+            raise ModelError(
+                f"{folder} has no {GENAI_CONFIG}; write it with "
+                "edgeft.export.onnx.genai.write_genai_config"
+            )
+        try:
+            genai = json.loads(source.read_text(encoding="utf-8"))
+            eos = genai["model"]["eos_token_id"]
+            n_ctx = int(genai["search"].get("max_length") or genai["model"]["context_length"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ModelError(
+                f"{source} is not a usable genai config ({exc!r}); write it again"
+            ) from exc
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        try:
+            config = og.Config(str(folder))
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+            model = og.Model(config)
+            tokenizer = og.Tokenizer(model)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(
+                f"onnxruntime-genai cannot load {folder} ({reason}); check its "
+                f"{GENAI_CONFIG} and model files"
+            ) from exc
+        eos = eos if isinstance(eos, list) else [eos]
+        return GenaiSession(model, tokenizer, folder, [int(e) for e in eos], n_ctx)
+
+
+RUNTIME = GenaiRuntime()

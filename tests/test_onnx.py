@@ -1,0 +1,205 @@
+"""ONNX export on tiny models built in-process: fp32 parity gate, every precision loads and
+generates in onnxruntime and onnxruntime-genai, quantized embeddings, files inside the folder,
+ORT format, bad options."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CORPUS, tiny_model
+
+from edgeft.errors import EdgeftError, ModelError, OutputExistsError, ParityError
+from edgeft.export.onnx import QuantSettings, export_onnx
+from edgeft.export.onnx.export import check_external_data
+from edgeft.runtimes import generate, get_runtime
+
+SHORT_EVAL = " ".join(CORPUS[:6])
+ALL = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-model") / "llama"
+    return tiny_model(
+        "llama", tiny_tokenizer_dir, out, tie_word_embeddings=False, max_position_embeddings=512
+    )
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "out"
+    return export_onnx(tiny, out, ALL, eval_text=SHORT_EVAL, ort_format=True)
+
+
+def test_fp32_matches_pytorch_and_every_folder_is_written(onnx_export):
+    folders = {f.folder: f for f in onnx_export.folders}
+    assert list(folders) == list(ALL)
+    fp32 = folders["fp32"]
+    assert fp32.parity.max_abs_diff < 1e-3 and fp32.parity.mean_kl < 1e-8
+    assert fp32.greedy_first_divergence is None and fp32.gated
+    assert folders["fp16"].parity.mean_kl < 1e-3
+    assert folders["int8"].parity.mean_kl < folders["int4"].parity.mean_kl
+    assert all(f.genai_greedy_identical for f in onnx_export.folders)
+    for name in ALL:
+        folder = onnx_export.out / name
+        present = {p.name for p in folder.iterdir()}
+        assert {"model.onnx", "genai_config.json", "tokenizer.json", "config.json"} <= present
+        assert {"model.ort", "required_operators.config"} <= present
+    assert not (onnx_export.out / ".fp32").exists()
+
+
+def test_quantized_folders_use_the_intended_ops(onnx_export):
+    folders = {f.folder: f for f in onnx_export.folders}
+    # 2 layers × 7 projections + lm_head, embedding table quantized
+    assert folders["int8"].ops["MatMulNBits"] == 15
+    assert folders["int4"].ops["MatMulNBits"] == 15
+    assert folders["int4"].ops["GatherBlockQuantized"] == 1
+    assert (
+        folders["int8-dynamic"].ops.get("MatMulInteger", 0)
+        + folders["int8-dynamic"].ops.get("DynamicQuantizeMatMul", 0)
+        >= 14
+    )
+    assert folders["int4"].bytes < folders["int8"].bytes < folders["fp32"].bytes
+
+
+def test_record(onnx_export, tiny):
+    from edgeft.models import weights_sha256
+
+    record = json.loads((onnx_export.out / "edgeft.json").read_text())
+    assert record["stage"] == "export-onnx"
+    assert record["inputs"]["model"]["weights_sha256"] == weights_sha256(tiny)
+    assert record["settings"]["fp32_tolerance"]["max_abs_diff"] > 0
+    folders = record["results"]["folders"]
+    assert [f["folder"] for f in folders] == list(ALL)
+    assert all(len(sha) == 64 for f in folders for sha in f["files"].values())
+
+
+def test_each_folder_generates_in_both_runtimes(onnx_export):
+    for name in ("fp32", "int4"):
+        folder = onnx_export.out / name
+        ort = get_runtime("onnxruntime").load(folder, threads=2)
+        genai = get_runtime("onnxruntime-genai").load(folder, threads=2)
+        try:
+            prompt = ort.tokenize("How long do I boil an egg?", chat=True)
+            assert genai.tokenize("How long do I boil an egg?", chat=True) == prompt
+            assert generate(ort, prompt, 12) == generate(genai, prompt, 12)
+        finally:
+            ort.close()
+            genai.close()
+
+
+def test_existing_output_needs_force(onnx_export, tiny):
+    with pytest.raises(OutputExistsError):
+        export_onnx(tiny, onnx_export.out, "fp32")
+
+
+def test_large_graphs_keep_weights_beside_them(tiny, tmp_path, monkeypatch):
+    import edgeft.export.onnx.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    result = export_onnx(tiny, tmp_path / "ext", "int8", eval_text=SHORT_EVAL)
+    folder = tmp_path / "ext" / "int8"
+    assert (folder / "model.onnx.data").is_file()
+    assert result.folders[0].genai_greedy_identical
+    check_external_data(folder)
+
+
+def test_external_data_outside_the_folder_is_refused(tiny, tmp_path, monkeypatch):
+    import onnx
+
+    import edgeft.export.onnx.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    export_onnx(tiny, tmp_path / "ext", "int8", eval_text=SHORT_EVAL)
+    folder = tmp_path / "ext" / "int8"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    entry = next(e for t in model.graph.initializer for e in t.external_data if e.key == "location")
+    entry.value = "../escape.data"  # a crafted file: onnx itself refuses to save this
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside the folder"):
+        check_external_data(folder)
+
+
+def test_qwen2_with_biases_matches(tiny_tokenizer_dir, tmp_path):
+    model = tiny_model("qwen2", tiny_tokenizer_dir, tmp_path / "qwen2")
+    result = export_onnx(model, tmp_path / "out", "fp32", eval_text=SHORT_EVAL)
+    assert result.folders[0].parity.mean_kl < 1e-8
+
+
+def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    import edgeft.export.onnx.export as export
+
+    real = export._optimum_export
+
+    def broken(model, folder):
+        real(model, folder)
+        graph = onnx.load(str(folder / "model.onnx"))
+        weight = next(w for w in graph.graph.initializer if "norm" in w.name)
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(graph, str(folder / "model.onnx"))
+
+    monkeypatch.setattr(export, "_optimum_export", broken)
+    with pytest.raises(ParityError, match="fp32 ONNX model differs"):
+        export_onnx(tiny, tmp_path / "out", "fp32,int4", eval_text=SHORT_EVAL)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (QuantSettings(block_size=48), "--block-size must be one of"),
+        (QuantSettings(accuracy_level=7), "--accuracy-level"),
+        (QuantSettings(lm_head="int3"), "--lm-head must be one of"),
+        (QuantSettings(int8_modules=("w_proj",)), "unknown module w_proj"),
+    ],
+)
+def test_bad_options_are_refused(settings, message, tiny, tmp_path):
+    with pytest.raises(EdgeftError, match=message):
+        export_onnx(tiny, tmp_path / "out", "int4", settings=settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_type_and_architecture(tiny, tmp_path):
+    import shutil
+
+    with pytest.raises(EdgeftError, match="unknown ONNX type 'int2'"):
+        export_onnx(tiny, tmp_path / "out", "fp32,int2")
+    other = tmp_path / "gpt2"
+    shutil.copytree(tiny, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="supported: LlamaForCausalLM"):
+        export_onnx(other, tmp_path / "out", "fp32")
+
+
+def test_block_quantization_round_trip():
+    from edgeft.export.onnx.quantize import _block_quantize, _pack_nibbles
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(8, 64)).astype(np.float32)
+    for bits in (8, 4):
+        codes, scales, zero = _block_quantize(weight, bits, 32)
+        blocks = codes.reshape(8, 2, 32).astype(np.float32)
+        restored = ((blocks - zero[..., None]) * scales[..., None]).reshape(8, 64)
+        assert np.abs(restored - weight).max() <= scales.max() / 2 + 1e-6
+    packed = _pack_nibbles(np.array([[1, 2, 3]], np.uint8))
+    assert packed.tolist() == [[0x21, 0x03]]
+
+
+def test_cli_export_onnx(tiny, tmp_path, capsys):
+    from edgeft.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text(SHORT_EVAL)
+    args = ["export", "onnx", "--model", str(tiny), "--eval-text", str(text), "-q"]
+    assert main([*args, "--quant", "fp32,int4", "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "int4" in printed and "same tokens" in printed
+    assert (
+        main([*args, "--quant", "int4", "--int8-modules", "x", "--out", str(tmp_path / "p")]) == 2
+    )
+    assert "unknown module x" in capsys.readouterr().err
