@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build these machines carry; an open range would
 	# pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet 'torch==2.13.0'
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -65,7 +65,12 @@ def test_wheel_maps_folders_into_the_edgeft_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgeft/runtimes/__init__.py" in names and "edgeft/runtimes/pytorch.py" in names
     assert "edgeft/runtimes/llamacpp.py" in names
-    assert {"edgeft/export/__init__.py", "edgeft/export/gguf/convert.py"} <= set(names)
+    assert {
+        "edgeft/export/__init__.py",
+        "edgeft/export/gguf/convert.py",
+        "edgeft/export/onnx/export.py",
+        "edgeft/runtimes/onnxrt.py",
+    } <= set(names)
     assert "edgeft/assets/cooking/train.jsonl" in names
     assert "edgeft/assets/eval/cooking.txt" in names
     tops = {n.split("/")[0] for n in names}
