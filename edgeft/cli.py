@@ -331,8 +331,9 @@ def _add_export(sub, parser_class) -> None:
     o.add_argument(
         "--embeddings",
         choices=PRECISIONS,
-        default=q.embeddings,
-        help="embedding table precision in the int8/int4 folders (default %(default)s)",
+        default=None,
+        help="embedding table precision in the int8/int4 folders (default: the folder's "
+        "lm_head precision, so a tied table is stored once)",
     )
     o.add_argument(
         "--int8-modules",

@@ -28,6 +28,7 @@ from edgeft.export.onnx.quantize import (
     QuantSettings,
     bits_plan,
     dynamic_int8,
+    fold_transposed_weights,
     quantize_embeddings,
     quantize_weights,
     to_fp16,
@@ -234,11 +235,11 @@ def _make_folder(quant: str, fp32: Path, folder: Path, settings: QuantSettings) 
         dynamic_int8(fp32 / MODEL_FILE, folder / MODEL_FILE)
     else:  # int8, int4: weight-only
         model = _load(fp32)
+        fold_transposed_weights(model)
         model = quantize_weights(model, bits_plan(model, quant, settings), settings)
-        if settings.embeddings != "fp32":
-            quantize_embeddings(
-                model, 8 if settings.embeddings == "int8" else 4, settings.block_size
-            )
+        embeddings = settings.embedding_precision(quant)
+        if embeddings != "fp32":
+            quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         _save(model, folder)
     _companions(fp32, folder)
 
