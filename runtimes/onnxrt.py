@@ -146,11 +146,14 @@ class OnnxSession:
 
 def _empty_cache(arg, path: Path):
     """A [1, kv_heads, 0, head_dim] OrtValue in the cache input's own dtype (fp16 graphs have
-    fp16 caches)."""
+    fp16 caches). A symbolic head size is read from config.json."""
     from onnxruntime import OrtValue
 
     dtype = _NUMPY_TYPES.get(arg.type)
     heads, head_dim = arg.shape[1], arg.shape[3]
+    if not isinstance(head_dim, int) and (path.parent / "config.json").is_file():
+        config = _read_json(path.parent / "config.json")
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if dtype is None or not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ModelError(
             f"{path} has cache input {arg.name} of {arg.type} {arg.shape}; edgeft runs float "

@@ -132,16 +132,16 @@ def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monke
 
     import edgeft.export.onnx.export as export
 
-    real = export._optimum_export
+    real = export._export_fp32
 
-    def broken(model, folder):
-        real(model, folder)
+    def broken(model, folder, graph):
+        real(model, folder, graph)
         graph = onnx.load(str(folder / "model.onnx"))
         weight = next(w for w in graph.graph.initializer if "norm" in w.name)
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
         onnx.save(graph, str(folder / "model.onnx"))
 
-    monkeypatch.setattr(export, "_optimum_export", broken)
+    monkeypatch.setattr(export, "_export_fp32", broken)
     with pytest.raises(ParityError, match="fp32 ONNX model differs"):
         export_onnx(tiny, tmp_path / "out", "fp32,int4", eval_text=SHORT_EVAL)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -203,3 +203,27 @@ def test_cli_export_onnx(tiny, tmp_path, capsys):
         main([*args, "--quant", "int4", "--int8-modules", "x", "--out", str(tmp_path / "p")]) == 2
     )
     assert "unknown module x" in capsys.readouterr().err
+
+
+def test_fused_graph_shares_the_cache_buffer_in_genai(onnx_export):
+    config = json.loads((onnx_export.out / "int4" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    import onnx
+
+    graph = onnx.load(str(onnx_export.out / "fp32" / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_optimum_graph_matches_too(arch, tiny_tokenizer_dir, spm_tokenizer_dir, tmp_path):
+    tokenizer = spm_tokenizer_dir if arch == "mistral" else tiny_tokenizer_dir
+    model = tiny_model(arch, tokenizer, tmp_path / "m", max_position_embeddings=512)
+    result = export_onnx(
+        model, tmp_path / "out", "fp32,int4", graph="optimum", eval_text=SHORT_EVAL
+    )
+    fp32, int4 = result.folders
+    assert fp32.parity.mean_kl < 1e-8 and fp32.genai_greedy_identical
+    assert int4.genai_greedy_identical
+    config = json.loads((tmp_path / "out" / "int4" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False

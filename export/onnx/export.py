@@ -57,6 +57,7 @@ COMPANION_FILES = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
@@ -226,6 +227,20 @@ def _op_counts(folder: Path) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+GRAPHS = ("fused", "optimum")
+
+
+def _export_fp32(model: Path, folder: Path, graph: str) -> None:
+    """The fp32 decoder: edgeft's fused graph, or optimum-onnx's trace."""
+    if graph == "optimum":
+        _optimum_export(model, folder)
+        return
+    from edgeft.export.onnx.graph import build_fused_graph
+
+    _save(build_fused_graph(model), folder)
+    _companions(model, folder)
+
+
 def _make_folder(quant: str, fp32: Path, folder: Path, settings: QuantSettings) -> None:
     """Write the ``quant`` folder from the fp32 export."""
     if quant == "fp16":
@@ -288,6 +303,7 @@ def export_onnx(
     types: str | Sequence[str] = ("fp32", "int8", "int4"),
     *,
     settings: QuantSettings | None = None,
+    graph: str = "fused",
     eval_text: str | None = None,
     ort_format: bool = False,
     threads: int = 2,
@@ -301,6 +317,8 @@ def export_onnx(
         out: output directory: ``<type>/`` folders and ``edgeft.json``.
         types: from :data:`ONNX_TYPES`.
         settings: quantization choices for the int8 and int4 folders.
+        graph: ``fused`` (edgeft's graph with onnxruntime's fused attention and norms, the
+            fast one) or ``optimum`` (optimum-onnx's trace of the PyTorch model).
         ort_format: also write ``model.ort`` and ``required_operators.config``.
 
     Raises:
@@ -312,6 +330,8 @@ def export_onnx(
     settings.check()
     model, out = Path(model), Path(out)
     types = parse_types(types)
+    if graph not in GRAPHS:
+        raise EdgeftError(f"--graph must be one of {', '.join(GRAPHS)}; got {graph!r}")
     config = _read_config(model)
     source_sha256 = weights_sha256(model)
 
@@ -319,8 +339,8 @@ def export_onnx(
         fp32 = work / "fp32" if "fp32" in types else work / ".fp32"
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        say(f"exporting {model} to ONNX with optimum-onnx (fp32, KV cache)")
-        _optimum_export(model, fp32)
+        say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
+        _export_fp32(model, fp32, graph)
         timings["fp32"] = time.perf_counter() - start
         for quant in types:
             if quant == "fp32":
@@ -334,7 +354,7 @@ def export_onnx(
         for quant in types:
             folder = work / quant
             check_external_data(folder)
-            write_genai_config(folder)
+            write_genai_config(folder, share_buffer=graph == "fused")
             if ort_format:
                 say(f"converting {quant} to the ORT format")
                 _ort_format(folder)

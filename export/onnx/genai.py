@@ -25,15 +25,20 @@ _PLAIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def write_genai_config(
-    folder: Path, *, model_file: str = "model.onnx", context_length: int | None = None
+    folder: Path,
+    *,
+    model_file: str = "model.onnx",
+    context_length: int | None = None,
+    share_buffer: bool = False,
 ) -> dict:
     """Write ``folder/genai_config.json`` for the decoder graph ``folder/model_file`` and
     return what was written.
 
     Search defaults are greedy (``do_sample`` false, one beam) with ``max_length`` equal to
-    the context length; ``past_present_share_buffer`` is false because optimum graphs return a
-    new, longer present tensor each step instead of writing into a preallocated buffer. The
-    session options name no thread count, so a runtime sets it when it loads the folder.
+    the context length. ``share_buffer`` (``past_present_share_buffer``) suits graphs whose
+    attention writes into a preallocated cache (GroupQueryAttention); optimum graphs return a
+    new, longer present tensor each step and need it off. The session options name no thread
+    count, so a runtime sets it when it loads the folder.
 
     Raises:
         ModelError: the folder lacks the graph or config.json, the graph has no KV cache
@@ -113,7 +118,7 @@ def write_genai_config(
             "num_return_sequences": 1,
             "max_length": int(context_length),
             "min_length": 0,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "early_stopping": True,
             "length_penalty": 1.0,
             "repetition_penalty": 1.0,

@@ -274,6 +274,7 @@ def to_fp16(model):
 def dynamic_int8(source, destination) -> None:
     """onnxruntime's dynamic quantization: int8 per-channel weights, activations quantized
     at run time (fast on CPUs with int8 dot products, lossy on small models)."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -282,5 +283,7 @@ def dynamic_int8(source, destination) -> None:
         per_channel=True,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
-        extra_options={"MatMulConstBOnly": True},
+        # Shape inference stops at contrib operators (GroupQueryAttention); their outputs are
+        # float.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
     )

@@ -1,0 +1,223 @@
+"""ONNX export of a merged checkpoint against onnxruntime-genai's model builder and llama.cpp,
+measured side by side in one run.
+
+    python benchmarks/onnx_export.py --model edgeft-demo/merged
+
+- edgeft: ``edgeft export onnx`` fp32, int8, int4 (default settings, fused graph);
+- onnxruntime-genai's builder, int4 and int8, built in its own virtual environment (it needs
+  transformers 5; see ``onnx_builder_reference.py``);
+- llama.cpp Q8_0 and Q4_K_M from ``edgeft export gguf``.
+
+Speed: 2 threads, a 256-token prompt then 128 greedy tokens, median of 3; ONNX folders run in
+onnxruntime-genai (the builder's and edgeft's alike), GGUF files in llama.cpp. Accuracy: mean
+KL, top-1 agreement and perplexity against the checkpoint in PyTorch fp32 on the shipped
+cooking text, every artifact fed the same token ids. Writes ``results/onnx_export.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gguf_export import machine  # noqa: E402
+from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builder  # noqa: E402
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+)
+
+
+def folder_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.name.startswith("model.")]
+    return sum(p.stat().st_size for p in files)
+
+
+def with_our_tokenizer(builder_folder: Path, model: Path, work: Path) -> Path:
+    """The builder's graph beside the checkpoint's tokenizer files: its tokenizer_config.json
+    is written for transformers 5, which this environment does not have."""
+    view = work / f"view-{builder_folder.name}"
+    view.mkdir()
+    for item in builder_folder.iterdir():
+        if item.name.startswith("model.") or item.name == "genai_config.json":
+            (view / item.name).symlink_to(item)
+    for name in TOKENIZER_FILES:
+        if (model / name).is_file():
+            shutil.copy2(model / name, view / name)
+    return view
+
+
+def speed(runtime: str, artifact: Path, prompt_ids: list[int], new_tokens: int, repeats: int):
+    from edgeft.runtimes import get_runtime
+
+    session = get_runtime(runtime).load(artifact, threads=2)
+    prefill, decode = [], []
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.prefill(prompt_ids)
+            middle = time.perf_counter()
+            made = 0
+            for _ in range(new_tokens):
+                made += 1
+                if session.decode_one() in session.eos_token_ids:
+                    break
+            end = time.perf_counter()
+            prefill.append(len(prompt_ids) / (middle - start))
+            decode.append(made / (end - middle))
+    finally:
+        session.close()
+    return statistics.median(prefill), statistics.median(decode), made
+
+
+def accuracy(artifact: Path, runtime: str, reference) -> dict:
+    from edgeft.parity import compare_logits, perplexity
+    from edgeft.runtimes import get_runtime
+
+    session = get_runtime(runtime).load(artifact, threads=2)
+    try:
+        logits = session.logits(reference["ids"])
+    finally:
+        session.close()
+    parity = compare_logits(reference["logits"], logits)
+    return {
+        "mean_kl": parity.mean_kl,
+        "top1": parity.top1_agreement,
+        "perplexity": perplexity(logits, reference["ids"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("edgeft-demo/merged"))
+    parser.add_argument("--builder-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"{args.model} is not a checkpoint; run `make demo` first or pass --model")
+
+    from edgeft.export.gguf import export_gguf
+    from edgeft.export.onnx import export_onnx
+    from edgeft.fidelity import default_eval_text
+    from edgeft.runtimes import get_runtime
+
+    model = args.model.resolve()
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeft-onnx-bench-") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        ours = export_onnx(model, work / "edgeft", ("fp32", "int8", "int4"))
+        export_seconds = time.perf_counter() - start
+        builder_info = ensure_builder_venv(args.builder_venv)
+        python = args.builder_venv / "bin" / "python"
+        builds = {p: run_builder(python, model, work / "builder", p) for p in ("int4", "int8")}
+        gguf = export_gguf(model, work / "gguf", ("q8_0", "q4_k_m"))
+
+        artifacts = {
+            f"edgeft {f.folder}": ("onnxruntime-genai", work / "edgeft" / f.folder)
+            for f in ours.folders
+        }
+        for precision, build in builds.items():
+            view = with_our_tokenizer(Path(build["folder"]), model, work)
+            artifacts[f"genai builder {precision}"] = ("onnxruntime-genai", view)
+        for f in gguf.files:
+            artifacts[f"llama.cpp {f.type}"] = ("llama.cpp", work / "gguf" / f.file)
+
+        torch_session = get_runtime("torch").load(model, threads=2)
+        ids = torch_session.tokenize(default_eval_text())
+        prompt = torch_session.tokenize(default_eval_text() * 3)[: args.prompt_tokens]
+        reference = {"ids": ids, "logits": torch_session.logits(ids)}
+        torch_session.close()
+
+        for name, (runtime, path) in artifacts.items():
+            # Logits through onnxruntime for ONNX folders: genai returns the same numbers.
+            logits_runtime = "onnxruntime" if runtime == "onnxruntime-genai" else runtime
+            prefill, decode, made = speed(runtime, path, prompt, args.new_tokens, args.repeats)
+            rows[name] = {
+                "runtime": runtime,
+                "bytes": folder_bytes(path),
+                "prefill_tok_s": round(prefill, 1),
+                "decode_tok_s": round(decode, 1),
+                "decoded_tokens": made,
+                **accuracy(path, logits_runtime, reference),
+            }
+            print(name, rows[name], flush=True)
+
+    results = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": f"python benchmarks/onnx_export.py --model {args.model}",
+        "settings": {
+            "threads": 2,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "eval_tokens": len(ids),
+            "edgeft": {"graph": "fused", "quantization": ours.settings.__dict__},
+        },
+        "edgeft_export_seconds": round(export_seconds, 1),
+        "builder": {
+            p: {k: b[k] for k in ("command", "wall_s", "peak_rss_mb", "folder_bytes")}
+            for p, b in builds.items()
+        },
+        "builder_venv": builder_info.get("packages", {}),
+        "reference_perplexity": ours.reference_perplexity,
+        "artifacts": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "onnx_export.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_markdown(results, args.out / "onnx_export.md")
+    print((args.out / "onnx_export.md").read_text())
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m, s = results["machine"], results["settings"]
+    lines = [
+        "# ONNX export vs onnxruntime-genai's builder and llama.cpp",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; {results['date']}. "
+        f"Reproduce: `{results['command']}`.",
+        "",
+        f"Speed: {s['threads']} threads, {s['prompt_tokens']}-token prompt, then "
+        f"{s['new_tokens']} greedy tokens, median of {s['repeats']}. Accuracy: against the "
+        f"checkpoint in PyTorch fp32 on a {s['eval_tokens']}-token cooking text (perplexity "
+        f"{results['reference_perplexity']:.2f}).",
+        "",
+        "| artifact | runtime | size MB | prefill tok/s | decode tok/s | mean KL | top-1 | "
+        "perplexity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["artifacts"].items():
+        lines.append(
+            f"| {name} | {r['runtime']} | {r['bytes'] / 1e6:.0f} | {r['prefill_tok_s']:.0f} | "
+            f"{r['decode_tok_s']:.0f} | {r['mean_kl']:.4f} | {r['top1']:.1%} | "
+            f"{r['perplexity']:.2f} |"
+        )
+    b = results["builder"]
+    lines += [
+        "",
+        f"Build time: `edgeft export onnx` (fp32 + int8 + int4, with its checks) "
+        f"{results['edgeft_export_seconds']} s; the builder {b['int4']['wall_s']} s for int4, "
+        f"{b['int8']['wall_s']} s for int8.",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
