@@ -342,6 +342,13 @@ def _add_export(sub, parser_class) -> None:
         "(default %(default)s; '' for none)",
     )
     o.add_argument(
+        "--graph",
+        choices=["fused", "optimum"],
+        default="fused",
+        help="fused: edgeft's graph with onnxruntime's fused attention and norms (fast); "
+        "optimum: optimum-onnx's trace of the PyTorch model (default %(default)s)",
+    )
+    o.add_argument(
         "--ort-format",
         action="store_true",
         help="also write model.ort and required_operators.config for mobile builds",
@@ -426,6 +433,7 @@ def _run_export_onnx(args) -> int:
         args.out,
         args.quant,
         settings=settings,
+        graph=args.graph,
         eval_text=_read_eval_text(args.eval_text),
         ort_format=args.ort_format,
         threads=args.threads,
