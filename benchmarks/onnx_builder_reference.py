@@ -22,7 +22,15 @@ weights are stored, loaded by onnxruntime-genai in this interpreter (the project
 for 32 greedy tokens on a chat prompt, and timed (:func:`measure_genai`): prefill tokens/s over
 a 256-token prompt and decode tokens/s over the next 128 tokens, median of 3, with the
 decoder's intra-op threads set to 2 through ``og.Config.overlay``. Everything goes into
-``OUT_DIR/builder.json`` under ``builds.<precision>``; other precisions already there are kept.
+``OUT_DIR/builder.json`` under ``builds.<precision>``; other precisions already there are kept
+when they were built from the same checkpoint.
+
+Builder 0.18 quirks worth knowing when passing ``--extra-option``: its ``--help`` crashes (a bare
+``%`` in the help text); the ``int4_``-prefixed names it calls deprecated aliases (e.g.
+``int4_block_size``) are silently ignored, use ``block_size``/``accuracy_level``; on a model with
+tied embeddings, ``is_symmetric=false`` or ``matmul_mixed_precision=last_matmul:int8`` with the
+default algorithm writes a graph that does not load, add ``algo_config=rtn`` (or
+``shared_embeddings=false``).
 """
 
 from __future__ import annotations
@@ -468,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results_path = out / "builder.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if results.get("model") != str(model):
+        results = {}
     results.update(
         machine=machine(),
         model=str(model),

@@ -342,6 +342,19 @@ def _add_export(sub, parser_class) -> None:
         "(default %(default)s; '' for none)",
     )
     o.add_argument(
+        "--algorithm",
+        choices=["gptq", "rtn"],
+        default=q.algorithm,
+        help="rounding of the int4 folder's 4-bit weights: gptq (calibrated) or rtn "
+        "(default %(default)s)",
+    )
+    o.add_argument(
+        "--calibration",
+        type=Path,
+        help="text or JSONL for GPTQ (default: the fine-tuning data named in the checkpoint's "
+        "provenance, else a shipped mixed-domain text)",
+    )
+    o.add_argument(
         "--graph",
         choices=["fused", "optimum"],
         default="fused",
@@ -427,6 +440,7 @@ def _run_export_onnx(args) -> int:
         lm_head=args.lm_head,
         embeddings=args.embeddings,
         int8_modules=tuple(_csv(args.int8_modules)),
+        algorithm=args.algorithm,
     )
     result = export_onnx(
         args.model,
@@ -434,6 +448,7 @@ def _run_export_onnx(args) -> int:
         args.quant,
         settings=settings,
         graph=args.graph,
+        calibration=args.calibration,
         eval_text=_read_eval_text(args.eval_text),
         ort_format=args.ort_format,
         threads=args.threads,

@@ -31,9 +31,15 @@ GENAI_CONFIG = "genai_config.json"
 
 
 class GenaiSession:
-    """An onnxruntime-genai model and tokenizer; one generator holds the current sequence."""
+    """An onnxruntime-genai model and tokenizer; one generator holds the current sequence.
+
+    ``min_new_tokens`` keeps the end tokens masked for that many steps after a prefill
+    (onnxruntime-genai's ``min_length``), for timing a fixed number of decode steps: it
+    cannot decode past an end token.
+    """
 
     def __init__(self, model, tokenizer, path: Path, eos_token_ids, n_ctx: int) -> None:
+        self.min_new_tokens = 0
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -127,7 +133,12 @@ class GenaiSession:
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, num_beams=1, max_length=self.n_ctx)
+        params.set_search_options(
+            do_sample=False,
+            num_beams=1,
+            max_length=self.n_ctx,
+            min_length=min(len(ids) + self.min_new_tokens, self.n_ctx),
+        )
         generator = og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         return generator

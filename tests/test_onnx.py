@@ -227,3 +227,32 @@ def test_optimum_graph_matches_too(arch, tiny_tokenizer_dir, spm_tokenizer_dir, 
     assert int4.genai_greedy_identical
     config = json.loads((tmp_path / "out" / "int4" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is False
+
+
+def test_gptq_keeps_layer_outputs_closer_than_rounding():
+    import torch
+
+    from edgeft.export.onnx.gptq import gptq
+    from edgeft.export.onnx.quantize import _block_quantize
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(128, 128))
+    inputs = rng.normal(size=(2048, 128)) @ mixing * (rng.random(128) * 3)  # correlated, uneven
+    weight = rng.normal(size=(64, 128)).astype(np.float32)
+    hessian = torch.tensor(inputs.T @ inputs / len(inputs), dtype=torch.float32)
+
+    def output_error(codes, scales, zero):
+        blocks = codes.reshape(64, 4, 32).astype(np.float32)
+        restored = ((blocks - zero[..., None]) * scales[..., None]).reshape(64, 128)
+        return np.linalg.norm(inputs @ (restored - weight).T)
+
+    rounded = output_error(*_block_quantize(weight, 4, 32))
+    calibrated = output_error(*gptq(weight, hessian, 4, 32))
+    assert calibrated < 0.8 * rounded
+
+
+def test_int4_records_its_calibration(onnx_export):
+    record = json.loads((onnx_export.out / "edgeft.json").read_text())
+    assert record["settings"]["quantization"]["algorithm"] == "gptq"
+    assert record["settings"]["calibration"] == "a shipped mixed-domain text"
+    assert any("GPTQ" in note for note in record["results"]["notes"])

@@ -241,8 +241,57 @@ def _export_fp32(model: Path, folder: Path, graph: str) -> None:
     _companions(model, folder)
 
 
-def _make_folder(quant: str, fp32: Path, folder: Path, settings: QuantSettings) -> None:
-    """Write the ``quant`` folder from the fp32 export."""
+def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str], str]:
+    """Texts for GPTQ's statistics, and where they came from.
+
+    ``calibration`` is a UTF-8 text or a JSONL dataset (rendered through the chat template).
+    Without it: the data the checkpoint was fine-tuned on, when its provenance names a file
+    that still has the recorded sha256; else a shipped mixed-domain text.
+    """
+    from importlib import resources
+
+    from edgeft.provenance import read_record
+
+    if calibration is None:
+        try:
+            merge = read_record(model, "merge")
+            adapter = read_record(Path(merge["inputs"]["adapter"]["path"]), "train")
+            data = adapter["inputs"]["data"]
+            if Path(data["path"]).is_file() and sha256_file(Path(data["path"])) == data["sha256"]:
+                calibration = Path(data["path"])
+        except (ModelError, KeyError, TypeError):
+            calibration = None
+    if calibration is None:
+        text = resources.files("edgeft").joinpath("assets/eval/calibration.txt").read_text("utf-8")
+        return [text], "a shipped mixed-domain text"
+    calibration = Path(calibration)
+    if calibration.suffix == ".jsonl":
+        from transformers import AutoTokenizer
+
+        from edgeft.data import iter_rows, row_to_messages
+
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        texts = []
+        for where, row in iter_rows(calibration):
+            if isinstance(row, Exception):
+                raise EdgeftError(f"{where}: not valid JSON ({row})")
+            messages = row_to_messages(row, where)
+            if tokenizer.chat_template:
+                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            else:
+                texts.append("\n".join(m["content"] for m in messages))
+        return texts, str(calibration)
+    try:
+        return [calibration.read_text(encoding="utf-8")], str(calibration)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeftError(f"{calibration}: cannot read the calibration text: {exc}") from exc
+
+
+def _make_folder(
+    quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrated: dict | None
+) -> None:
+    """Write the ``quant`` folder from the fp32 export (``calibrated``: GPTQ's 4-bit weights
+    by module, for the int4 folder)."""
     if quant == "fp16":
         _save(to_fp16(_load(fp32)), folder)
     elif quant == "int8-dynamic":
@@ -251,7 +300,13 @@ def _make_folder(quant: str, fp32: Path, folder: Path, settings: QuantSettings) 
     else:  # int8, int4: weight-only
         model = _load(fp32)
         fold_transposed_weights(model)
-        model = quantize_weights(model, bits_plan(model, quant, settings), settings)
+        plan = bits_plan(model, quant, settings)
+        if quant == "int4" and calibrated is not None:
+            from edgeft.export.onnx.gptq import gptq_matmuls
+
+            gptq_matmuls(model, calibrated, settings.block_size, settings.accuracy_level)
+            plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
+        model = quantize_weights(model, plan, settings)
         embeddings = settings.embedding_precision(quant)
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
@@ -304,6 +359,7 @@ def export_onnx(
     *,
     settings: QuantSettings | None = None,
     graph: str = "fused",
+    calibration: Path | None = None,
     eval_text: str | None = None,
     ort_format: bool = False,
     threads: int = 2,
@@ -317,6 +373,7 @@ def export_onnx(
         out: output directory: ``<type>/`` folders and ``edgeft.json``.
         types: from :data:`ONNX_TYPES`.
         settings: quantization choices for the int8 and int4 folders.
+        calibration: text or JSONL for GPTQ (see :func:`calibration_texts`).
         graph: ``fused`` (edgeft's graph with onnxruntime's fused attention and norms, the
             fast one) or ``optimum`` (optimum-onnx's trace of the PyTorch model).
         ort_format: also write ``model.ort`` and ``required_operators.config``.
@@ -342,12 +399,23 @@ def export_onnx(
         say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
         _export_fp32(model, fp32, graph)
         timings["fp32"] = time.perf_counter() - start
+        calibrated, calibrated_on = None, None
+        if "int4" in types and settings.algorithm == "gptq":
+            from edgeft.export.onnx.gptq import calibrated_weights, module_bits
+
+            texts, calibrated_on = calibration_texts(model, calibration)
+            say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
+            graph_model = _load(fp32)
+            fold_transposed_weights(graph_model)
+            bits = module_bits(bits_plan(graph_model, "int4", settings))
+            del graph_model
+            calibrated = calibrated_weights(model, texts, bits, settings.block_size)
         for quant in types:
             if quant == "fp32":
                 continue
             start = time.perf_counter()
             say(f"writing the {quant} folder")
-            _make_folder(quant, fp32, work / quant, settings)
+            _make_folder(quant, fp32, work / quant, settings, calibrated)
             timings[quant] = time.perf_counter() - start
         from edgeft.export.onnx.genai import write_genai_config
 
@@ -394,7 +462,7 @@ def export_onnx(
         if "fp32" not in types:
             shutil.rmtree(fp32)
 
-        notes = []
+        notes = [f"int4 calibrated (GPTQ) on {calibrated_on}"] if calibrated_on else []
         if any(not r.genai_greedy_identical for r in reports):
             odd = ", ".join(r.folder for r in reports if not r.genai_greedy_identical)
             notes.append(f"onnxruntime-genai's greedy answer differs from onnxruntime's in {odd}")
@@ -414,6 +482,7 @@ def export_onnx(
                     "quantization": asdict(settings),
                     "ort_format": ort_format,
                     "threads": threads,
+                    "calibration": calibrated_on,
                     "eval_tokens": len(reference.eval_ids),
                     "fp32_tolerance": {"max_abs_diff": FP32_MAX_ABS_DIFF, "mean_kl": FP32_MAX_KL},
                 },

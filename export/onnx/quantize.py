@@ -24,6 +24,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # MatMulNBits accuracy_level: the precision its CPU kernel computes in. 0 (unset) and 1 keep
 # fp32 activations; 4 quantizes activations to int8 per block (faster, less accurate).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+ALGORITHMS = ("gptq", "rtn")
 MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -43,6 +44,8 @@ class QuantSettings:
         int8_modules: projections kept at 8 bits in the int4 folder. ``v_proj`` and
             ``down_proj`` cost the most accuracy per byte at 4 bits in SmolLM2 (measured one
             kind at a time, the rest at 8 bits).
+        algorithm: how the int4 folder's 4-bit matrices are rounded: ``gptq`` (calibrated on
+            text, see :mod:`edgeft.export.onnx.gptq`) or ``rtn`` (round to nearest).
     """
 
     block_size: int = 32
@@ -51,6 +54,7 @@ class QuantSettings:
     lm_head: str = "int4"
     embeddings: str | None = None
     int8_modules: tuple[str, ...] = field(default=("v_proj", "down_proj"))
+    algorithm: str = "gptq"
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
@@ -70,6 +74,10 @@ class QuantSettings:
         for name, value in (("--lm-head", self.lm_head), ("--embeddings", self.embeddings)):
             if value is not None and value not in PRECISIONS:
                 raise EdgeftError(f"{name} must be one of {', '.join(PRECISIONS)}; got {value!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise EdgeftError(
+                f"--algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}"
+            )
         unknown = [m for m in self.int8_modules if m not in MODULE_KINDS]
         if unknown:
             raise EdgeftError(

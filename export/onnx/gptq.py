@@ -1,0 +1,300 @@
+"""Calibrated 4-bit weights (GPTQ) written as onnxruntime ``MatMulNBits`` nodes.
+
+Round-to-nearest treats every weight alike. GPTQ quantizes a weight matrix one input column at
+a time and spreads each column's rounding error over the columns not yet quantized, weighted by
+how the layer's inputs co-vary (H = XᵀX over calibration tokens), so the layer's *outputs* stay
+close on real activations. The block layout is the one MatMulNBits reads: per row, blocks of
+``block_size`` input values with a float scale and a 4-bit zero point each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+CALIBRATION_MAX_TOKENS = 4096
+CHUNK_TOKENS = 512
+DAMPING = 0.01
+COLUMN_BLOCK = 128
+
+
+class _Captured(Exception):
+    """Raised by the hook that records the first decoder layer's inputs, to stop the forward."""
+
+
+def _calibration_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= CALIBRATION_MAX_TOKENS:
+            break
+    ids = ids[:CALIBRATION_MAX_TOKENS]
+    if len(ids) < 64:
+        raise EdgeftError(f"the calibration text has {len(ids)} tokens; give at least 64")
+    return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
+
+
+def calibrated_weights(
+    model_dir: Path, texts: Sequence[str], bits: dict[str, int], block_size: int
+) -> dict[str, tuple]:
+    """Quantize a checkpoint's Linear weights layer by layer on calibration text.
+
+    Each decoder layer sees the activations of the layers before it *as quantized*, so later
+    layers compensate for earlier rounding (sequential GPTQ). Modules planned at 4 bits get
+    GPTQ; those at 8 bits are rounded to nearest (their error is small) so later layers see
+    them as they will be.
+
+    Args:
+        bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
+
+    Returns:
+        ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.export.onnx.quantize import _block_quantize
+
+    chunks = _calibration_ids(model_dir, texts)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    ).eval()
+    layers = model.model.layers
+    inputs: list[tuple] = []
+
+    def capture(_module, args, kwargs):
+        inputs.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.inference_mode():
+        for chunk in chunks:
+            with contextlib.suppress(_Captured):
+                model(input_ids=torch.tensor([chunk]), use_cache=False)
+    handle.remove()
+
+    def dequantized(codes, scales, zero):
+        rows, cols = codes.shape
+        blocks = codes.reshape(rows, cols // block_size, block_size).astype(np.float32)
+        return torch.tensor(((blocks - zero[..., None]) * scales[..., None]).reshape(rows, cols))
+
+    results: dict[str, tuple] = {}
+
+    def quantize_modules(modules: dict, run) -> None:
+        """Collect H for ``modules`` over ``run()``, then quantize them in place."""
+        sums = {name: 0 for name in modules}
+        counts = dict.fromkeys(modules, 0)
+
+        def hook(name):
+            def record(_module, args, _output):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[name] = sums[name] + x.T @ x
+                counts[name] += x.shape[0]
+
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        with torch.inference_mode():
+            run()
+        for h in handles:
+            h.remove()
+        for name, module in modules.items():
+            weight = module.weight.detach().numpy()
+            if bits[name] == 4 and counts[name]:
+                hessian = (sums[name] / counts[name]).float()
+                results[name] = gptq(weight, hessian, 4, block_size)
+                quantized = dequantized(*results[name])
+            else:
+                quantized = dequantized(*_block_quantize(weight, 8, block_size))
+            with torch.no_grad():
+                module.weight.copy_(quantized)
+
+    for index, layer in enumerate(layers):
+        modules = {
+            f"model.layers.{index}.{name}": module
+            for name, module in layer.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and f"model.layers.{index}.{name}" in bits
+            and module.in_features % block_size == 0
+        }
+
+        def run_layer(layer=layer, inputs=inputs):
+            return [layer(hidden, **kwargs) for hidden, kwargs in inputs]
+
+        quantize_modules(modules, run_layer)
+        with torch.inference_mode():
+            outputs = run_layer()
+        inputs = [
+            (out[0] if isinstance(out, tuple) else out, kwargs)
+            for out, (_, kwargs) in zip(outputs, inputs, strict=True)
+        ]
+    if "lm_head" in bits and model.lm_head.in_features % block_size == 0:
+        head = {"lm_head": model.lm_head}
+
+        def run_head():
+            return [model.lm_head(model.model.norm(hidden)) for hidden, _ in inputs]
+
+        quantize_modules(head, run_head)
+    return results
+
+
+# Fractions of each block's range tried as the quantization range: clipping the extremes a
+# little often lowers the block's squared error (as llama.cpp's k-quant scale search does).
+RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _group_params(w, bits: int):
+    """Per row of ``w``: the asymmetric scale and integer zero point, among a few clipped
+    ranges, with the least squared rounding error."""
+    import torch
+
+    top = (1 << bits) - 1
+    low = torch.clamp(w.min(dim=1).values, max=0)
+    high = torch.clamp(w.max(dim=1).values, min=0)
+    best_scale = best_zero = best_error = None
+    for shrink in RANGE_SHRINK:
+        scale = (high - low) * shrink / top
+        scale[scale == 0] = 1.0
+        zero = torch.clamp(torch.round(-low * shrink / scale), 0, top)
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, top)
+        error = (((q - zero[:, None]) * scale[:, None] - w) ** 2).sum(dim=1)
+        if best_error is None:
+            best_scale, best_zero, best_error = scale, zero, error
+        else:
+            better = error < best_error
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+            best_error = torch.where(better, error, best_error)
+    return best_scale, best_zero
+
+
+def _upper_inverse_cholesky(h):
+    """Upper Cholesky factor of H⁻¹ (GPTQ's update rows), with more damping if H is not
+    positive definite."""
+    import torch
+
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:
+        h = h + 0.1 * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptq(weight: np.ndarray, hessian, bits: int, block_size: int):
+    """Quantize ``weight`` [N, K] (rows = outputs) with GPTQ.
+
+    Returns:
+        ``(codes [N, K] uint8, scales [N, K/block] float32, zero points [N, K/block] uint8)``.
+    """
+    import torch
+
+    w = torch.tensor(weight, dtype=torch.float32).clone()
+    rows, cols = w.shape
+    top = (1 << bits) - 1
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(cols)
+    groups = cols // block_size
+    # Static groups: each block's scale and zero point come from the original weights, so
+    # columns can be visited in any order: the most active inputs first (act order), while
+    # the error of the rest can still be compensated.
+    scales = torch.zeros(rows, groups)
+    zeros = torch.zeros(rows, groups)
+    for g in range(groups):
+        scales[:, g], zeros[:, g] = _group_params(w[:, g * block_size : (g + 1) * block_size], bits)
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    group_of = order // block_size
+    inverse = _upper_inverse_cholesky(h)
+    codes = torch.zeros_like(w, dtype=torch.uint8)
+    for start in range(0, cols, COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, cols)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        inv = inverse[start:end, start:end]
+        for i in range(end - start):
+            g = group_of[start + i]
+            q = torch.clamp(torch.round(block[:, i] / scales[:, g]) + zeros[:, g], 0, top)
+            codes[:, start + i] = q.to(torch.uint8)
+            restored = (q - zeros[:, g]) * scales[:, g]
+            error = (block[:, i] - restored) / inv[i, i]
+            block[:, i:] -= error[:, None] * inv[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    codes = codes[:, torch.argsort(order)]
+    return codes.numpy(), scales.numpy().astype(np.float32), zeros.numpy().astype(np.uint8)
+
+
+def _torch_module_name(node_name: str) -> str | None:
+    """``/model/layers.3/mlp/down_proj/MatMul`` → ``model.layers.3.mlp.down_proj``."""
+    if node_name.startswith("/lm_head/"):
+        return "lm_head"
+    match = re.fullmatch(r"/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul", node_name)
+    return f"model.layers.{match[1]}.{match[2]}.{match[3]}" if match else None
+
+
+def module_bits(plan: dict[str, int]) -> dict[str, int]:
+    """A graph bits plan (node name → bits) keyed by PyTorch module name."""
+    return {
+        module: bits
+        for node, bits in plan.items()
+        if bits and (module := _torch_module_name(node)) is not None
+    }
+
+
+def gptq_matmuls(model, results: dict, block_size: int, accuracy_level: int) -> int:
+    """Replace each weight MatMul whose module has GPTQ ``results`` by a 4-bit MatMulNBits
+    holding those codes, in place. Returns how many were replaced."""
+    from onnx import helper
+
+    from edgeft.export.onnx.quantize import _pack_nibbles
+
+    done = 0
+    for index, node in enumerate(list(model.graph.node)):
+        module = _torch_module_name(node.name) if node.op_type == "MatMul" else None
+        if module not in results:
+            continue
+        codes, scales, zero = results[module]
+        rows, cols = codes.shape
+        base = f"{node.input[1]}_gptq4"
+        blocks = codes.reshape(rows, cols // block_size, block_size)
+        from onnx import numpy_helper
+
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(_pack_nibbles(blocks), base),
+                numpy_helper.from_array(scales, f"{base}_scales"),
+                numpy_helper.from_array(_pack_nibbles(zero), f"{base}_zero_points"),
+            ]
+        )
+        attrs = dict(K=cols, N=rows, bits=4, block_size=block_size)
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        replacement = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], base, f"{base}_scales", f"{base}_zero_points"],
+            list(node.output),
+            name=node.name,
+            domain="com.microsoft",
+            **attrs,
+        )
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, replacement)
+        done += 1
+    if done and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    from edgeft.export.onnx.quantize import _drop_unused_initializers
+
+    _drop_unused_initializers(model)
+    return done
