@@ -60,26 +60,34 @@ def with_our_tokenizer(builder_folder: Path, model: Path, work: Path) -> Path:
     return view
 
 
-def speed(runtime: str, artifact: Path, prompt_ids: list[int], new_tokens: int, repeats: int):
+def speeds(artifacts: dict, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+    """Median prefill and decode tok/s of every artifact, repetitions interleaved across
+    artifacts so that a busy spell on a shared machine hits them all alike."""
     from edgeft.runtimes import get_runtime
 
-    session = get_runtime(runtime).load(artifact, threads=2)
-    # Every runtime decodes exactly new_tokens steps, through end tokens (genai masks them).
-    session.min_new_tokens = new_tokens
-    prefill, decode = [], []
+    sessions = {}
+    for name, (runtime, path) in artifacts.items():
+        sessions[name] = get_runtime(runtime).load(path, threads=2)
+        # Every runtime decodes exactly new_tokens steps, through end tokens (genai masks them).
+        sessions[name].min_new_tokens = new_tokens
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in artifacts}
     try:
         for _ in range(repeats):
-            start = time.perf_counter()
-            session.prefill(prompt_ids)
-            middle = time.perf_counter()
-            for _ in range(new_tokens):
-                session.decode_one()
-            end = time.perf_counter()
-            prefill.append(len(prompt_ids) / (middle - start))
-            decode.append(new_tokens / (end - middle))
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.prefill(prompt_ids)
+                middle = time.perf_counter()
+                for _ in range(new_tokens):
+                    session.decode_one()
+                end = time.perf_counter()
+                runs[name].append((len(prompt_ids) / (middle - start), new_tokens / (end - middle)))
     finally:
-        session.close()
-    return statistics.median(prefill), statistics.median(decode)
+        for session in sessions.values():
+            session.close()
+    return {
+        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for name, rs in runs.items()
+    }
 
 
 def accuracy(artifact: Path, runtime: str, reference) -> dict:
@@ -145,10 +153,11 @@ def main() -> None:
         reference = {"ids": ids, "logits": torch_session.logits(ids)}
         torch_session.close()
 
+        measured = speeds(artifacts, prompt, args.new_tokens, args.repeats)
         for name, (runtime, path) in artifacts.items():
             # Logits through onnxruntime for ONNX folders: genai returns the same numbers.
             logits_runtime = "onnxruntime" if runtime == "onnxruntime-genai" else runtime
-            prefill, decode = speed(runtime, path, prompt, args.new_tokens, args.repeats)
+            prefill, decode = measured[name]
             rows[name] = {
                 "runtime": runtime,
                 "bytes": folder_bytes(path),

@@ -306,7 +306,7 @@ def _make_folder(
 
             gptq_matmuls(model, calibrated, settings.block_size, settings.accuracy_level)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
-        model = quantize_weights(model, plan, settings)
+        model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
@@ -409,7 +409,7 @@ def export_onnx(
             fold_transposed_weights(graph_model)
             bits = module_bits(bits_plan(graph_model, "int4", settings))
             del graph_model
-            calibrated = calibrated_weights(model, texts, bits, settings.block_size)
+            calibrated = calibrated_weights(model, texts, bits, settings)
         for quant in types:
             if quant == "fp32":
                 continue

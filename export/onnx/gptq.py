@@ -44,7 +44,7 @@ def _calibration_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
 
 
 def calibrated_weights(
-    model_dir: Path, texts: Sequence[str], bits: dict[str, int], block_size: int
+    model_dir: Path, texts: Sequence[str], bits: dict[str, int], settings
 ) -> dict[str, tuple]:
     """Quantize a checkpoint's Linear weights layer by layer on calibration text.
 
@@ -55,6 +55,7 @@ def calibrated_weights(
 
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
+        settings: the :class:`~edgeft.export.onnx.quantize.QuantSettings` (block sizes).
 
     Returns:
         ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules.
@@ -62,7 +63,9 @@ def calibrated_weights(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft.export.onnx.quantize import _block_quantize
+    from edgeft.export.onnx.quantize import _block_quantize, mixed_block_size
+
+    block_size = settings.block_size
 
     chunks = _calibration_ids(model_dir, texts)
     model = AutoModelForCausalLM.from_pretrained(
@@ -84,7 +87,8 @@ def calibrated_weights(
 
     def dequantized(codes, scales, zero):
         rows, cols = codes.shape
-        blocks = codes.reshape(rows, cols // block_size, block_size).astype(np.float32)
+        block = cols // scales.shape[1]
+        blocks = codes.reshape(rows, cols // block, block).astype(np.float32)
         return torch.tensor(((blocks - zero[..., None]) * scales[..., None]).reshape(rows, cols))
 
     results: dict[str, tuple] = {}
@@ -114,7 +118,10 @@ def calibrated_weights(
                 results[name] = gptq(weight, hessian, 4, block_size)
                 quantized = dequantized(*results[name])
             else:
-                quantized = dequantized(*_block_quantize(weight, 8, block_size))
+                eight = mixed_block_size(8, settings)
+                if weight.shape[1] % eight:
+                    eight = block_size
+                quantized = dequantized(*_block_quantize(weight, 8, eight))
             with torch.no_grad():
                 module.weight.copy_(quantized)
 
@@ -152,9 +159,10 @@ def calibrated_weights(
 RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def _group_params(w, bits: int):
+def _group_params(w, bits: int, importance=None):
     """Per row of ``w``: the asymmetric scale and integer zero point, among a few clipped
-    ranges, with the least squared rounding error."""
+    ranges, with the least rounding error (squared, weighted per column by ``importance``:
+    the mean squared input of that column, so errors on busy inputs count more)."""
     import torch
 
     top = (1 << bits) - 1
@@ -166,7 +174,8 @@ def _group_params(w, bits: int):
         scale[scale == 0] = 1.0
         zero = torch.clamp(torch.round(-low * shrink / scale), 0, top)
         q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, top)
-        error = (((q - zero[:, None]) * scale[:, None] - w) ** 2).sum(dim=1)
+        squared = ((q - zero[:, None]) * scale[:, None] - w) ** 2
+        error = (squared * importance[None, :] if importance is not None else squared).sum(dim=1)
         if best_error is None:
             best_scale, best_zero, best_error = scale, zero, error
         else:
@@ -211,8 +220,10 @@ def gptq(weight: np.ndarray, hessian, bits: int, block_size: int):
     # the error of the rest can still be compensated.
     scales = torch.zeros(rows, groups)
     zeros = torch.zeros(rows, groups)
+    busy = torch.diag(h)
     for g in range(groups):
-        scales[:, g], zeros[:, g] = _group_params(w[:, g * block_size : (g + 1) * block_size], bits)
+        columns = slice(g * block_size, (g + 1) * block_size)
+        scales[:, g], zeros[:, g] = _group_params(w[:, columns], bits, busy[columns])
     order = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, order], h[order][:, order]
     group_of = order // block_size
