@@ -1,8 +1,13 @@
 """The onnxruntime runtime: an ONNX export folder run on the CPU by onnxruntime itself.
 
-The graph is optimum-onnx's decoder with a KV cache (``past_key_values.{i}.key/value`` in,
-``present.{i}.key/value`` out). Tokenization and chat rendering use the Hugging Face tokenizer
-saved beside it, exactly as the torch runtime does, so both see the same token ids.
+The graph is a decoder with a KV cache (``past_key_values.{i}.key/value`` in,
+``present.{i}.key/value`` out): optimum-onnx's trace, whose present cache is the past one with
+the new positions concatenated, or edgeft's fused graph, whose GroupQueryAttention writes the
+new positions into the past buffer itself when present and past are the same memory. For the
+latter the session keeps one preallocated buffer per cache tensor, as onnxruntime-genai does
+with ``past_present_share_buffer``, so a decode step copies nothing but one position.
+Tokenization and chat rendering use the Hugging Face tokenizer saved beside it, exactly as the
+torch runtime does, so both see the same token ids.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ MODEL_FILE = "model.onnx"
 
 _CACHE_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Positions a shared cache buffer holds at first; it doubles when full, up to the context.
+_MIN_CAPACITY = 256
 
 
 class OnnxSession:
@@ -29,16 +36,29 @@ class OnnxSession:
     Each step binds the previous step's present outputs as this step's past inputs through
     IO binding, so the cache stays in onnxruntime's buffers: numpy only sees the token ids,
     the attention mask and one row of logits per step.
+
+    With ``share_buffer`` (a GroupQueryAttention graph) prefill and decode instead bind one
+    [1, kv_heads, capacity, head_dim] buffer per cache tensor as both the past input and the
+    present output; the attention mask's length tells the graph how many positions are valid.
     """
 
-    def __init__(self, session, tokenizer, path: Path, eos_token_ids, n_ctx: int | None) -> None:
+    def __init__(
+        self,
+        session,
+        tokenizer,
+        path: Path,
+        eos_token_ids,
+        n_ctx: int | None,
+        *,
+        share_buffer: bool = False,
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.path = path
         self.eos_token_ids = frozenset(eos_token_ids)
         self.n_ctx = n_ctx
         inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name for o in session.get_outputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
         # past input → present output, per layer and kind, in the graph's input order
         self._cache = {}
         for name in inputs:
@@ -48,8 +68,23 @@ class OnnxSession:
                 if present not in outputs:
                     raise ModelError(f"{path} has {name} but no {present} output; export it again")
                 self._cache[name] = present
-        self._empty_past = {name: _empty_cache(inputs[name], path) for name in self._cache}
+        self._layout = {name: _cache_layout(inputs[name], path) for name in self._cache}
+        self._empty_past = {name: _ortvalue(_zeros(*self._layout[name], 0)) for name in self._cache}
         self._has_positions = "position_ids" in inputs
+        logits = outputs.get("logits")
+        # dtype and vocab size of the logits, which the shared mode writes into numpy directly
+        self._logits_layout = (
+            (_NUMPY_TYPES[logits.type], logits.shape[-1])
+            if logits is not None
+            and logits.type in _NUMPY_TYPES
+            and isinstance(logits.shape[-1], int)
+            else None
+        )
+        self.share_buffer = share_buffer and self._logits_layout is not None
+        # shared mode: past input → the buffer bound as its past and present, and the binding
+        # that holds them across steps
+        self._buffers: dict[str, np.ndarray] = {}
+        self._binding = None
         self._past: dict | None = None
         self._n_past = 0
         self._next_token: int | None = None
@@ -77,9 +112,13 @@ class OnnxSession:
         """Run the prompt on an empty KV cache; the next :meth:`decode_one` continues it."""
         ids = self._checked(token_ids, 0)
         self._past = self._next_token = None
-        logits, self._past = self._run(ids, self._empty_past, 0)
+        if self.share_buffer:
+            last = self._run_shared(ids, 0)[0, -1]
+        else:
+            logits, self._past = self._run(ids, self._empty_past, 0)
+            last = logits.numpy()[0, -1]
         self._n_past = len(ids)
-        self._next_token = int(np.argmax(logits.numpy()[0, -1]))
+        self._next_token = int(np.argmax(last))
 
     def decode_one(self) -> int:
         """Greedy next token, extending the KV cache by one position."""
@@ -87,9 +126,13 @@ class OnnxSession:
             raise RuntimeError("decode_one() before prefill()")
         token = self._next_token
         self._checked([token], self._n_past)
-        logits, self._past = self._run([token], self._past, self._n_past)
+        if self.share_buffer:
+            last = self._run_shared([token], self._n_past)[0, -1]
+        else:
+            logits, self._past = self._run([token], self._past, self._n_past)
+            last = logits.numpy()[0, -1]
         self._n_past += 1
-        self._next_token = int(np.argmax(logits.numpy()[0, -1]))
+        self._next_token = int(np.argmax(last))
         return token
 
     def generate_batch(
@@ -101,6 +144,7 @@ class OnnxSession:
 
     def close(self) -> None:
         self._past = self._next_token = None
+        self._buffers, self._binding = {}, None
         self._n_past = 0
 
     def _checked(self, token_ids: Sequence[int], n_past: int) -> list[int]:
@@ -122,18 +166,10 @@ class OnnxSession:
     def _run(self, ids: list[int], past: dict, n_past: int) -> tuple:
         """One forward of ``ids`` after ``n_past`` cached positions: the logits OrtValue
         [1, len(ids), vocab] and the present OrtValues, keyed by the past inputs they feed."""
-        from onnxruntime import OrtValue
-
-        total = n_past + len(ids)
         binding = self.session.io_binding()
-        feeds = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-        }
-        if self._has_positions:
-            feeds["position_ids"] = np.arange(n_past, total, dtype=np.int64)[None]
+        feeds = self._token_feeds(ids, n_past)  # bound by reference: alive until the run ends
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(array))
+            binding.bind_ortvalue_input(name, _ortvalue(array))
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -143,12 +179,66 @@ class OnnxSession:
         logits, *presents = binding.get_outputs()
         return logits, dict(zip(self._cache, presents, strict=True))
 
+    def _run_shared(self, ids: list[int], n_past: int) -> np.ndarray:
+        """One forward of ``ids`` after the ``n_past`` positions already in the shared buffers,
+        which it extends in place: the logits [1, len(ids), vocab], written by onnxruntime into
+        a numpy array.
 
-def _empty_cache(arg, path: Path):
-    """A [1, kv_heads, 0, head_dim] OrtValue in the cache input's own dtype (fp16 graphs have
-    fp16 caches). A symbolic head size is read from config.json."""
-    from onnxruntime import OrtValue
+        GroupQueryAttention takes past and present to share memory when their data pointers
+        are equal; it then writes only the new positions, at ``n_past`` (``seqlens_k`` + 1 −
+        ``len(ids)``, from the mask), and attends to the first ``n_past + len(ids)``. The
+        present output has the past buffer's length, so binding the same OrtValue fits. The
+        cache stays bound from step to step; each step rebinds the tokens, mask and logits."""
+        self._reserve(n_past + len(ids), n_past)
+        binding = self._binding
+        feeds = self._token_feeds(ids, n_past)  # bound by reference: alive until the run ends
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, _ortvalue(array))
+        dtype, vocab = self._logits_layout
+        logits = np.empty((1, len(ids), vocab), dtype=dtype)
+        binding.bind_ortvalue_output("logits", _ortvalue(logits))
+        self.session.run_with_iobinding(binding)
+        return logits
 
+    def _token_feeds(self, ids: list[int], n_past: int) -> dict[str, np.ndarray]:
+        """The token ids, an all-ones attention mask over the ``n_past + len(ids)`` positions
+        and, for graphs that take them, the positions."""
+        total = n_past + len(ids)
+        feeds = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+        }
+        if self._has_positions:
+            feeds["position_ids"] = np.arange(n_past, total, dtype=np.int64)[None]
+        return feeds
+
+    def _reserve(self, total: int, n_past: int) -> None:
+        """Make the shared buffers hold ``total`` positions, keeping the first ``n_past``.
+
+        They start at 256 positions and double, up to the context length, rather than being
+        allocated at the full context up front: at 8k positions a fp32 cache of even a 135M
+        model takes ~380 MB."""
+        capacity = next(iter(self._buffers.values())).shape[2] if self._buffers else 0
+        if total <= capacity:
+            return
+        grown = max(total, 2 * capacity, _MIN_CAPACITY)
+        if self.n_ctx is not None:
+            grown = max(total, min(grown, self.n_ctx))
+        buffers = {}
+        binding = self.session.io_binding()
+        for name, layout in self._layout.items():
+            buffers[name] = _zeros(*layout, grown)
+            if n_past:
+                buffers[name][:, :, :n_past] = self._buffers[name][:, :, :n_past]
+            value = _ortvalue(buffers[name])
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(self._cache[name], value)
+        self._buffers, self._binding = buffers, binding
+
+
+def _cache_layout(arg, path: Path) -> tuple:
+    """dtype, kv_heads and head_dim of a cache input: its own dtype (fp16 graphs have fp16
+    caches), a symbolic head size read from config.json."""
     dtype = _NUMPY_TYPES.get(arg.type)
     heads, head_dim = arg.shape[1], arg.shape[3]
     if not isinstance(head_dim, int) and (path.parent / "config.json").is_file():
@@ -159,7 +249,43 @@ def _empty_cache(arg, path: Path):
             f"{path} has cache input {arg.name} of {arg.type} {arg.shape}; edgeft runs float "
             "caches shaped [batch, kv_heads, past, head_dim]: export it with optimum"
         )
-    return OrtValue.ortvalue_from_numpy(np.zeros((1, heads, 0, head_dim), dtype=dtype))
+    return dtype, heads, head_dim
+
+
+def _zeros(dtype, heads: int, head_dim: int, length: int) -> np.ndarray:
+    return np.zeros((1, heads, length, head_dim), dtype=dtype)
+
+
+def _ortvalue(array: np.ndarray):
+    """An OrtValue over ``array``'s own memory. The Python OrtValue keeps the array alive; a
+    binding it is bound to does not."""
+    from onnxruntime import OrtValue
+
+    return OrtValue.ortvalue_from_numpy(array)
+
+
+def _shares_buffer(model: Path) -> bool:
+    """Whether the graph's attention is GroupQueryAttention, which can write each step's
+    positions into a preallocated past buffer. The graph is read without its weights' external
+    data; without the onnx package, genai_config.json's ``past_present_share_buffer`` answers
+    when it describes this graph."""
+    try:
+        import onnx
+    except ImportError:
+        try:
+            genai = _read_json(model.parent / "genai_config.json")
+        except ModelError:
+            return False
+        if genai.get("model", {}).get("decoder", {}).get("filename") != model.name:
+            return False
+        return bool(genai.get("search", {}).get("past_present_share_buffer"))
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except (DecodeError, OSError, ValueError):  # e.g. an ORT-format file: run it unshared
+        return False
+    return any(node.op_type == "GroupQueryAttention" for node in graph.node)
 
 
 def _eos_token_ids(folder: Path, tokenizer) -> list[int]:
@@ -259,7 +385,14 @@ class OnnxRuntime:
                 f"cannot load the tokenizer saved in {folder} ({exc}); export the folder again"
             ) from exc
         n_ctx = _read_json(folder / "config.json").get("max_position_embeddings")
-        return OnnxSession(session, tokenizer, model, _eos_token_ids(folder, tokenizer), n_ctx)
+        return OnnxSession(
+            session,
+            tokenizer,
+            model,
+            _eos_token_ids(folder, tokenizer),
+            n_ctx,
+            share_buffer=_shares_buffer(model),
+        )
 
 
 RUNTIME = OnnxRuntime()

@@ -1,10 +1,12 @@
 """The onnxruntime and onnxruntime-genai runtimes on a tiny llama exported by optimum-onnx:
 logits and greedy tokens against torch, the genai tokenizer against Hugging Face's, a KV
-cache that keeps decode time flat, and the load errors."""
+cache that keeps decode time flat, and the load errors. The same llama as edgeft's fused graph:
+the onnxruntime runtime runs it on one shared, preallocated cache buffer."""
 
 import json
 import shutil
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -59,6 +61,18 @@ def folder(checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def fused_folder(checkpoint, tmp_path_factory) -> Path:
+    from edgeft.export.onnx.export import _companions, _save
+    from edgeft.export.onnx.graph import build_fused_graph
+
+    folder = tmp_path_factory.mktemp("onnx-fused") / "fp32"
+    _save(build_fused_graph(checkpoint), folder)
+    _companions(checkpoint, folder)
+    write_genai_config(folder, share_buffer=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def torch_session(checkpoint):
     session = get_runtime("torch").load(checkpoint, threads=1)
     yield session
@@ -75,6 +89,13 @@ def ort(folder):
 @pytest.fixture(scope="module")
 def genai(folder):
     session = get_runtime("onnxruntime-genai").load(folder, threads=1)
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def fused(fused_folder):
+    session = get_runtime("onnxruntime").load(fused_folder, threads=1)
     yield session
     session.close()
 
@@ -322,3 +343,93 @@ def test_an_export_without_kv_cache_is_refused(checkpoint, tmp_path):
         get_runtime("onnxruntime").load(folder / "model.onnx", threads=1)
     with pytest.raises(ModelError, match="exported without a KV cache"):
         write_genai_config(folder)
+
+
+def test_fused_graph_shares_one_cache_buffer(fused, ort, fused_folder):
+    assert fused.share_buffer and not ort.share_buffer
+    prompt = np.random.default_rng(4).integers(3, 400, 40).tolist()
+    fused.prefill(prompt)
+    for _ in range(5):
+        fused.decode_one()
+    buffers = dict(fused._buffers)
+    assert len(buffers) == 4  # 2 layers x key, value
+    assert {b.shape for b in buffers.values()} == {(1, 2, 256, 16)}
+    assert {b.dtype for b in buffers.values()} == {np.dtype(np.float32)}
+    # the positions written in place are the cache the growing path returns
+    growing = get_runtime("onnxruntime").load(fused_folder, threads=1)
+    growing.share_buffer = False
+    growing.prefill(prompt)
+    for _ in range(5):
+        growing.decode_one()
+    for name, value in growing._past.items():
+        assert value.shape() == [1, 2, 45, 16]
+        np.testing.assert_allclose(buffers[name][:, :, :45], value.numpy(), rtol=0, atol=1e-6)
+    fused.close()
+    assert not fused._buffers
+
+
+def test_shared_buffer_detection(folder, fused_folder, monkeypatch):
+    from edgeft.runtimes.onnxrt import _shares_buffer
+
+    assert _shares_buffer(fused_folder / "model.onnx")  # GroupQueryAttention nodes
+    assert not _shares_buffer(folder / "model.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # no onnx package: genai_config.json says
+    assert _shares_buffer(fused_folder / "model.onnx")
+    assert not _shares_buffer(folder / "model.onnx")
+
+
+def test_fused_logits_match_torch(fused, torch_session):
+    ids = torch_session.tokenize(" ".join(CORPUS[:6]))[:200]
+    reference = torch_session.logits(ids)
+    np.testing.assert_allclose(fused.logits(ids), reference, rtol=0, atol=1e-4)
+    # the shared buffer's prefill, from position 0 of a buffer a longer prompt filled first
+    fused.prefill(ids + ids)
+    shared = fused._run_shared(ids, 0)[0]
+    np.testing.assert_allclose(shared, reference, rtol=0, atol=1e-4)
+
+
+def test_fused_greedy_matches_torch_and_genai(fused, fused_folder, torch_session):
+    genai = get_runtime("onnxruntime-genai").load(fused_folder, threads=1)
+    rng = np.random.default_rng(2)
+    prompts = [
+        torch_session.tokenize(QUESTION, chat=True),
+        torch_session.tokenize(CORPUS[1]),
+        rng.integers(3, 400, 250).tolist(),  # decode grows the buffer past 256 positions
+    ]
+    for prompt in prompts:
+        expected = generate(torch_session, prompt, 20)
+        assert len(expected) >= 10
+        assert generate(fused, prompt, 20) == expected
+        assert generate(genai, prompt, 20) == expected
+    assert fused._buffers["past_key_values.0.key"].shape[2] == 512
+
+
+def test_fused_prefill_starts_over(fused, fused_folder):
+    rng = np.random.default_rng(3)
+    long, short = rng.integers(3, 400, 300).tolist(), fused.tokenize(QUESTION, chat=True)
+    fresh = get_runtime("onnxruntime").load(fused_folder, threads=1)
+    expected = {len(p): generate(fresh, p, 20) for p in (short, long)}
+    fresh.close()
+    # stale positions of the longer prompt stay in the buffer behind the shorter one
+    for first, second in ((long, short), (short, long), (short, short)):
+        generate(fused, first, 20)
+        assert generate(fused, second, 20) == expected[len(second)]
+
+
+def test_fused_full_context(fused):
+    prompt = np.random.default_rng(1).integers(3, 400, 1020).tolist()
+    fused.prefill(prompt)
+    for _ in range(4):
+        fused.decode_one()
+    assert fused._buffers["past_key_values.0.key"].shape[2] == 1024  # capped at the context
+    with pytest.raises(EdgeftError, match="1024-token context of .* is full"):
+        fused.decode_one()
+
+
+def test_fused_decode_time_is_flat_in_the_prompt_length(fused):
+    rng = np.random.default_rng(0)
+    short, long = (rng.integers(3, 400, n).tolist() for n in (16, 400))
+    _median_decode_ms(fused, long, steps=5)  # warm-up of the long shapes
+    short_ms = min(_median_decode_ms(fused, short) for _ in range(2))
+    long_ms = min(_median_decode_ms(fused, long) for _ in range(2))
+    assert long_ms / short_ms < 2.5, (short_ms, long_ms)
