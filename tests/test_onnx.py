@@ -50,9 +50,10 @@ def test_fp32_matches_pytorch_and_every_folder_is_written(onnx_export):
 
 def test_quantized_folders_use_the_intended_ops(onnx_export):
     folders = {f.folder: f for f in onnx_export.folders}
-    # 2 layers × 7 projections + lm_head, embedding table quantized
-    assert folders["int8"].ops["MatMulNBits"] == 15
-    assert folders["int4"].ops["MatMulNBits"] == 15
+    # 2 layers × 7 projections + lm_head; q|k|v packed into one matmul where all three share a
+    # format (int8), k|v where only they do (int4: k and v at 8 bits, q at 4)
+    assert folders["int8"].ops["MatMulNBits"] == 2 * 5 + 1
+    assert folders["int4"].ops["MatMulNBits"] == 2 * 6 + 1
     assert folders["int4"].ops["GatherBlockQuantized"] == 1
     assert (
         folders["int8-dynamic"].ops.get("MatMulInteger", 0)
@@ -213,6 +214,9 @@ def test_fused_graph_shares_the_cache_buffer_in_genai(onnx_export):
     graph = onnx.load(str(onnx_export.out / "fp32" / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    int4 = onnx.load(str(onnx_export.out / "int4" / "model.onnx"), load_external_data=False)
+    attention = [n for n in int4.graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed QKV
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

@@ -29,6 +29,7 @@ from edgeft.export.onnx.quantize import (
     bits_plan,
     dynamic_int8,
     fold_transposed_weights,
+    pack_qkv,
     quantize_embeddings,
     quantize_weights,
     to_fp16,
@@ -310,6 +311,7 @@ def _make_folder(
         embeddings = settings.embedding_precision(quant)
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
+        pack_qkv(model)
         _save(model, folder)
     _companions(fp32, folder)
 

@@ -236,7 +236,16 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
             continue
         lm_head = _tied_lm_head(model, table.name, bits, block_size)
         if lm_head is not None:
-            codes, scales, zero = f"{table.name}_shared_q{bits}", lm_head.input[2], lm_head.input[3]
+            codes, scales = f"{table.name}_shared_q{bits}", lm_head.input[2]
+            if len(lm_head.input) > 3 and lm_head.input[3]:
+                zero = lm_head.input[3]
+            else:  # symmetric: MatMulNBits' implied zero point, 2^(bits-1), made explicit
+                zero = f"{codes}_zero_points"
+                groups = table.dims[1] // block_size
+                fill = np.full((table.dims[0], groups), 1 << (bits - 1), np.uint8)
+                model.graph.initializer.append(
+                    numpy_helper.from_array(_pack_nibbles(fill) if bits == 4 else fill, zero)
+                )
             shape = f"{codes}_shape"
             model.graph.initializer.append(
                 numpy_helper.from_array(np.array([table.dims[0], -1], np.int64), shape)
@@ -304,3 +313,87 @@ def dynamic_int8(source, destination) -> None:
         # float.
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
     )
+
+
+def _stack_matmuls(model, nodes: list, name: str, weights: dict):
+    """One MatMulNBits computing the outputs of ``nodes`` (same input and format) side by
+    side: the rows of B, scales and zero points stacked. None when the formats differ."""
+    from onnx import helper, numpy_helper
+
+    formats = {
+        (n.input[0], tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N")))
+        for n in nodes
+    }
+    parts = [list(n.input[1:]) for n in nodes]
+    if (
+        len(formats) != 1
+        or len({len(x) for x in parts}) != 1
+        or not all(p in weights for x in parts for p in x)
+    ):
+        return None
+    arrays = [[numpy_helper.to_array(weights[p]) for p in x] for x in parts]
+    count = len(arrays[0])
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.concatenate([a[i] for a in arrays], axis=0), f"{name}_{i}")
+        for i in range(count)
+    )
+    attrs = {a.name: a.i for a in nodes[0].attribute}
+    attrs["N"] = sum(a[0].shape[0] for a in arrays)
+    return helper.make_node(
+        "MatMulNBits",
+        [nodes[0].input[0], *(f"{name}_{i}" for i in range(count))],
+        [f"{name}/output_0"],
+        name=name,
+        domain="com.microsoft",
+        **attrs,
+    )
+
+
+def pack_qkv(model) -> int:
+    """Give each GroupQueryAttention one packed q|k|v input (in place).
+
+    GroupQueryAttention reads packed QKV natively, which saves work at every decode step
+    (measured on SmolLM2: 5-6% faster decode). When q, k and v share a format they become one
+    MatMulNBits; when only k and v do (k and v kept at 8 bits, q at 4), k|v become one and a
+    Concat joins q to it. Returns the number of layers packed.
+    """
+    from onnx import helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    packed = 0
+    for attention in [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]:
+        q, k, v = (producers.get(name) for name in attention.input[:3])
+        if any(p is None or p.op_type != "MatMulNBits" for p in (q, k, v)):
+            continue
+        base = attention.name.replace("GroupQueryAttention", "")
+        index = list(model.graph.node).index(q)
+        qkv = _stack_matmuls(model, [q, k, v], f"{base}qkv_proj/MatMul_Q", weights)
+        if qkv is not None:
+            new, packed_output = [qkv], qkv.output[0]
+            removed = [q, k, v]
+        else:
+            kv = _stack_matmuls(model, [k, v], f"{base}kv_proj/MatMul_Q", weights)
+            if kv is None:
+                continue
+            packed_output = f"{base}qkv"
+            new = [
+                kv,
+                helper.make_node(
+                    "Concat",
+                    [q.output[0], kv.output[0]],
+                    [packed_output],
+                    name=f"{base}qkv/Concat",
+                    axis=-1,
+                ),
+            ]
+            removed = [k, v]
+        for node in removed:
+            model.graph.node.remove(node)
+        index = min(index, list(model.graph.node).index(attention))
+        for offset, node in enumerate(new):
+            model.graph.node.insert(index + offset + (0 if q in removed else 1), node)
+        attention.input[0], attention.input[1], attention.input[2] = packed_output, "", ""
+        packed += 1
+    _drop_unused_initializers(model)
+    return packed
