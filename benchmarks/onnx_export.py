@@ -217,6 +217,26 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{r['decode_tok_s']:.0f} | {r['mean_kl']:.4f} | {r['top1']:.1%} | "
             f"{r['perplexity']:.2f} |"
         )
+    a = results["artifacts"]
+    int4, builder, q4 = a["edgeft int4"], a["genai builder int4"], a["llama.cpp q4_k_m"]
+    int8, q8 = a["edgeft int8"], a["llama.cpp q8_0"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    lines += [
+        "",
+        "Goals (issue: int4 ≤ 105 MB, decode ≥ 1.0× the builder's int4, KL ≤ llama.cpp Q4_K_M; "
+        "int8 KL ≤ llama.cpp Q8_0):",
+        "",
+        f"- int4 size {int4['bytes'] / 1e6:.1f} MB: {verdict(int4['bytes'] <= 105e6)}",
+        f"- int4 decode {int4['decode_tok_s'] / builder['decode_tok_s']:.2f}× the builder's: "
+        f"{verdict(int4['decode_tok_s'] >= builder['decode_tok_s'])}",
+        f"- int4 KL {int4['mean_kl']:.4f} vs Q4_K_M {q4['mean_kl']:.4f}: "
+        f"{verdict(int4['mean_kl'] <= q4['mean_kl'])}",
+        f"- int8 KL {int8['mean_kl']:.4f} vs Q8_0 {q8['mean_kl']:.4f}: "
+        f"{verdict(int8['mean_kl'] <= q8['mean_kl'])}",
+    ]
     b = results["builder"]
     lines += [
         "",
