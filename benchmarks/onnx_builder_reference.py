@@ -48,6 +48,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_export import machine  # noqa: E402
+
 DEFAULT_VENV = Path.home() / ".cache" / "edgeft" / "bench" / "genai-builder-venv"
 DEFAULT_TORCH = "torch==2.13.0"
 VENV_MARKER = "edgeft-builder-venv.json"
@@ -72,18 +75,6 @@ FILLER_TEXT = (
     "a few basil leaves, then let the sauce simmer for twenty minutes, stirring now and then, "
     "until it thickens and the oil starts to separate at the edges. "
 )
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def installed_version(name: str) -> str | None:

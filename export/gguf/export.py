@@ -18,6 +18,7 @@ from pathlib import Path
 from edgeft import __version__
 from edgeft._io import atomic_dir, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
+from edgeft.export import parse_types as _parse_types
 from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
 from edgeft.export.gguf.quantize import QUANTIZED_TYPES, quantize
 from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
@@ -76,19 +77,8 @@ class GGUFExport:
 
 
 def parse_types(spec: str | Sequence[str]) -> list[str]:
-    """``"f16,q8_0"`` → ``["f16", "q8_0"]`` in the given order, checked and de-duplicated."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    types: list[str] = []
-    for name in (n.strip().lower() for n in names):
-        if not name:
-            continue
-        if name not in GGUF_TYPES:
-            raise EdgeftError(f"unknown GGUF type {name!r}; choose from {', '.join(GGUF_TYPES)}")
-        if name not in types:
-            types.append(name)
-    if not types:
-        raise EdgeftError(f"no GGUF type given; choose from {', '.join(GGUF_TYPES)}")
-    return types
+    """``"f16,q8_0"`` → the GGUF types named, checked and de-duplicated."""
+    return _parse_types(spec, GGUF_TYPES, "GGUF")
 
 
 def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str, str], dict]:

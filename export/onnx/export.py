@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgeft._io import atomic_dir, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
+from edgeft.export import parse_types as _parse_types
 from edgeft.export.onnx.quantize import (
     ONNX_TYPES,
     QuantSettings,
@@ -98,19 +99,8 @@ class OnnxExport:
 
 
 def parse_types(spec: str | Sequence[str]) -> list[str]:
-    """``"fp32,int4"`` → ``["fp32", "int4"]``, checked and de-duplicated."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    types: list[str] = []
-    for name in (n.strip().lower() for n in names):
-        if not name:
-            continue
-        if name not in ONNX_TYPES:
-            raise EdgeftError(f"unknown ONNX type {name!r}; choose from {', '.join(ONNX_TYPES)}")
-        if name not in types:
-            types.append(name)
-    if not types:
-        raise EdgeftError(f"no ONNX type given; choose from {', '.join(ONNX_TYPES)}")
-    return types
+    """``"fp32,int4"`` → the ONNX types named, checked and de-duplicated."""
+    return _parse_types(spec, ONNX_TYPES, "ONNX")
 
 
 def _read_config(model: Path) -> dict:

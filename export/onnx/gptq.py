@@ -269,7 +269,11 @@ def gptq_matmuls(model, results: dict, block_size: int, accuracy_level: int) -> 
     holding those codes, in place. Returns how many were replaced."""
     from onnx import helper
 
-    from edgeft.export.onnx.quantize import _pack_nibbles
+    from edgeft.export.onnx.quantize import (
+        _drop_unused_initializers,
+        _pack_nibbles,
+        ensure_contrib_opset,
+    )
 
     done = 0
     for index, node in enumerate(list(model.graph.node)):
@@ -303,9 +307,7 @@ def gptq_matmuls(model, results: dict, block_size: int, accuracy_level: int) -> 
         model.graph.node.remove(node)
         model.graph.node.insert(index, replacement)
         done += 1
-    if done and not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    from edgeft.export.onnx.quantize import _drop_unused_initializers
-
+    if done:
+        ensure_contrib_opset(model)
     _drop_unused_initializers(model)
     return done

@@ -194,6 +194,14 @@ def fold_transposed_weights(model) -> None:
     _drop_unused_initializers(model)
 
 
+def ensure_contrib_opset(model) -> None:
+    """Declare onnxruntime's ``com.microsoft`` operator domain, once."""
+    from onnx import helper
+
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def _drop_unused_initializers(model) -> None:
     used = {value for node in model.graph.node for value in node.input}
     used |= {output.name for output in model.graph.output}
@@ -284,8 +292,8 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
         model.graph.node.remove(node)
         model.graph.node.insert(index, replacement)
         done += 1
-    if done and not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if done:
+        ensure_contrib_opset(model)
     _drop_unused_initializers(model)
     return done
 
