@@ -295,7 +295,7 @@ def _make_folder(
         if quant == "int4" and calibrated is not None:
             from edgeft.export.onnx.gptq import gptq_matmuls
 
-            gptq_matmuls(model, calibrated, settings.block_size, settings.accuracy_level)
+            gptq_matmuls(model, calibrated, settings.accuracy_level)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)

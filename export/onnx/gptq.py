@@ -264,9 +264,10 @@ def module_bits(plan: dict[str, int]) -> dict[str, int]:
     }
 
 
-def gptq_matmuls(model, results: dict, block_size: int, accuracy_level: int) -> int:
+def gptq_matmuls(model, results: dict, accuracy_level: int) -> int:
     """Replace each weight MatMul whose module has GPTQ ``results`` by a 4-bit MatMulNBits
-    holding those codes, in place. Returns how many were replaced."""
+    holding those codes (block size as in the results), in place. Returns how many were
+    replaced."""
     from onnx import helper
 
     from edgeft.export.onnx.quantize import (
@@ -282,6 +283,7 @@ def gptq_matmuls(model, results: dict, block_size: int, accuracy_level: int) -> 
             continue
         codes, scales, zero = results[module]
         rows, cols = codes.shape
+        block_size = cols // scales.shape[1]
         base = f"{node.input[1]}_gptq4"
         blocks = codes.reshape(rows, cols // block_size, block_size)
         from onnx import numpy_helper
