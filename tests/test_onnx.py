@@ -45,6 +45,12 @@ def test_fp32_matches_pytorch_and_every_folder_is_written(onnx_export):
         present = {p.name for p in folder.iterdir()}
         assert {"model.onnx", "genai_config.json", "tokenizer.json", "config.json"} <= present
         assert {"model.ort", "required_operators.config"} <= present
+        operators = (folder / "required_operators.config").read_text().splitlines()
+        assert "# - model.ort" in operators  # no temporary absolute path
+        assert any(
+            line.startswith("com.microsoft;1;") and "GroupQueryAttention" in line
+            for line in operators
+        )
     assert not (onnx_export.out / ".fp32").exists()
 
 

@@ -324,9 +324,16 @@ def _ort_format(folder: Path) -> None:
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
         raise ModelError(f"{folder}: ORT-format conversion failed: {' '.join(tail)}")
-    configs = list(folder.glob("*.required_operators*.config"))
-    for config in configs:
-        config.rename(folder / "required_operators.config")
+    for config in folder.glob("*required_operators*.config"):
+        # The converter names the model by its absolute (temporary) path; keep the file name.
+        lines = config.read_text(encoding="utf-8").splitlines()
+        lines = [
+            f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in lines
+        ]
+        target = folder / "required_operators.config"
+        if config != target:
+            config.unlink()
+        target.write_text("\n".join(lines) + "\n", "utf-8")
 
 
 def _measure_folder(folder: Path, quant: str, reference: Reference, threads: int):
@@ -434,7 +441,9 @@ def export_onnx(
                 folder=quant,
                 type=quant,
                 bytes=sum(
-                    (folder / name).stat().st_size for name in files if name.startswith("model.")
+                    (folder / name).stat().st_size
+                    for name in (MODEL_FILE, DATA_FILE)
+                    if name in files
                 ),
                 files=files,
                 seconds=round(timings[quant], 2),
