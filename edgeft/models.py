@@ -69,6 +69,41 @@ def default_gguf_path() -> Path:
     return path
 
 
+def read_export_config(model_dir: Path, supported, target: str) -> tuple[dict, str]:
+    """Read a checkpoint's ``config.json`` for export to ``target`` (``"GGUF"``, ``"ONNX"``).
+
+    Returns:
+        ``(config, architecture)``: the first of ``config["architectures"]`` in ``supported``.
+
+    Raises:
+        ModelError: no or unreadable config.json, an architecture outside ``supported`` (the
+            message lists them), or a quantized checkpoint.
+    """
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from exc
+    names = config.get("architectures") or []
+    architecture = next((n for n in names if n in supported), None)
+    if architecture is None:
+        raise ModelError(
+            f"{path}: architecture {', '.join(names) or config.get('model_type')!r} is not "
+            f"supported for {target} export; supported: {', '.join(supported)}"
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ModelError(
+            f"{path}: the checkpoint is quantized ({method}); export a full-precision "
+            "checkpoint (edgeft merge writes one)"
+        )
+    return config, architecture
+
+
 def weights_sha256(model_dir: Path) -> str:
     """One sha256 over a checkpoint's safetensors files."""
     files = sorted(Path(model_dir).glob("*.safetensors"))

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgeft.errors import ModelError
 from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
+from edgeft.models import read_export_config
 
 
 @dataclass(frozen=True)
@@ -152,25 +153,7 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     """
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read: {exc}") from exc
-    names = config.get("architectures") or []
-    hf_arch = next((n for n in names if n in ARCHITECTURES), None)
-    if hf_arch is None:
-        raise ModelError(
-            f"{path}: architecture {', '.join(names) or config.get('model_type')!r} is not "
-            f"supported for GGUF export; supported: {', '.join(ARCHITECTURES)}"
-        )
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise ModelError(
-            f"{path}: the checkpoint is quantized ({method}); export a full-precision "
-            "checkpoint (edgeft merge writes one)"
-        )
+    config, hf_arch = read_export_config(model_dir, tuple(ARCHITECTURES), "GGUF")
     notes = []
     scaling = config.get("rope_scaling")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "linear"):

@@ -11,7 +11,6 @@ measured and reported.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from edgeft.export.onnx.quantize import (
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, eval_budget, measure
-from edgeft.models import weights_sha256
+from edgeft.models import read_export_config, weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import generate, get_runtime
@@ -101,29 +100,6 @@ class OnnxExport:
 def parse_types(spec: str | Sequence[str]) -> list[str]:
     """``"fp32,int4"`` → the ONNX types named, checked and de-duplicated."""
     return _parse_types(spec, ONNX_TYPES, "ONNX")
-
-
-def _read_config(model: Path) -> dict:
-    path = model / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{model} is not a Hugging Face checkpoint (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read: {exc}") from exc
-    names = config.get("architectures") or []
-    if not any(n in SUPPORTED_ARCHITECTURES for n in names):
-        raise ModelError(
-            f"{path}: architecture {', '.join(names) or config.get('model_type')!r} is not "
-            f"supported for ONNX export; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise ModelError(
-            f"{path}: the checkpoint is quantized ({method}); export a full-precision "
-            "checkpoint (edgeft merge writes one)"
-        )
-    return config
 
 
 def _optimum_export(model: Path, folder: Path) -> None:
@@ -388,7 +364,7 @@ def export_onnx(
     types = parse_types(types)
     if graph not in GRAPHS:
         raise EdgeftError(f"--graph must be one of {', '.join(GRAPHS)}; got {graph!r}")
-    config = _read_config(model)
+    config, _ = read_export_config(model, SUPPORTED_ARCHITECTURES, "ONNX")
     source_sha256 = weights_sha256(model)
 
     with atomic_dir(out, force) as work:
