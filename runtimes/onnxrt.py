@@ -12,7 +12,6 @@ torch runtime does, so both see the same token ids.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.runtimes import generate
+from edgeft.runtimes.hf import HFTokenizing, eos_token_ids, load_tokenizer, read_json
 
 MODEL_FILE = "model.onnx"
 
@@ -30,7 +30,7 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _MIN_CAPACITY = 256
 
 
-class OnnxSession:
+class OnnxSession(HFTokenizing):
     """An onnxruntime InferenceSession holding one sequence's KV cache as OrtValues.
 
     Each step binds the previous step's present outputs as this step's past inputs through
@@ -88,18 +88,6 @@ class OnnxSession:
         self._past: dict | None = None
         self._n_past = 0
         self._next_token: int | None = None
-
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
-        if chat:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-                )
-            )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position, [n, vocab] float32, from an empty KV cache. A prefilled
@@ -242,7 +230,7 @@ def _cache_layout(arg, path: Path) -> tuple:
     dtype = _NUMPY_TYPES.get(arg.type)
     heads, head_dim = arg.shape[1], arg.shape[3]
     if not isinstance(head_dim, int) and (path.parent / "config.json").is_file():
-        config = _read_json(path.parent / "config.json")
+        config = read_json(path.parent / "config.json")
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if dtype is None or not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ModelError(
@@ -273,7 +261,7 @@ def _shares_buffer(model: Path) -> bool:
         import onnx
     except ImportError:
         try:
-            genai = _read_json(model.parent / "genai_config.json")
+            genai = read_json(model.parent / "genai_config.json")
         except ModelError:
             return False
         if genai.get("model", {}).get("decoder", {}).get("filename") != model.name:
@@ -286,26 +274,6 @@ def _shares_buffer(model: Path) -> bool:
     except (DecodeError, OSError, ValueError):  # e.g. an ORT-format file: run it unshared
         return False
     return any(node.op_type == "GroupQueryAttention" for node in graph.node)
-
-
-def _eos_token_ids(folder: Path, tokenizer) -> list[int]:
-    """generation_config.json's eos ids (config.json's without it) plus the tokenizer's eos:
-    what the torch runtime stops at."""
-    source = folder / "generation_config.json"
-    if not source.is_file():
-        source = folder / "config.json"
-    eos = _read_json(source).get("eos_token_id")
-    eos = eos if isinstance(eos, list) else [eos]
-    return [int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None]
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); export the folder again") from exc
 
 
 def _model_path(artifact: Path) -> Path:
@@ -341,7 +309,6 @@ class OnnxRuntime:
         """
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as state
-        from transformers import AutoTokenizer
 
         model = _model_path(Path(artifact))
         folder = model.parent
@@ -374,22 +341,13 @@ class OnnxRuntime:
                 f"{model} was exported without a KV cache (no past_key_values inputs); export it "
                 "with task text-generation-with-past"
             )
-        if not (folder / "tokenizer_config.json").is_file():
-            raise ModelError(
-                f"{folder} has no tokenizer_config.json; export the folder again with its tokenizer"
-            )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise ModelError(
-                f"cannot load the tokenizer saved in {folder} ({exc}); export the folder again"
-            ) from exc
-        n_ctx = _read_json(folder / "config.json").get("max_position_embeddings")
+        tokenizer = load_tokenizer(folder)
+        n_ctx = read_json(folder / "config.json").get("max_position_embeddings")
         return OnnxSession(
             session,
             tokenizer,
             model,
-            _eos_token_ids(folder, tokenizer),
+            eos_token_ids(folder, tokenizer),
             n_ctx,
             share_buffer=_shares_buffer(model),
         )

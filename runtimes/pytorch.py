@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import ModelError
+from edgeft.runtimes.hf import HFTokenizing
 
 
-class TorchSession:
+class TorchSession(HFTokenizing):
     """A Hugging Face causal LM with an explicit KV cache."""
 
     def __init__(self, model, tokenizer) -> None:
@@ -23,18 +24,6 @@ class TorchSession:
         )
         self._past = None
         self._next_logits = None
-
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
-        if chat:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-                )
-            )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         import torch

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from edgeft.errors import ModelError
+from edgeft.runtimes.hf import eos_token_ids, load_tokenizer, read_json
 
 # config.json model_type → onnxruntime-genai 0.18 model type. These all run as its generic
 # decoder-only model; other types it knows (gemma, phi3, ...) have no edgeft export path yet.
@@ -46,8 +47,7 @@ def write_genai_config(
     """
     folder = Path(folder)
     graph = _graph_io(folder / model_file)
-    config = _read_json(folder / "config.json")
-    generation = _read_json(folder / "generation_config.json", required=False)
+    config = read_json(folder / "config.json", required=True)
 
     model_type = config.get("model_type")
     if model_type not in GENAI_MODEL_TYPES:
@@ -85,7 +85,7 @@ def write_genai_config(
     kv_heads = _static(key_shape, 1) or config.get("num_key_value_heads") or heads
     vocab_size = _static(outputs["logits"], 2) or config["vocab_size"]
 
-    bos, eos, pad = _special_token_ids(folder, config, generation)
+    bos, eos, pad = _special_token_ids(folder, config)
     decoder_inputs = {name: name for name in _PLAIN_INPUTS if name in inputs}
     decoder_inputs |= {"past_key_names": past_key, "past_value_names": past_value}
     genai = {
@@ -181,22 +181,12 @@ def _static(shape: list, axis: int) -> int | None:
     return shape[axis] if len(shape) > axis and isinstance(shape[axis], int) else None
 
 
-def _special_token_ids(folder: Path, config: dict, generation: dict) -> tuple[int, list, int]:
+def _special_token_ids(folder: Path, config: dict) -> tuple[int, list, int]:
     """bos, eos (generation_config.json's eos ids, then the tokenizer's eos, as the torch
     runtime counts them) and pad, falling back from generation_config.json to config.json to
     the tokenizer."""
-    from transformers import AutoTokenizer
-
-    if not (folder / "tokenizer_config.json").is_file():
-        raise ModelError(
-            f"{folder} has no tokenizer_config.json; export the folder again with its tokenizer"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load the tokenizer saved in {folder} ({exc}); export the folder again"
-        ) from exc
+    tokenizer = load_tokenizer(folder)
+    generation = read_json(folder / "generation_config.json")
 
     def first(name: str):
         for value in (generation.get(name), config.get(name), getattr(tokenizer, name, None)):
@@ -204,9 +194,7 @@ def _special_token_ids(folder: Path, config: dict, generation: dict) -> tuple[in
                 return value
         return None
 
-    eos = generation.get("eos_token_id", config.get("eos_token_id"))
-    eos = eos if isinstance(eos, list) else [eos]
-    eos = list(dict.fromkeys(int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None))
+    eos = eos_token_ids(folder, tokenizer)
     if not eos:
         raise ModelError(f"{folder} names no eos token in its config or tokenizer")
     bos, pad = first("bos_token_id"), first("pad_token_id")
@@ -215,14 +203,3 @@ def _special_token_ids(folder: Path, config: dict, generation: dict) -> tuple[in
         eos,
         int(pad) if pad is not None else eos[0],
     )
-
-
-def _read_json(path: Path, *, required: bool = True) -> dict:
-    if not path.is_file():
-        if required:
-            raise ModelError(f"{path} not found; export the checkpoint to ONNX again")
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); export the folder again") from exc
