@@ -255,10 +255,10 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
 
 
 def _make_folder(
-    quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrated: dict | None
+    quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrate=None
 ) -> None:
-    """Write the ``quant`` folder from the fp32 export (``calibrated``: GPTQ's 4-bit weights
-    by module, for the int4 folder)."""
+    """Write the ``quant`` folder from the fp32 export. ``calibrate(bits by module)`` returns
+    GPTQ's 4-bit weights by module, for the int4 folder."""
     if quant == "fp16":
         _save(to_fp16(_load(fp32)), folder)
     elif quant == "int8-dynamic":
@@ -268,10 +268,10 @@ def _make_folder(
         model = _load(fp32)
         fold_transposed_weights(model)
         plan = bits_plan(model, quant, settings)
-        if quant == "int4" and calibrated is not None:
-            from edgeft.export.onnx.gptq import gptq_matmuls
+        if quant == "int4" and calibrate is not None:
+            from edgeft.export.onnx.gptq import gptq_matmuls, module_bits
 
-            gptq_matmuls(model, calibrated, settings.accuracy_level)
+            gptq_matmuls(model, calibrate(module_bits(plan)), settings.accuracy_level)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)
@@ -374,23 +374,22 @@ def export_onnx(
         say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
         _export_fp32(model, fp32, graph)
         timings["fp32"] = time.perf_counter() - start
-        calibrated, calibrated_on = None, None
+        calibrate, calibrated_on = None, None
         if "int4" in types and settings.algorithm == "gptq":
-            from edgeft.export.onnx.gptq import calibrated_weights, module_bits
+            from edgeft.export.onnx.gptq import calibrated_weights
 
             texts, calibrated_on = calibration_texts(model, calibration)
-            say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
-            graph_model = _load(fp32)
-            fold_transposed_weights(graph_model)
-            bits = module_bits(bits_plan(graph_model, "int4", settings))
-            del graph_model
-            calibrated = calibrated_weights(model, texts, bits, settings)
+
+            def calibrate(bits: dict[str, int]) -> dict:
+                say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
+                return calibrated_weights(model, texts, bits, settings)
+
         for quant in types:
             if quant == "fp32":
                 continue
             start = time.perf_counter()
             say(f"writing the {quant} folder")
-            _make_folder(quant, fp32, work / quant, settings, calibrated)
+            _make_folder(quant, fp32, work / quant, settings, calibrate)
             timings[quant] = time.perf_counter() - start
         from edgeft.export.onnx.genai import write_genai_config
 
