@@ -266,3 +266,23 @@ def test_int4_records_its_calibration(onnx_export):
     assert record["settings"]["quantization"]["algorithm"] == "gptq"
     assert record["settings"]["calibration"] == "a shipped mixed-domain text"
     assert any("GPTQ" in note for note in record["results"]["notes"])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tied_table_is_stored_once(symmetric, tiny_llama, tmp_path):
+    """A tied embedding/lm_head is one 4-bit table: the Gather reads the lm_head's codes."""
+    import onnx
+
+    settings = QuantSettings(symmetric=symmetric, algorithm="rtn")
+    result = export_onnx(
+        tiny_llama, tmp_path / "out", "int4", settings=settings, eval_text=SHORT_EVAL
+    )
+    graph = onnx.load(str(tmp_path / "out" / "int4" / "model.onnx"))
+    producers = {out: n for n in graph.graph.node for out in n.output}
+    (gather,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in graph.graph.node if n.name.startswith("/lm_head/")]
+    assert head.op_type == "MatMulNBits"
+    assert producers[gather.input[0]].op_type == "Reshape"
+    assert producers[gather.input[0]].input[0] == head.input[1]
+    assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)
+    assert result.folders[0].genai_greedy_identical and result.folders[0].parity.mean_kl < 1.0
