@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edgeft export runtimes tests benchmarks
+	$(VENV)/bin/ruff check edgeft export runtimes devices tests benchmarks
 
 clean:
 	rm -rf $(VENV) edgeft-demo build *.egg-info

@@ -12,6 +12,8 @@ from edgeft.errors import EdgeftError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+# An artifact failed or missed a budget: edgeft bench as a CI gate.
+EXIT_BUDGET = 3
 
 
 def _csv(value: str) -> list[str]:
@@ -536,6 +538,155 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    from edgeft.bench.harness import BenchSettings
+
+    d = BenchSettings()
+    p = sub.add_parser(
+        "bench",
+        help="latency, memory and accuracy of GGUF, ONNX and PyTorch artifacts",
+        description="Measure every artifact in its own process: load time, time to first "
+        "token, prefill and decode tok/s at several context depths, per-token percentiles, "
+        "peak RSS, size; perplexity, KL and top-1 agreement against the reference, task "
+        "accuracy. Writes results.json, report.md and report.html. Exit code 3 when an "
+        "artifact fails or misses a budget.",
+    )
+    p.add_argument(
+        "artifacts",
+        nargs="*",
+        help="a .gguf file, an ONNX folder, a checkpoint or adapter folder; PATH@RUNTIME "
+        "picks the runtime (torch, llama.cpp, onnxruntime, onnxruntime-genai)",
+    )
+    p.add_argument("--out", type=Path, help="output directory (required unless comparing)")
+    p.add_argument(
+        "--reference",
+        action="append",
+        type=Path,
+        help="full-precision checkpoint to compare against (repeatable; default: the one the "
+        "artifacts were exported from, per their edgeft.json)",
+    )
+    p.add_argument(
+        "--as-trained",
+        action="store_true",
+        help="also compare against the adapter the reference was merged from, as trained",
+    )
+    p.add_argument("--eval", type=Path, help="text or JSONL for perplexity and KL")
+    p.add_argument("--task", type=Path, help="held-out JSONL of question/answers rows")
+    p.add_argument("--device", help="device profile name or .toml (see 'edgeft devices list')")
+    p.add_argument("--remote", help="run on a device: adb:SERIAL or ssh:user@host[:port]")
+    p.add_argument("--runtime", help="runtime for every artifact without an @RUNTIME")
+    p.add_argument("--threads", type=int, default=d.threads, help="default %(default)s")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="default %(default)s")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="default %(default)s")
+    p.add_argument(
+        "--depths",
+        default=",".join(map(str, d.depths)),
+        help="context depths for decode speed (default %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=d.repeats, help="default %(default)s")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="default %(default)s")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        help="seconds per artifact (default %(default)s)",
+    )
+    budgets = p.add_argument_group("budgets (override the device profile's)")
+    budgets.add_argument("--max-rss-mb", type=float)
+    budgets.add_argument("--min-decode-tok-s", type=float)
+    budgets.add_argument("--max-ttft-ms", type=float)
+    budgets.add_argument("--max-mean-kl", type=float)
+    budgets.add_argument("--min-task-accuracy", type=float, help="0-1")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        help="an earlier results.json: show the change (with no artifacts: compare it with "
+        "the results.json given as the only argument)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from edgeft.bench.harness import BenchSettings, Budgets, bench
+    from edgeft.bench.report import render_comparison
+    from edgeft.bench.schema import read_results
+
+    if args.compare and len(args.artifacts) == 1 and args.artifacts[0].endswith(".json"):
+        print(render_comparison(read_results(args.compare), read_results(Path(args.artifacts[0]))))
+        return 0
+    if args.out is None:
+        raise EdgeftError("--out is required to run a benchmark")
+    try:
+        depths = tuple(int(x) for x in _csv(args.depths))
+    except ValueError:
+        raise EdgeftError(
+            f"--depths: expected integers like 0,512,2048, got {args.depths!r}"
+        ) from None
+    settings = BenchSettings(
+        threads=args.threads,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        depths=depths,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        timeout_s=args.timeout,
+    )
+    budgets = Budgets(
+        max_rss_mb=args.max_rss_mb,
+        min_decode_tok_s=args.min_decode_tok_s,
+        max_ttft_ms=args.max_ttft_ms,
+        max_mean_kl=args.max_mean_kl,
+        min_task_accuracy=args.min_task_accuracy,
+    )
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    results = bench(
+        args.artifacts,
+        args.out,
+        references=args.reference,
+        as_trained=args.as_trained,
+        eval_path=args.eval,
+        task_path=args.task,
+        device=args.device,
+        remote=args.remote,
+        runtime=args.runtime,
+        settings=settings,
+        budgets=budgets,
+        compare=args.compare,
+        force=args.force,
+        log=log,
+    )
+    print((args.out / "report.md").read_text(encoding="utf-8"))
+    if args.compare:
+        print((args.out / "comparison.md").read_text(encoding="utf-8"))
+    failed = [a["name"] for a in results["artifacts"] if a["status"] != "ok"]
+    missed = [a["name"] for a in results["artifacts"] if a["status"] == "ok" and not a["passed"]]
+    print(f"report: {(args.out / 'report.html').resolve()}")
+    if failed or missed:
+        parts = [f"failed: {', '.join(failed)}"] if failed else []
+        parts += [f"missed a budget: {', '.join(missed)}"] if missed else []
+        print(f"edgeft bench: {'; '.join(parts)}", file=sys.stderr)
+        return EXIT_BUDGET
+    return 0
+
+
+def _add_devices(sub) -> None:
+    p = sub.add_parser("devices", help="edge device profiles for 'edgeft bench --device'")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    actions.add_parser("list", help="the shipped profiles").set_defaults(handler=_run_devices)
+    show = actions.add_parser("show", help="one profile in full")
+    show.add_argument("name", help="profile name or .toml file")
+    show.set_defaults(handler=_run_devices)
+
+
+def _run_devices(args) -> int:
+    from edgeft.devices import get_profile, render_list, render_profile
+
+    print(render_list() if args.action == "list" else render_profile(get_profile(args.name)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeft",
@@ -569,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_merge(sub)
     _add_export(sub, parser_class)
+    _add_bench(sub)
+    _add_devices(sub)
     _add_demo(sub)
     return parser
 

@@ -164,6 +164,44 @@ def _dequantized_weights(quantized_model, names) -> dict:
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
+def _as_trained_model(adapter: Path, base_path: Path, trained: dict):
+    """The adapter on the same base as in training (4-bit for QLoRA), in eval mode."""
+    import torch
+    from peft import PeftModel
+
+    dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
+    base = load_base_model(base_path, trained, dtype, quantized=trained["method"] == "qlora")
+    return PeftModel.from_pretrained(base, adapter, is_trainable=False).eval()
+
+
+def load_as_trained(adapter: Path):
+    """The model exactly as ``edgeft train`` left it: the adapter on its recorded base (4-bit
+    NF4/FP4 for QLoRA), with the adapter's tokenizer. The base's weights must hash to the
+    sha256 recorded at training time.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelError: not an edgeft adapter, or its base is missing or changed.
+    """
+    from transformers import AutoTokenizer
+
+    adapter = Path(adapter)
+    record, _, _ = read_adapter(adapter)
+    recorded = record["inputs"]["base"]
+    recorded_path = Path(recorded["path"])
+    spec = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
+    base_model = resolve_base(spec if spec != DEFAULT_MODEL else None)
+    if base_model.weights_sha256 != recorded["weights_sha256"]:
+        raise ModelError(
+            f"the base model of adapter {adapter} changed since training (weights sha256 "
+            f"{base_model.weights_sha256[:12]} != {recorded['weights_sha256'][:12]})"
+        )
+    model = _as_trained_model(adapter, base_model.path, record["settings"])
+    return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
+
+
 def merge(
     adapter: Path,
     out: Path,
@@ -193,7 +231,6 @@ def merge(
         EdgeftError: a merged weight is not finite; bad settings.
     """
     import torch
-    from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
     if dtype not in KL_TOLERANCE:
@@ -224,7 +261,6 @@ def merge(
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
 
     train_dtype_name = trained.get("resolved_compute_dtype", "float32")
-    train_dtype = getattr(torch, train_dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     # The merge itself runs in fp32 on the CPU: exact, and no GPU memory needed.
     full = load_base_model(base_model.path, trained, torch.float32, quantized=False, device="cpu")
@@ -243,18 +279,14 @@ def merge(
             f"{recorded['weights_sha256'][:12]}); pass --base with that model"
         )
 
-    # The as-trained model: the adapter on the same base as in training (4-bit for QLoRA).
-    as_trained_base = load_base_model(
-        base_model.path, trained, train_dtype, quantized=method == "qlora"
-    )
-    as_trained = PeftModel.from_pretrained(as_trained_base, adapter, is_trainable=False).eval()
+    as_trained = _as_trained_model(adapter, base_model.path, trained)
     reference = model_logits(as_trained, rows)
     if merge_base == "dequantized":
         start = _dequantized_weights(as_trained.get_base_model(), lora)
     else:
         modules = dict(full.named_modules())
         start = {name: modules[name].weight.detach().float() for name in lora}
-    del as_trained, as_trained_base
+    del as_trained
 
     scales = {name: lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
     modules = dict(full.named_modules())

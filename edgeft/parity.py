@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Parity:
@@ -34,28 +36,35 @@ class Parity:
 
 
 def compare_logits(reference, candidate) -> Parity:
-    """Compare two ``[positions, vocab]`` logit arrays (torch tensors or numpy arrays).
+    """Compare two ``[positions, vocab]`` logit arrays (numpy arrays or torch tensors).
 
     KL is computed in float64 from log-softmax, so it stays accurate when the distributions
-    are nearly identical.
+    are nearly identical. numpy only, so that runtimes without torch can be measured.
     """
-    import torch
-
-    ref = torch.as_tensor(reference).to(torch.float64)
-    cand = torch.as_tensor(candidate).to(torch.float64)
+    ref, cand = _float64(reference), _float64(candidate)
     if ref.shape != cand.shape or ref.ndim != 2:
         raise ValueError(
             f"logit shapes differ or are not 2-D: {tuple(ref.shape)} vs {tuple(cand.shape)}"
         )
-    log_p = torch.log_softmax(ref, dim=-1)
-    log_q = torch.log_softmax(cand, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0)
+    log_p, log_q = _log_softmax(ref), _log_softmax(cand)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).clip(min=0)
     return Parity(
-        max_abs_diff=float((ref - cand).abs().max()),
+        max_abs_diff=float(np.abs(ref - cand).max()),
         mean_kl=float(kl.mean()),
-        top1_agreement=float((ref.argmax(-1) == cand.argmax(-1)).double().mean()),
+        top1_agreement=float((ref.argmax(-1) == cand.argmax(-1)).mean()),
         positions=int(ref.shape[0]),
     )
+
+
+def _float64(logits) -> np.ndarray:
+    if hasattr(logits, "detach"):  # a torch tensor
+        logits = logits.detach().float().cpu().numpy()
+    return np.asarray(logits, dtype=np.float64)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def model_logits(model, rows: Iterable[Sequence[int]]):
@@ -73,14 +82,13 @@ def model_logits(model, rows: Iterable[Sequence[int]]):
 
 def perplexity(logits, token_ids: Sequence[int]) -> float:
     """Perplexity of ``token_ids[1:]`` under ``logits[:-1]`` (``[n, vocab]``, one row per id)."""
-    import torch
-
-    scores = torch.as_tensor(logits).to(torch.float64)
-    targets = torch.as_tensor(list(token_ids)[1:], dtype=torch.long)
+    scores = _float64(logits)
+    targets = np.asarray(list(token_ids)[1:], dtype=np.int64)
     if scores.shape[0] != len(token_ids) or len(targets) == 0:
         raise ValueError(f"need one logit row per token and ≥2 tokens, got {tuple(scores.shape)}")
-    nll = -torch.log_softmax(scores[:-1], dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return float(nll.mean().exp())
+    log_probs = _log_softmax(scores[:-1])
+    nll = -log_probs[np.arange(len(targets)), targets]
+    return float(np.exp(nll.mean()))
 
 
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:

@@ -22,6 +22,7 @@ class TorchSession(HFTokenizing):
         self.eos_token_ids = frozenset(
             int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None
         )
+        self.n_ctx = getattr(model.config, "max_position_embeddings", None)
         self._past = None
         self._next_logits = None
 
@@ -104,14 +105,23 @@ class TorchRuntime:
         return True
 
     def load(self, artifact: Path, *, threads: int) -> TorchSession:
-        """Load a Hugging Face checkpoint directory (safetensors only, no remote code)."""
+        """Load a Hugging Face checkpoint directory (safetensors only, no remote code), or an
+        ``edgeft train`` adapter directory as trained (the adapter on its 4-bit base)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         artifact = Path(artifact)
-        if not (artifact / "config.json").is_file():
-            raise ModelError(f"{artifact} is not a Hugging Face checkpoint (no config.json)")
         torch.set_num_threads(threads)
+        if (artifact / "adapter_config.json").is_file():
+            from edgeft.merge import load_as_trained
+
+            model, tokenizer = load_as_trained(artifact)
+            return TorchSession(model, tokenizer)
+        if not (artifact / "config.json").is_file():
+            raise ModelError(
+                f"{artifact} is not a Hugging Face checkpoint (no config.json) or an edgeft "
+                "adapter (no adapter_config.json)"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
         ).eval()

@@ -1,0 +1,240 @@
+"""What ``edgeft bench`` is given: artifacts, the runtime each runs in, and their references.
+
+An artifact is a path, optionally followed by ``@RUNTIME``:
+
+* ``model-q4_k_m.gguf`` → llama.cpp;
+* an ONNX folder (``model.onnx``; ``genai_config.json`` beside it) → onnxruntime-genai, or
+  onnxruntime without a genai_config (``folder@onnxruntime`` picks it explicitly);
+* a Hugging Face checkpoint folder (``config.json`` + safetensors) → torch;
+* an ``edgeft train`` adapter folder → torch, the adapter on its 4-bit base as trained.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft._io import sha256_files
+from edgeft.errors import EdgeftError, ModelError
+from edgeft.runtimes import RUNTIMES
+
+# Which runtimes can run each format.
+FORMAT_RUNTIMES = {
+    "gguf": ("llama.cpp",),
+    "onnx": ("onnxruntime-genai", "onnxruntime"),
+    "hf": ("torch",),
+    "adapter": ("torch",),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache of one position costs, for bandwidth predictions."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    context: int | None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    path: Path
+    runtime: str
+    format: str
+    quant: str | None
+    files: tuple[Path, ...]  # the model's weight files (hashed and sized), tokenizer excluded
+    shape: ModelShape | None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def sha256(self) -> str:
+        return sha256_files(list(self.files))
+
+
+def split_runtime(spec: str) -> tuple[str, str | None]:
+    """``"path@runtime"`` → ``("path", "runtime")``; a path with no known runtime suffix is kept
+    whole (paths may contain ``@``)."""
+    head, sep, tail = str(spec).rpartition("@")
+    if sep and tail in RUNTIMES:
+        return head, tail
+    return str(spec), None
+
+
+def resolve_artifact(spec: str, runtime: str | None = None) -> Artifact:
+    """Identify an artifact's format, runtime, weight files and quantization.
+
+    Raises:
+        EdgeftError: missing path, not a known format, or a runtime that cannot run it.
+    """
+    raw, suffix = split_runtime(spec)
+    runtime = suffix or runtime
+    path = Path(raw)
+    if not path.exists():
+        raise EdgeftError(f"{path}: no such file or folder")
+    if path.is_file() and path.name.endswith(".onnx"):
+        path = path.parent
+    if path.is_file() and path.suffix == ".gguf":
+        fmt, files, quant, shape = "gguf", (path,), *_gguf_facts(path)
+    elif path.is_dir() and (path / "model.onnx").is_file():
+        fmt = "onnx"
+        files = tuple(sorted(p for p in path.iterdir() if p.name.startswith("model.onnx")))
+        quant, shape = _onnx_quant(path), _hf_shape(path / "config.json")
+        if runtime is None and not (path / "genai_config.json").is_file():
+            runtime = "onnxruntime"
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        fmt, quant, shape = "adapter", "as-trained", None
+        files = tuple(sorted(path.glob("adapter_model*.safetensors")))
+    elif path.is_dir() and (path / "config.json").is_file():
+        fmt = "hf"
+        files = tuple(sorted(path.glob("*.safetensors")))
+        if not files:
+            raise EdgeftError(
+                f"{path}: no .safetensors weights (pickled .bin checkpoints are not loaded); "
+                "re-save the model with safetensors"
+            )
+        config = _read_json(path / "config.json")
+        quant = _dtype_name(config.get("torch_dtype") or config.get("dtype"))
+        shape = _hf_shape(path / "config.json")
+    else:
+        raise EdgeftError(
+            f"{path}: not an artifact edgeft can benchmark; expected a .gguf file, an ONNX "
+            "folder (model.onnx), a Hugging Face checkpoint folder or an edgeft adapter folder"
+        )
+    runtime = runtime or FORMAT_RUNTIMES[fmt][0]
+    if runtime not in FORMAT_RUNTIMES[fmt]:
+        raise EdgeftError(
+            f"{path}: a {fmt} artifact cannot run in {runtime}; choose from: "
+            f"{', '.join(FORMAT_RUNTIMES[fmt])}"
+        )
+    if not files:
+        raise EdgeftError(f"{path}: no weight files found")
+    return Artifact(path.name, path, runtime, fmt, quant, files, shape)
+
+
+def unique_names(artifacts: list[Artifact]) -> list[Artifact]:
+    """Give every artifact a distinct row label: its file or folder name, prefixed by parent
+    folders (and suffixed by runtime) where two would otherwise read the same."""
+    from dataclasses import replace
+
+    def label(a: Artifact, depth: int) -> str:
+        return "/".join(a.path.resolve().parts[-depth:])
+
+    names = [a.name for a in artifacts]
+    for depth in (2, 3, 4):
+        if len(set(names)) == len(names):
+            break
+        names = [label(a, depth) if names.count(n) > 1 else n for a, n in _pairs(artifacts, names)]
+    if len(set(names)) < len(names):
+        names = [
+            f"{n}@{a.runtime}" if names.count(n) > 1 else n for a, n in _pairs(artifacts, names)
+        ]
+    if len(set(names)) < len(names):
+        raise EdgeftError(f"the same artifact is listed twice: {', '.join(sorted(names))}")
+    return [replace(a, name=n) for a, n in _pairs(artifacts, names)]
+
+
+def _pairs(artifacts, names):
+    return zip(artifacts, names, strict=True)
+
+
+def inferred_reference(artifact: Artifact) -> Path | None:
+    """The full-precision checkpoint an exported artifact was made from, read from the export's
+    ``edgeft.json`` (beside a GGUF file, or one folder above an ONNX folder), if it still
+    exists."""
+    if artifact.format == "hf":
+        return None
+    for folder in (artifact.path.parent, artifact.path):
+        record = folder / "edgeft.json"
+        if not record.is_file():
+            continue
+        try:
+            source = json.loads(record.read_text(encoding="utf-8"))["inputs"]["model"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        source = Path(source)
+        if (source / "config.json").is_file():
+            return source
+    return None
+
+
+def as_trained_adapter(reference: Path) -> Path | None:
+    """The adapter a merged checkpoint was made from (its ``edgeft.json``), if it still exists."""
+    try:
+        record = json.loads((reference / "edgeft.json").read_text(encoding="utf-8"))
+        adapter = Path(record["inputs"]["adapter"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return adapter if (adapter / "adapter_config.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def _dtype_name(dtype) -> str | None:
+    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    return names.get(str(dtype), str(dtype) if dtype else None)
+
+
+def _hf_shape(config_path: Path) -> ModelShape | None:
+    if not config_path.is_file():
+        return None
+    config = _read_json(config_path)
+    try:
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        return ModelShape(
+            layers=int(config["num_hidden_layers"]),
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            context=config.get("max_position_embeddings"),
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _onnx_quant(folder: Path) -> str | None:
+    """The folder's precision from its export record, else its name if it is one."""
+    from edgeft.export.onnx.quantize import ONNX_TYPES
+
+    record = folder.parent / "edgeft.json"
+    if record.is_file():
+        try:
+            for entry in json.loads(record.read_text(encoding="utf-8"))["results"]["folders"]:
+                if entry.get("folder") == folder.name:
+                    return str(entry["type"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return folder.name if folder.name in ONNX_TYPES else None
+
+
+def _gguf_facts(path: Path) -> tuple[str | None, ModelShape | None]:
+    from edgeft.export.gguf.reader import file_type_name, gguf_metadata
+
+    meta = gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    try:
+        heads = int(meta[f"{arch}.attention.head_count"])
+        shape = ModelShape(
+            layers=int(meta[f"{arch}.block_count"]),
+            kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(
+                meta.get(f"{arch}.attention.key_length")
+                or int(meta[f"{arch}.embedding_length"]) // heads
+            ),
+            context=meta.get(f"{arch}.context_length"),
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        shape = None
+    return file_type_name(meta), shape
