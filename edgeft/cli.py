@@ -511,8 +511,9 @@ def _add_demo(sub) -> None:
         "demo",
         help="the cooking-assistant case study on the embedded model",
         description="Fine-tune SmolLM2-135M-Instruct on the shipped cooking "
-        "dataset with QLoRA, merge it, and compare base vs fine-tuned on held-out "
-        "questions.",
+        "dataset with QLoRA, merge it, export it to GGUF (Q8_0, Q4_K_M) and ONNX (int8, "
+        "int4), and benchmark the base, the fine-tuned model and every export: held-out "
+        "questions, KL, perplexity, size, speed, memory.",
     )
     p.add_argument(
         "--out",
@@ -532,11 +533,12 @@ def _run_demo(args) -> int:
     print((args.out / "report.md").read_text(encoding="utf-8"))
     print(
         f"base accuracy {result.base_task.accuracy:.1%} → fine-tuned "
-        f"{result.tuned_task.accuracy:.1%}; everything written under {result.out.resolve()} "
-        "(report.md, demo.json, adapter/, merged/)"
+        f"{result.tuned_task.accuracy:.1%}; everything is under {result.out.resolve()} "
+        "(adapter/, merged/, gguf/, onnx/, bench/)"
     )
+    print(f"report: {(result.out / 'report.md').resolve()}")
+    print(f"benchmark report: {(result.out / 'bench' / 'report.html').resolve()}")
     return 0
-
 
 def _add_bench(sub) -> None:
     from edgeft.bench.harness import BenchSettings

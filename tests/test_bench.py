@@ -167,8 +167,13 @@ def test_depths_beyond_the_context_are_skipped_with_a_note(artifacts, tmp_path):
     settings = BenchSettings(
         threads=1, prompt_tokens=16, decode_tokens=4, depths=(0, 16, 2048), repeats=1, warmup=0
     )
+    # A parent holding 1 GB: the worker's peak RSS must be its own, not inherited through
+    # fork (ru_maxrss survives exec on Linux).
+    ballast = np.ones(125_000_000)
     results = bench([str(artifacts["gguf"])], tmp_path / "r", settings=settings, log=lambda _: None)
+    del ballast
     row = results["artifacts"][0]
+    assert row["latency"]["peak_rss_mb"] < 800
     assert [d["depth"] for d in row["latency"]["decode"]] == [0, 16]
     assert any("depth 2048 skipped" in note for note in row["notes"])
 

@@ -41,26 +41,53 @@ def test_contains_answer_normalizes_case_and_spaces():
     assert not contains_answer("Cook it to 145°F.", ["165°F", "74°C"])
 
 
-def test_report_shows_both_models(tmp_path):
+def test_report_shows_every_model(tmp_path):
+    import copy
+
+    from edgeft.bench.schema import example_results
     from edgeft.data import DataReport
-    from edgeft.demo import DemoResult, render_report
-    from edgeft.evaluate import TaskResult
+    from edgeft.demo import BASE, TUNED, DemoResult, render_report
     from edgeft.merge import MergeResult
     from edgeft.parity import Parity
     from edgeft.train import TrainResult
 
+    bench = example_results()
+    merged = bench["artifacts"][0]
+    base = copy.deepcopy(merged)
+    base["name"] = "smollm2-135m-instruct"
     reply = {"question": "Q?", "expected": "165°F", "topic": "t"}
-    base = TaskResult(1, 4, [{**reply, "reply": "no", "correct": False}] * 4)
-    tuned = TaskResult(3, 4, [{**reply, "reply": "165°F", "correct": True}] * 4)
+    base["accuracy"]["task"] = {
+        "accuracy": 0.25,
+        "correct": 1,
+        "total": 4,
+        "replies": [{**reply, "reply": "no", "correct": False}] * 4,
+    }
+    merged["accuracy"]["task"] = {
+        "accuracy": 0.75,
+        "correct": 3,
+        "total": 4,
+        "replies": [{**reply, "reply": "165°F", "correct": True}] * 4,
+    }
+    bench["artifacts"].insert(0, base)
+    labels = {
+        "smollm2-135m-instruct": BASE,
+        "merged": TUNED,
+        "model-q4_k_m.gguf": "GGUF Q4_K_M",
+        "broken.gguf": "GGUF broken",
+    }
     result = DemoResult(
         out=tmp_path,
         train=TrainResult(tmp_path, 0.5, 2.9, 0.1, 10, 60.0, 100.0, DataReport("d", rows=8), 2),
         merge=MergeResult(tmp_path, "dequantized", "fp32", Parity(1e-4, 1e-9, 1.0, 50), True, 14),
-        base_task=base,
-        tuned_task=tuned,
+        bench=bench,
+        labels=labels,
         seconds={"train": 60.0},
     )
     report = render_report(result)
-    assert "| base SmolLM2-135M-Instruct | 25.0% (1/4) | 2.900 |" in report
-    assert "75.0% (3/4) | 0.100 |" in report
+    assert result.base_task.accuracy == 0.25 and result.tuned_task.correct == 3
+    assert f"| {BASE} | torch | 25.0% (1/4) |" in report
+    assert f"| {TUNED} | torch | 75.0% (3/4) | 0.0000 | 100.0% |" in report
+    assert "| GGUF Q4_K_M | llama.cpp | 45.0% (30/67) | 0.1100 | 89.7% | 15.87 | 105.0 |" in report
+    assert "| GGUF broken | llama.cpp | failed: broken.gguf: not a GGUF file |" in report
+    assert "eval loss 2.900 → 0.100" in report
     assert "fine-tuned ✓: 165°F" in report

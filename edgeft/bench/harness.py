@@ -210,7 +210,7 @@ def _failed(error: str) -> dict:
 def _reference_list(
     artifacts: list[Artifact], references: list[Path] | None, as_trained: bool, log
 ) -> list[tuple[str, Path]]:
-    if references:
+    if references is not None:  # given, possibly none at all
         paths = [Path(p) for p in references]
     else:
         found = [p for p in (inferred_reference(a) for a in artifacts) if p is not None]
@@ -289,8 +289,8 @@ def bench(
 
     Args:
         artifact_specs: paths, each optionally ``PATH@RUNTIME``.
-        references: full-precision checkpoints (or adapters) to measure KL against; default:
-            the checkpoint the artifacts were exported from.
+        references: full-precision checkpoints (or adapters) to measure KL against; default
+            (``None``): the checkpoint the artifacts were exported from; ``[]``: none.
         as_trained: also compare against the adapter the reference was merged from, as trained.
         eval_path: text or JSONL for perplexity and KL (default: the shipped cooking text).
         task_path: held-out question JSONL (``question``, ``answers``) for task accuracy.
@@ -365,11 +365,20 @@ def bench(
             eval_ids = eval_ids or result["eval_ids"]
             ref_rows.append(ref)
 
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(artifacts), desc="bench", unit="model", disable=not progress)
+
+        def say(message: str) -> None:
+            bar.clear()
+            log(message)
+            bar.refresh()
+
         rows = []
         refs_spec = [{"name": r.name, "logits": str(r.logits)} for r in ref_rows]
         task_spec = [{"question": r.question, "answers": list(r.answers)} for r in task or []]
         for i, artifact in enumerate(artifacts, 1):
-            log(f"[{i}/{len(artifacts)}] {artifact.name} ({artifact.runtime})")
+            say(f"[{i}/{len(artifacts)}] {artifact.name} ({artifact.runtime})")
             latency_spec = {
                 "prompt_tokens": settings.prompt_tokens,
                 "decode_tokens": settings.decode_tokens,
@@ -391,8 +400,10 @@ def bench(
                 result = _run_worker(spec, work, f"artifact-{i}", settings.timeout_s)
             row = _artifact_row(artifact, result, profile, machine, ref_rows, budgets)
             rows.append(row)
-            log("  " + _one_line(row))
+            say("  " + _one_line(row))
             _keep_log(work / f"artifact-{i}.log", final / "logs" / f"{i:02d}.log")
+            bar.update()
+        bar.close()
 
         results = {
             "schema": SCHEMA,

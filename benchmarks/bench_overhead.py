@@ -1,0 +1,123 @@
+"""The bench harness's own overhead: its decode tok/s on a GGUF against a bare
+llama-cpp-python eval loop on the same file, measured in the same run.
+
+    python benchmarks/bench_overhead.py --gguf edgeft-demo/gguf/model-q4_k_m.gguf
+
+Both sides decode the same number of greedy tokens from a one-token context, with the same
+thread count, each in a fresh process; rounds alternate bare and harness so that a busy spell on
+a shared machine hits both. The harness side is ``edgeft bench`` itself (its worker process, its
+timing loop, the llama.cpp runtime). Writes ``results/bench_overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gguf_export import machine  # noqa: E402
+
+# The bare loop: what a user would write with llama-cpp-python's own API, no edgeft import.
+BARE = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+path, threads, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                      n_batch=512, verbose=False)
+bos = llm.token_bos()
+def run():
+    llm.reset()
+    llm.eval([bos])
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    return tokens / (time.perf_counter() - start)
+run()  # warm-up
+print(json.dumps([run() for _ in range(3)]))
+"""
+
+
+def bare(gguf: Path, threads: int, tokens: int) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", BARE, str(gguf), str(threads), str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def harness(gguf: Path, threads: int, tokens: int, work: Path, i: int) -> float:
+    from edgeft.bench import BenchSettings, bench
+
+    settings = BenchSettings(
+        threads=threads, prompt_tokens=16, decode_tokens=tokens, depths=(0,), repeats=3, warmup=1
+    )
+    results = bench(
+        [str(gguf)],
+        work / f"run-{i}",
+        references=[],
+        settings=settings,
+        progress=False,
+        log=lambda _: None,
+    )
+    (decode,) = results["artifacts"][0]["latency"]["decode"]
+    return decode["tok_s"]["median"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, default=Path("edgeft-demo/gguf/model-q4_k_m.gguf"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    runs: dict[str, list[float]] = {"bare llama-cpp-python loop": [], "edgeft bench": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.rounds):
+            runs["bare llama-cpp-python loop"].append(bare(args.gguf, args.threads, args.tokens))
+            runs["edgeft bench"].append(harness(args.gguf, args.threads, args.tokens, Path(tmp), i))
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    ratio = medians["edgeft bench"] / medians["bare llama-cpp-python loop"]
+    results = {
+        "machine": machine(),
+        "gguf": str(args.gguf),
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "rounds": runs,
+        "median_tok_s": medians,
+        "ratio": ratio,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Harness overhead: edgeft bench vs a bare llama-cpp-python loop",
+        "",
+        f"Machine: {results['machine']}. File: `{args.gguf.name}`; {args.threads} threads, "
+        f"{args.tokens} greedy tokens from a one-token context; {args.rounds} rounds, each the "
+        "median of 3 runs in a fresh process, rounds alternating. Reproduce: "
+        f"`python benchmarks/bench_overhead.py --gguf {args.gguf}`.",
+        "",
+        "| | decode tok/s (median of rounds) | rounds |",
+        "|---|---:|---|",
+    ]
+    for name, values in runs.items():
+        lines.append(f"| {name} | {medians[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    verdict = "within" if ratio >= 0.95 else "NOT within"
+    lines += ["", f"edgeft bench / bare loop: {ratio:.3f} ({verdict} 5%)."]
+    (args.out / "bench_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
