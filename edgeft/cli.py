@@ -540,6 +540,7 @@ def _run_demo(args) -> int:
     print(f"benchmark report: {(result.out / 'bench' / 'report.html').resolve()}")
     return 0
 
+
 def _add_bench(sub) -> None:
     from edgeft.bench.harness import BenchSettings
 
