@@ -121,8 +121,18 @@ def _add_train(sub) -> None:
         action="store_true",
         help="continue from the last checkpoint of an interrupted run",
     )
+    _add_allow_pickle(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_train)
+
+
+def _add_allow_pickle(p) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a base that has only pickled weights (pytorch_model.bin) with "
+        "torch.load(weights_only=True); off by default: edgeft does not unpickle",
+    )
 
 
 def _run_train(args) -> int:
@@ -142,6 +152,7 @@ def _run_train(args) -> int:
         resume=args.resume,
         force=args.force,
         progress=not args.quiet,
+        allow_pickle=args.allow_pickle,
     )
     report = result.data
     if report.skipped:
@@ -192,6 +203,7 @@ def _add_merge(sub) -> None:
         default=None,
         help="base model location if it moved (must hash to the recorded weights)",
     )
+    _add_allow_pickle(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_merge)
 
@@ -206,6 +218,7 @@ def _run_merge(args) -> int:
         dtype=args.dtype,
         base=args.base,
         force=args.force,
+        allow_pickle=args.allow_pickle,
     )
     verdict = "within tolerance" if result.gated else "reported (original base: not gated)"
     print(
@@ -690,6 +703,90 @@ def _run_devices(args) -> int:
     return 0
 
 
+def _add_package(sub) -> None:
+    from edgeft.package import TARGETS
+
+    p = sub.add_parser(
+        "package",
+        help="a bundle with a verified manifest for an Android/iOS/Linux app",
+        description="Bundle a GGUF file or an ONNX folder with its tokenizer, chat template, "
+        "generation defaults and manifest.json (every file's size and sha256, runtime and "
+        "minimum version, quantization recipe, provenance, bench figures, and a golden greedy "
+        "output for 'edgeft verify' and the app's own tests).",
+    )
+    p.add_argument("artifact", help="a .gguf file or an ONNX folder")
+    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--out", required=True, type=Path, help="bundle folder (or .zip with --zip)")
+    p.add_argument("--zip", action="store_true", help="write one .zip instead of a folder")
+    p.add_argument("--lora", action="append", type=Path, help="LoRA GGUF to ship (repeatable)")
+    p.add_argument(
+        "--bench", type=Path, help="a results.json of 'edgeft bench' holding this artifact's row"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(handler=_run_package)
+
+
+def _run_package(args) -> int:
+    from edgeft.package import package
+
+    path = package(
+        args.artifact,
+        args.out,
+        args.target,
+        lora=args.lora,
+        bench_results=args.bench,
+        make_zip=args.zip,
+        threads=args.threads,
+        force=args.force,
+    )
+    print(f"bundle written to {path.resolve()}; check it with: edgeft verify {path}")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a bundle's files and golden output",
+        description="Check a bundle (folder or .zip): manifest schema, every file's size and "
+        "sha256, no unlisted files, then load the model in its runtime and compare a greedy "
+        "generation with the golden output. Non-zero exit on any mismatch.",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--no-load", action="store_true", help="check files only")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from edgeft.package import verify
+
+    report = verify(args.bundle, threads=args.threads, load=not args.no_load)
+    golden = "" if args.no_load else f", golden output reproduced ({report.golden_tokens} tokens)"
+    print(f"{args.bundle}: {report.files} files match the manifest{golden}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="metadata, tensors, quant types and tokenizer of a GGUF, ONNX or safetensors file",
+    )
+    p.add_argument("file", type=Path, help=".gguf, .onnx (or its folder), .safetensors")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    import json
+
+    from edgeft.inspect import inspect_file, render_inspection
+
+    info = inspect_file(args.file)
+    print(json.dumps(info, indent=2, default=str) if args.json else render_inspection(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeft",
@@ -725,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub, parser_class)
     _add_bench(sub)
     _add_devices(sub)
+    _add_package(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
     _add_demo(sub)
     return parser
 

@@ -10,7 +10,6 @@ fine-tuning bought and what quantization cost.
 
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from edgeft._io import check_output, write_json, write_text
 from edgeft.evaluate import TaskResult, load_qa
 from edgeft.merge import MergeResult, merge
 from edgeft.models import DEFAULT_MODEL, resolve_base
-from edgeft.provenance import package_versions
+from edgeft.provenance import machine_summary, package_versions
 from edgeft.train import TrainResult, TrainSettings, train
 
 # Tuned on this machine kind (2 CPU cores) to finish in ~11 of the 15 minutes allowed: a high
@@ -87,22 +86,6 @@ class DemoResult:
 
 BASE = "base SmolLM2-135M-Instruct"
 TUNED = "fine-tuned (merged)"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_summary() -> str:
-    import os
-
-    return f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def _cell(value, fmt: str) -> str:

@@ -164,13 +164,19 @@ def _dequantized_weights(quantized_model, names) -> dict:
     return {k: v.to(torch.float32) for k, v in out.items()}
 
 
-def _as_trained_model(adapter: Path, base_path: Path, trained: dict):
+def _as_trained_model(adapter: Path, base_path: Path, trained: dict, allow_pickle: bool = False):
     """The adapter on the same base as in training (4-bit for QLoRA), in eval mode."""
     import torch
     from peft import PeftModel
 
     dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
-    base = load_base_model(base_path, trained, dtype, quantized=trained["method"] == "qlora")
+    base = load_base_model(
+        base_path,
+        trained,
+        dtype,
+        quantized=trained["method"] == "qlora",
+        allow_pickle=allow_pickle,
+    )
     return PeftModel.from_pretrained(base, adapter, is_trainable=False).eval()
 
 
@@ -210,6 +216,7 @@ def merge(
     dtype: OutDType = "fp32",
     base: str | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
 ) -> MergeResult:
     """Merge a LoRA/QLoRA adapter into full-precision weights and save a plain checkpoint.
 
@@ -221,6 +228,8 @@ def merge(
         dtype: dtype of the saved weights.
         base: override the base model location; its weights must hash to the recorded sha256.
         force: replace an existing ``out``.
+        allow_pickle: accept a base whose only weights are pickled (``pytorch_model.bin``),
+            read with ``torch.load(weights_only=True)``; off by default.
 
     Returns:
         A :class:`MergeResult` with the measured parity.
@@ -255,7 +264,7 @@ def merge(
     if base is None:
         recorded_path = Path(recorded["path"])
         base = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
-    base_model = resolve_base(base if base != DEFAULT_MODEL else None)
+    base_model = resolve_base(base if base != DEFAULT_MODEL else None, allow_pickle=allow_pickle)
     rows = read_parity_rows(adapter)
     if not rows:
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
@@ -263,7 +272,14 @@ def merge(
     train_dtype_name = trained.get("resolved_compute_dtype", "float32")
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     # The merge itself runs in fp32 on the CPU: exact, and no GPU memory needed.
-    full = load_base_model(base_model.path, trained, torch.float32, quantized=False, device="cpu")
+    full = load_base_model(
+        base_model.path,
+        trained,
+        torch.float32,
+        quantized=False,
+        device="cpu",
+        allow_pickle=allow_pickle,
+    )
     # Most specific message first: architecture, then shapes, then the exact weights.
     model_type = recorded.get("model_type")
     if model_type and full.config.model_type != model_type:
@@ -279,7 +295,7 @@ def merge(
             f"{recorded['weights_sha256'][:12]}); pass --base with that model"
         )
 
-    as_trained = _as_trained_model(adapter, base_model.path, trained)
+    as_trained = _as_trained_model(adapter, base_model.path, trained, allow_pickle)
     reference = model_logits(as_trained, rows)
     if merge_base == "dequantized":
         start = _dequantized_weights(as_trained.get_base_model(), lora)

@@ -28,6 +28,12 @@ _DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # "smollm" (like starcoder/refact in llama.cpp) splits every digit, then applies the GPT-2 regex.
 _GPT2_PRE_TOKENIZERS = {"smollm": True, "starcoder": True, "refact": True, "gpt2": False}
 
+# Weight files torch.load reads: pickles, which can run code when unpickled.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")
+# Entries one GGUF metadata array may hold before it is kept in memory: real vocabularies and
+# merge lists have at most a few hundred thousand.
+_MAX_GGUF_ARRAY = 1 << 22
+
 # GGUF token types (gguf.TokenType): these become special tokens, never split by BPE.
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -104,9 +110,17 @@ def read_export_config(model_dir: Path, supported, target: str) -> tuple[dict, s
     return config, architecture
 
 
-def weights_sha256(model_dir: Path) -> str:
-    """One sha256 over a checkpoint's safetensors files."""
+def pickled_weights(model_dir: Path) -> list[Path]:
+    """A checkpoint folder's pickled weight files (``pytorch_model.bin``, ``*.pt``, ``*.pth``)."""
+    return sorted({p for pattern in PICKLED_WEIGHTS for p in Path(model_dir).glob(pattern)})
+
+
+def weights_sha256(model_dir: Path, *, allow_pickle: bool = False) -> str:
+    """One sha256 over a checkpoint's safetensors files (its pickled weight files instead,
+    when it has no safetensors and ``allow_pickle``)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files and allow_pickle:
+        files = pickled_weights(model_dir)
     if not files:
         raise ModelError(
             f"{model_dir} has no *.safetensors weights; edgeft never unpickles "
@@ -115,15 +129,33 @@ def weights_sha256(model_dir: Path) -> str:
     return sha256_files(files)
 
 
-def resolve_base(spec: str | None) -> BaseModel:
+def _check_not_only_pickled(model_dir: Path) -> None:
+    """Refuse a checkpoint whose only weights are pickles, naming them and the way out."""
+    if any(Path(model_dir).glob("*.safetensors")):
+        return
+    pickled = pickled_weights(model_dir)
+    if pickled:
+        names = ", ".join(p.name for p in pickled[:3]) + (", ..." if len(pickled) > 3 else "")
+        raise ModelError(
+            f"{model_dir} has only pickled weights ({names}); edgeft never unpickles unless "
+            "asked: convert them to safetensors, or pass --allow-pickle to load them with "
+            "torch.load(weights_only=True)"
+        )
+
+
+def resolve_base(spec: str | None, *, allow_pickle: bool = False) -> BaseModel:
     """Turn ``--base`` into a local checkpoint directory.
 
     Args:
         spec: ``None`` or ``"smollm2-135m-instruct"`` for the embedded default, a local Hugging
             Face directory, or a hub id (downloaded only when the hub can be reached).
+        allow_pickle: accept a checkpoint whose only weights are pickled (``pytorch_model.bin``);
+            :func:`edgeft.train.load_base_model` then reads them with
+            ``torch.load(weights_only=True)``.
 
     Raises:
-        ModelError: the directory is not a checkpoint, or the hub id cannot be fetched.
+        ModelError: the directory is not a checkpoint, has only pickled weights and
+            ``allow_pickle`` is false, or the hub id cannot be fetched.
     """
     if spec is None or spec == DEFAULT_MODEL:
         path = default_model_dir()
@@ -135,26 +167,31 @@ def resolve_base(spec: str | None) -> BaseModel:
                 f"{local} is not a Hugging Face checkpoint (no config.json); pass a "
                 f"model directory, a hub id, or {DEFAULT_MODEL!r}"
             )
-        return BaseModel(local.resolve(), str(local), weights_sha256(local))
+        if not allow_pickle:
+            _check_not_only_pickled(local)
+        return BaseModel(
+            local.resolve(), str(local), weights_sha256(local, allow_pickle=allow_pickle)
+        )
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise ModelError(
             f"base model {spec!r} not found: pass a local directory, a hub id like "
             f"'{_DEFAULT_HUB_ID}', or {DEFAULT_MODEL!r}"
         )
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    if allow_pickle:
+        patterns += ["pytorch_model*.bin"]
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(
-            snapshot_download(
-                spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-            )
-        )
+        path = Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as exc:  # hub errors come in many types; the message is what matters
         raise ModelError(
             f"cannot download {spec!r} from the hub ({type(exc).__name__}); "
             "without network access pass a local model directory"
         ) from exc
-    return BaseModel(path, spec, weights_sha256(path))
+    if not allow_pickle:
+        _check_not_only_pickled(path)
+    return BaseModel(path, spec, weights_sha256(path, allow_pickle=allow_pickle))
 
 
 def default_model_dir() -> Path:
@@ -173,11 +210,15 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
     """Convert a llama-family GGUF to a Hugging Face checkpoint with a corrected tokenizer.
 
     Weights are dequantized to fp32 by transformers' GGUF reader; the tokenizer comes from
-    :func:`tokenizer_from_gguf`.
+    :func:`tokenizer_from_gguf`. The file's header is bounds-checked first: gguf's own reader,
+    which transformers uses, can hang or over-allocate on a damaged file.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from edgeft.export.gguf.reader import read_gguf
+
+    read_gguf(gguf_path)
     tokenizer = tokenizer_from_gguf(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -208,19 +249,26 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
 
 
 def _gguf_fields(gguf_path: Path) -> dict:
-    from gguf import GGUFReader
+    """The tokenizer metadata (vocabulary and merges included), the architecture and the
+    context length of a GGUF, through edgeft's bounds-checked reader (gguf's GGUFReader can
+    hang on a crafted 43-byte file)."""
+    from edgeft.export.gguf.reader import read_gguf
 
-    reader = GGUFReader(gguf_path)
-    fields = {}
-    for key, field in reader.fields.items():
-        if not (
-            key.startswith("tokenizer.")
-            or key == "general.architecture"
-            or key.endswith(".context_length")
-        ):
-            continue
-        fields[key] = field.contents()
-    return fields
+    # First without arrays: a damaged header fails, and oversized arrays are refused, before
+    # any array is kept in memory.
+    for key, count in read_gguf(gguf_path).array_lengths.items():
+        if count > _MAX_GGUF_ARRAY:
+            raise ModelError(
+                f"{gguf_path}: {key} holds {count} entries; more than any real tokenizer"
+            )
+    metadata = read_gguf(gguf_path, keep_arrays=True).metadata
+    return {
+        key: value
+        for key, value in metadata.items()
+        if key.startswith("tokenizer.")
+        or key == "general.architecture"
+        or key.endswith(".context_length")
+    }
 
 
 def tokenizer_from_gguf(gguf_path: Path):

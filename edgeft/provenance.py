@@ -95,3 +95,21 @@ def read_record(directory: Path, stage: str | None = None) -> dict:
             f"{path}: expected the output of 'edgeft {stage}', found stage {record.get('stage')!r}"
         )
     return record
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """One line naming the machine: CPU, cores, system."""
+    import os
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"

@@ -150,20 +150,31 @@ def bnb_config(settings: dict, compute_dtype):
 
 
 def load_base_model(
-    path: Path, settings: dict, compute_dtype, *, quantized: bool, device: str | None = None
+    path: Path,
+    settings: dict,
+    compute_dtype,
+    *,
+    quantized: bool,
+    device: str | None = None,
+    allow_pickle: bool = False,
 ):
     """Load the base model as training sees it: 4-bit for QLoRA, ``compute_dtype`` for LoRA.
 
-    Weights are read from safetensors only (no pickle) and remote code never runs.
+    Weights are read from safetensors only and remote code never runs. With ``allow_pickle``
+    a checkpoint that has only pickled weights (``pytorch_model.bin``) is read too, through
+    transformers' ``torch.load(..., weights_only=True)`` (its default, left as is), which
+    refuses pickles that hold anything but tensors and plain containers.
 
     Args:
         device: ``"cpu"`` or ``"cuda"``; default: this process's GPU if there is one.
+        allow_pickle: read pickled weights when the folder has no safetensors.
     """
     from transformers import AutoModelForCausalLM
 
+    pickled_only = allow_pickle and not any(Path(path).glob("*.safetensors"))
     kwargs = {
         "dtype": compute_dtype,
-        "use_safetensors": True,
+        "use_safetensors": not pickled_only,
         "trust_remote_code": False,
         "device_map": {"": device} if device else _device_map(),
     }
@@ -202,6 +213,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> TrainResult:
     """Fine-tune ``base`` on a JSONL dataset and write a PEFT adapter directory to ``out``.
 
@@ -215,6 +227,8 @@ def train(
         resume: continue from the last checkpoint in ``<out>.partial``.
         force: replace an existing ``out``.
         progress: show progress bars.
+        allow_pickle: accept a base whose only weights are pickled (``pytorch_model.bin``),
+            read with ``torch.load(weights_only=True)``; off by default.
 
     Returns:
         A :class:`TrainResult`.
@@ -235,7 +249,7 @@ def train(
     if resume and not any(checkpoints.glob("checkpoint-*")):
         raise EdgeftError(f"nothing to resume: no checkpoint under {checkpoints}")
     transformers.set_seed(settings.seed)
-    base_model: BaseModel = resolve_base(base)
+    base_model: BaseModel = resolve_base(base, allow_pickle=allow_pickle)
 
     from transformers import AutoTokenizer
 
@@ -256,7 +270,13 @@ def train(
 
     compute_dtype = resolve_compute_dtype(settings.compute_dtype)
     quantized = settings.method == "qlora"
-    model = load_base_model(base_model.path, asdict(settings), compute_dtype, quantized=quantized)
+    model = load_base_model(
+        base_model.path,
+        asdict(settings),
+        compute_dtype,
+        quantized=quantized,
+        allow_pickle=allow_pickle,
+    )
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
@@ -375,6 +395,7 @@ def train(
                     "resolved_compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "device": "cuda" if on_gpu else "cpu",
                     "world_size": trainer.args.world_size,
+                    "allow_pickle": allow_pickle,
                 },
                 results={
                     "train_loss": train_loss,

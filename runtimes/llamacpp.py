@@ -7,6 +7,7 @@ runtime uses, so the two runtimes see the same token ids for the same question.
 from __future__ import annotations
 
 import ctypes
+import re
 import weakref
 from collections.abc import Sequence
 from functools import cached_property
@@ -19,7 +20,9 @@ from edgeft.runtimes import generate
 
 # ggml log levels (ggml.h): only errors are kept, to name the cause in edgeft's one-line errors.
 _LOG_ERROR, _LOG_CONT = 4, 5
-_log_state: dict = {"callback": None, "level": 0, "errors": []}
+_log_state: dict = {"callback": None, "level": 0, "errors": [], "tensor": None}
+# llama.cpp's quantizer announces each tensor as "[   3/  30]   blk.0.attn_q.weight - [...]".
+_QUANT_PROGRESS = re.compile(rb"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[")
 
 
 def quiet_logs() -> None:
@@ -33,6 +36,9 @@ def quiet_logs() -> None:
     def log(level: int, text: bytes, _user_data) -> None:
         if level != _LOG_CONT:
             _log_state["level"] = level
+        progress = _QUANT_PROGRESS.match(text)
+        if progress:  # the tensor being quantized, to name it if quantizing fails
+            _log_state["tensor"] = progress[1].decode("utf-8", errors="replace")
         if _log_state["level"] == _LOG_ERROR:
             _log_state["errors"].append(text.decode("utf-8", errors="replace"))
             del _log_state["errors"][:-20]
@@ -46,6 +52,12 @@ def take_log_errors() -> str:
     text = " ".join(line.strip() for line in _log_state["errors"] if line.strip())
     _log_state["errors"].clear()
     return text
+
+
+def take_log_tensor() -> str | None:
+    """The tensor llama.cpp's quantizer last announced since the last call, if any."""
+    tensor, _log_state["tensor"] = _log_state["tensor"], None
+    return tensor
 
 
 # Default context: the model's trained length, capped so that long-context models do not
@@ -266,6 +278,10 @@ def _sandboxed_template(source: str):
 
 
 def _check_gguf(path: Path) -> None:
+    """Refuse a file that is not a GGUF, or whose header does not fit the file, before
+    llama.cpp reads it: the header is read by edgeft's bounds-checked reader first."""
+    from edgeft.export.gguf.reader import read_gguf
+
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -273,6 +289,11 @@ def _check_gguf(path: Path) -> None:
         raise ModelError(f"cannot read {path} ({exc.strerror}); pass a .gguf model file") from exc
     if magic != b"GGUF":
         raise ModelError(f"{path} is not a GGUF file; pass a .gguf model file")
+    try:
+        read_gguf(path)
+    except ModelError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise ModelError(f"cannot read {path}: {reason}") from None
 
 
 def _trained_context_length(path: Path) -> int:

@@ -252,11 +252,13 @@ def _ortvalue(array: np.ndarray):
     return OrtValue.ortvalue_from_numpy(array)
 
 
-def _shares_buffer(model: Path) -> bool:
+def _shares_buffer(model: Path, proto=None) -> bool:
     """Whether the graph's attention is GroupQueryAttention, which can write each step's
     positions into a preallocated past buffer. The graph is read without its weights' external
-    data; without the onnx package, genai_config.json's ``past_present_share_buffer`` answers
-    when it describes this graph."""
+    data (or ``proto``, already read so); without the onnx package, genai_config.json's
+    ``past_present_share_buffer`` answers when it describes this graph."""
+    if proto is not None:
+        return any(node.op_type == "GroupQueryAttention" for node in proto.graph.node)
     try:
         import onnx
     except ImportError:
@@ -274,6 +276,33 @@ def _shares_buffer(model: Path) -> bool:
     except (DecodeError, OSError, ValueError):  # e.g. an ORT-format file: run it unshared
         return False
     return any(node.op_type == "GroupQueryAttention" for node in graph.node)
+
+
+def checked_graph(model: Path, runtime: str):
+    """``model`` read without its external data, every external-data location checked to be a
+    file inside its folder, before a runtime lets onnxruntime read it; None when it is not a
+    protobuf graph at all (onnxruntime then refuses it with its own message).
+
+    Raises:
+        ModelError: an initializer's external data points outside the folder or is missing,
+            or the onnx package (needed for the check) is not installed.
+    """
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError as exc:
+        raise ModelError(
+            f"the {runtime} runtime checks where a model's external data lies with the onnx "
+            "package: pip install 'edgeft[onnx]'"
+        ) from exc
+    from edgeft.export.onnx.export import check_external_data
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return None
+    check_external_data(model.parent, model.name, proto)
+    return proto
 
 
 def _model_path(artifact: Path) -> Path:
@@ -312,6 +341,9 @@ class OnnxRuntime:
 
         model = _model_path(Path(artifact))
         folder = model.parent
+        proto = checked_graph(model, self.name)
+        share_buffer = _shares_buffer(model, proto)
+        del proto  # the graph's inline weights: not held while onnxruntime loads its own copy
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -349,7 +381,7 @@ class OnnxRuntime:
             model,
             eos_token_ids(folder, tokenizer),
             n_ctx,
-            share_buffer=_shares_buffer(model),
+            share_buffer=share_buffer,
         )
 
 

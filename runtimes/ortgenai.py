@@ -184,6 +184,7 @@ class GenaiRuntime:
             raise ModelError(
                 f"{source} is not a usable genai config ({exc!r}); write it again"
             ) from exc
+        _check_model_files(folder, source, genai)
         options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         try:
             config = og.Config(str(folder))
@@ -198,6 +199,24 @@ class GenaiRuntime:
             ) from exc
         eos = eos if isinstance(eos, list) else [eos]
         return GenaiSession(model, tokenizer, folder, [int(e) for e in eos], n_ctx)
+
+
+def _check_model_files(folder: Path, source: Path, genai: dict) -> None:
+    """Every model file genai_config.json names, and the external data of each ONNX one, must
+    lie inside the folder: checked before onnxruntime-genai opens any of them.
+
+    Raises:
+        ModelError: a file outside the folder or missing.
+    """
+    from edgeft.export.onnx.export import external_data_path
+    from edgeft.inspect import genai_model_files
+    from edgeft.runtimes.onnxrt import checked_graph
+
+    model = genai.get("model")
+    for name in genai_model_files(model if isinstance(model, dict) else {}, source):
+        path = external_data_path(folder, name, source, "a model 'filename'")
+        if path.suffix == ".onnx":
+            checked_graph(path, GenaiRuntime.name)
 
 
 RUNTIME = GenaiRuntime()

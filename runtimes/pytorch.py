@@ -122,6 +122,15 @@ class TorchRuntime:
                 f"{artifact} is not a Hugging Face checkpoint (no config.json) or an edgeft "
                 "adapter (no adapter_config.json)"
             )
+        if not any(artifact.glob("*.safetensors")):
+            from edgeft.models import pickled_weights
+
+            pickled = ", ".join(p.name for p in pickled_weights(artifact)[:3])
+            found = f"only pickled weights ({pickled})" if pickled else "no *.safetensors weights"
+            raise ModelError(
+                f"{artifact} has {found}; edgeft does not unpickle: convert the checkpoint "
+                "to safetensors (save_pretrained(..., safe_serialization=True))"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
         ).eval()

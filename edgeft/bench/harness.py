@@ -143,14 +143,14 @@ def read_eval_text(path: Path | None) -> str:
 
 
 def machine_facts() -> dict:
-    from edgeft.demo import machine_summary
+    from edgeft.provenance import cpu_name
 
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         ram = None
     return {
-        "cpu": machine_summary(),
+        "cpu": cpu_name(),
         "cores": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
@@ -324,17 +324,20 @@ def bench(
     threads = settings.threads
     if device:
         from edgeft.devices import get_profile
-        from edgeft.devices.emulate import measure_host_bandwidth, plan_emulation
+        from edgeft.devices.emulate import plan_emulation
 
         profile = get_profile(device)
         budgets = budgets.over(Budgets(**asdict(profile.budgets)))
-        machine["bandwidth_gbs"] = measure_host_bandwidth()
         if not remote:
             emulation = plan_emulation(profile, requested_threads=settings.threads)
             threads = emulation.threads
         unsupported = [a.name for a in artifacts if a.runtime not in profile.runtimes]
         if unsupported:
             log(f"note: {profile.name} does not list the runtime of: {', '.join(unsupported)}")
+    from edgeft.devices.emulate import measure_host_bandwidth
+
+    # Context for every speed figure, and the host side of device predictions.
+    machine["bandwidth_gbs"] = round(measure_host_bandwidth(), 1)
     if remote:
         from edgeft.devices.remote import parse_remote
 
@@ -398,7 +401,7 @@ def bench(
                 result = _run_remote(transport, artifact, spec, work, i, settings)
             else:
                 result = _run_worker(spec, work, f"artifact-{i}", settings.timeout_s)
-            row = _artifact_row(artifact, result, profile, machine, ref_rows, budgets)
+            row = _artifact_row(artifact, result, profile, machine, ref_rows, budgets, remote)
             rows.append(row)
             say("  " + _one_line(row))
             _keep_log(work / f"artifact-{i}.log", final / "logs" / f"{i:02d}.log")
@@ -483,7 +486,7 @@ def _run_remote(transport, artifact: Artifact, spec: dict, work: Path, i: int, s
     return result
 
 
-def _artifact_row(artifact, result, profile, machine, references, budgets) -> dict:
+def _artifact_row(artifact, result, profile, machine, references, budgets, remote) -> dict:
     row = {
         "name": artifact.name,
         "path": str(artifact.path),
@@ -517,7 +520,7 @@ def _artifact_row(artifact, result, profile, machine, references, budgets) -> di
             entry["roofline_tok_s"] = roofline_decode_tok_s(
                 profile.memory_bandwidth_gbs, artifact.size_bytes, kv, entry["depth"]
             )
-            if machine.get("bandwidth_gbs"):
+            if machine.get("bandwidth_gbs") and not remote:  # remote figures are the device's
                 entry["predicted_tok_s"] = scaled_decode_tok_s(
                     entry["tok_s"]["median"], machine["bandwidth_gbs"], profile.memory_bandwidth_gbs
                 )

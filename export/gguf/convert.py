@@ -59,6 +59,7 @@ class _StoredTensor:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    name: str = ""
 
 
 def _safetensors_index(model_dir: Path) -> dict[str, _StoredTensor]:
@@ -70,8 +71,11 @@ def _safetensors_index(model_dir: Path) -> dict[str, _StoredTensor]:
         ]
         hint = f" (found {', '.join(pickled)}: edgeft does not unpickle)" if pickled else ""
         raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
+    from edgeft.inspect import inspect_safetensors
+
     index: dict[str, _StoredTensor] = {}
     for path in files:
+        inspect_safetensors(path)  # every field type, offset and length checked against the file
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -104,16 +108,27 @@ def _safetensors_index(model_dir: Path) -> dict[str, _StoredTensor]:
                 raise ModelError(
                     f"{path}: tensor {name} has inconsistent size or lies past the end"
                 )
-            index[name] = _StoredTensor(path, dtype, shape, data_start + begin, end - begin)
+            index[name] = _StoredTensor(path, dtype, shape, data_start + begin, end - begin, name)
     return index
 
 
 def _read_f32(stored: _StoredTensor) -> np.ndarray:
+    """One tensor as fp32, checked finite: every exporter reads weights through here.
+
+    Raises:
+        ModelError: the tensor holds NaN or inf (named, with its file).
+    """
     dtype, to_f32 = _SAFETENSORS_DTYPES[stored.dtype]
     with open(stored.file, "rb") as f:
         f.seek(stored.offset)
         data = np.fromfile(f, dtype=dtype, count=stored.nbytes // np.dtype(dtype).itemsize)
-    return to_f32(data).reshape(stored.shape)
+    data = to_f32(data).reshape(stored.shape)
+    if not np.isfinite(data).all():
+        raise ModelError(
+            f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); the "
+            "checkpoint is corrupt: re-run the stage that wrote it"
+        )
+    return data
 
 
 def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -285,10 +300,20 @@ def _lazy(stored: _StoredTensor, transform, out_type: OutType):
     meta = LazyNumpyTensor.meta_with_dtype_and_shape(meta_dtype, shape)
 
     def load() -> np.ndarray:
-        data = transform(_read_f32(stored))
-        if not np.isfinite(data).all():
-            raise ModelError(f"{stored.file}: tensor has non-finite values (NaN or inf)")
-        return _cast(out_type, data)[0]
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            data = _cast(out_type, transform(_read_f32(stored)))[0]  # _read_f32: finite input
+        # Finite fp32 values beyond the target's range become inf: F16 tops out at 65504.
+        overflow = (
+            not np.isfinite(data).all()
+            if data.dtype != np.uint8
+            else ((data.view("<u2") & 0x7F80) == 0x7F80).any()  # BF16 bytes: exponent all ones
+        )
+        if overflow:
+            raise ModelError(
+                f"{stored.file}: tensor {stored.name} overflows {out_type.upper()} (values beyond "
+                "its range); export f32 instead"
+            )
+        return data
 
     raw_dtype = None if (out_type != "bf16" or ndim < 2) else gguf.GGMLQuantizationType.BF16
     return LazyNumpyTensor(meta=meta, func=load), raw_dtype

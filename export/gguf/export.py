@@ -20,7 +20,7 @@ from edgeft._io import atomic_dir, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
-from edgeft.export.gguf.quantize import QUANTIZED_TYPES, quantize
+from edgeft.export.gguf.quantize import QUANTIZED_TYPES, check_finite, quantize
 from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
 from edgeft.fidelity import (
     GREEDY_PROMPT,
@@ -402,6 +402,7 @@ def _requantize(
             "rounding error: export from the full-precision checkpoint, or pass "
             "--allow-requantize"
         )
+    check_finite(source)  # a NaN in the source would only be rounded into every output
     with atomic_dir(out, force) as work:
         timings = {}
         for quant in types:

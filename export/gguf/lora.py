@@ -106,8 +106,14 @@ def _write_lora(path: Path, spec, config: dict, lora: dict, lora_type: str, meta
             elif spec.architecture.permute_qk and module.endswith("k_proj"):
                 b = permute_rotary(b, spec.n_head_kv)
             base_name = _gguf_name(names, module)
-            writer.add_tensor(f"{base_name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
-            writer.add_tensor(f"{base_name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
+            a, b = np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise ModelError(
+                    f"adapter module {module}: lora_A/lora_B have non-finite values in "
+                    f"{lora_type} (NaN, inf or overflow); the adapter is corrupt"
+                )
+            writer.add_tensor(f"{base_name}.lora_a", a)
+            writer.add_tensor(f"{base_name}.lora_b", b)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

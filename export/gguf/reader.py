@@ -8,7 +8,7 @@ a huge allocation or a crash. Arrays (the vocabulary, merges) are skipped unless
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.errors import ModelError
@@ -50,6 +50,8 @@ class GGUFInfo:
     metadata: dict
     tensors: list[TensorInfo]
     data_offset: int
+    # key → element count of every array value (the vocabulary's size without reading it)
+    array_lengths: dict[str, int] = field(default_factory=dict)
 
     def tensor_type_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -61,13 +63,21 @@ class GGUFInfo:
 class _Cursor:
     def __init__(self, path: Path, f, size: int) -> None:
         self.path, self.f, self.size = path, f, size
+        self.array_length = 0  # element count of the last array read
 
-    def take(self, n: int, what: str) -> bytes:
+    def _check(self, n: int, what: str) -> None:
         if n < 0 or self.f.tell() + n > self.size:
             raise ModelError(
                 f"{self.path}: {what} runs past the end of the file (truncated or damaged GGUF)"
             )
+
+    def take(self, n: int, what: str) -> bytes:
+        self._check(n, what)
         return self.f.read(n)
+
+    def skip(self, n: int, what: str) -> None:
+        self._check(n, what)
+        self.f.seek(n, 1)
 
     def unpack(self, fmt: str, what: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
@@ -86,12 +96,13 @@ class _Cursor:
             return self.string(what)
         if kind == _ARRAY:
             item_kind = self.unpack("I", what)
-            count = self.unpack("Q", what)
+            count = self.array_length = self.unpack("Q", what)
             if item_kind in _SCALARS:
                 width = struct.calcsize(_SCALARS[item_kind])
-                raw = self.take(count * width, what)
-                if not keep_arrays:
+                if not keep_arrays:  # checked and skipped, never read into memory
+                    self.skip(count * width, what)
                     return None
+                raw = self.take(count * width, what)
                 return list(struct.unpack(f"<{count}{_SCALARS[item_kind]}", raw))
             if item_kind == _STRING:
                 if count > self.size:  # each string needs at least its 8-byte length
@@ -127,11 +138,13 @@ def read_gguf(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
         n_kv = cur.unpack("Q", "metadata count")
         if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
             raise ModelError(f"{path}: absurd counts ({n_tensors} tensors, {n_kv} keys)")
-        metadata = {}
+        metadata, array_lengths = {}, {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             kind = cur.unpack("I", f"type of {key}")
             value = cur.value(kind, f"value of {key}", keep_arrays)
+            if kind == _ARRAY:
+                array_lengths[key] = cur.array_length
             if value is not None or keep_arrays:
                 metadata[key] = value
         alignment = metadata.get("general.alignment", 32)
@@ -163,7 +176,7 @@ def read_gguf(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
             raise ModelError(
                 f"{path}: tensor {info.name} lies past the end of the file (truncated GGUF)"
             )
-    return GGUFInfo(version, metadata, infos, data_offset)
+    return GGUFInfo(version, metadata, infos, data_offset, array_lengths)
 
 
 def gguf_metadata(path: Path) -> dict:

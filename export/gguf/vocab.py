@@ -375,8 +375,10 @@ def check_token_ids(hf_tokenizer, gguf_path: Path, texts: Sequence[str]) -> Toke
     """
     import llama_cpp
 
+    from edgeft.export.gguf.reader import read_gguf
     from edgeft.runtimes.llamacpp import quiet_logs
 
+    read_gguf(gguf_path)  # bounds-checked before llama.cpp reads it
     quiet_logs()
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, n_ctx=64, verbose=False)
     try:

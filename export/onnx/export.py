@@ -147,9 +147,35 @@ def _save(model, folder: Path) -> None:
     )
 
 
-def check_external_data(folder: Path) -> None:
-    """Every external-data location of ``folder/model.onnx`` must be a plain file name inside
+def external_data_path(folder: Path, location: str, source: Path, what: str) -> Path:
+    """The file a model-relative ``location`` names, if it is a relative path inside ``folder``
+    (no absolute path, no ``..``, no backslash) to an existing file.
+
+    Raises:
+        ModelError: ``source`` (the file holding the location, for the message) names a file
+            outside the folder, or one that is missing.
+    """
+    path = Path(location)
+    if (
+        not location
+        or path.is_absolute()
+        or ".." in path.parts
+        or "\\" in location
+        or not (folder / path).is_file()
+    ):
+        raise ModelError(
+            f"{source}: {what} points to {location!r}, outside the folder or missing; "
+            "model files must lie inside the model folder"
+        )
+    return folder / path
+
+
+def check_external_data(folder: Path, model_file: str = MODEL_FILE, model=None) -> None:
+    """Every external-data location of ``folder/model_file`` must be a relative path inside
     the folder (no absolute paths, no ``..``), and the file must exist.
+
+    Args:
+        model: the graph already loaded (without external data), to avoid reading it twice.
 
     Raises:
         ModelError: a location escapes the folder or is missing.
@@ -157,16 +183,37 @@ def check_external_data(folder: Path) -> None:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    source = folder / model_file
+    if model is None:
+        model = onnx.load(str(source), load_external_data=False)
     for tensor in model.graph.initializer:
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
-        path = Path(location)
-        if path.is_absolute() or ".." in path.parts or not (folder / path).is_file():
+        try:
+            location = ExternalDataInfo(tensor).location
+        except ValueError as exc:
+            raise ModelError(f"{source}: tensor {tensor.name}: bad external data ({exc})") from None
+        external_data_path(folder, location, source, f"the external data of tensor {tensor.name}")
+
+
+def check_finite_initializers(model, where: Path) -> None:
+    """Raise unless every float initializer of an in-memory graph is finite.
+
+    Raises:
+        ModelError: an initializer holds NaN or inf (named, with the folder it was made for).
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in floats:
+            continue
+        values = numpy_helper.to_array(tensor).astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
             raise ModelError(
-                f"{folder / MODEL_FILE}: tensor {tensor.name} points to external data "
-                f"{location!r} outside the folder or missing"
+                f"{where}: tensor {tensor.name} has non-finite values (NaN or inf) after "
+                f"conversion to {where.name}; nothing was written"
             )
 
 
@@ -200,6 +247,11 @@ GRAPHS = ("fused", "optimum")
 def _export_fp32(model: Path, folder: Path, graph: str) -> None:
     """The fp32 decoder: edgeft's fused graph, or optimum-onnx's trace."""
     if graph == "optimum":
+        from edgeft.export.gguf.convert import _read_f32, _safetensors_index
+
+        # NaN or inf weights fail here, named; the fused graph reads each through _read_f32.
+        for stored in _safetensors_index(model).values():
+            _read_f32(stored)
         _optimum_export(model, folder)
         return
     from edgeft.export.onnx.graph import build_fused_graph
@@ -260,10 +312,13 @@ def _make_folder(
     """Write the ``quant`` folder from the fp32 export. ``calibrate(bits by module)`` returns
     GPTQ's 4-bit weights by module, for the int4 folder."""
     if quant == "fp16":
-        _save(to_fp16(_load(fp32)), folder)
+        model = to_fp16(_load(fp32))
+        check_finite_initializers(model, folder)
+        _save(model, folder)
     elif quant == "int8-dynamic":
         folder.mkdir(parents=True, exist_ok=True)
         dynamic_int8(fp32 / MODEL_FILE, folder / MODEL_FILE)
+        check_finite_initializers(_load(folder), folder)
     else:  # int8, int4: weight-only
         model = _load(fp32)
         fold_transposed_weights(model)
@@ -278,6 +333,7 @@ def _make_folder(
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         pack_qkv(model)
+        check_finite_initializers(model, folder)
         _save(model, folder)
     _companions(fp32, folder)
 

@@ -1,0 +1,616 @@
+"""``edgeft inspect``: what is inside a GGUF, ONNX or safetensors file, read without trusting it.
+
+Only headers and tables are read, every length checked against the file before it is used;
+no tensor data is loaded and nothing is unpickled. A damaged or crafted file is a
+:class:`~edgeft.errors.ModelError` naming the file and the field, never a crash, a hang or a
+huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from edgeft.errors import ModelError
+
+# Suffixes of pickled checkpoints: refused by name, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SUPPORTED = ".gguf, .onnx (or a folder holding model.onnx), .safetensors"
+ONNX_MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+
+# safetensors' own limit on the JSON header (safetensors/src/tensor.rs MAX_HEADER_SIZE).
+SAFETENSORS_MAX_HEADER = 100_000_000
+# A protobuf message cannot exceed 2 GiB; a larger model.onnx is not a graph onnx can parse.
+ONNX_MAX_PROTO = 2 << 30
+# genai_config.json is a few kilobytes; anything far larger is not one.
+GENAI_MAX_BYTES = 1 << 20
+
+# safetensors dtype → bits per element.
+SAFETENSORS_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+# ONNX TensorProto data type name → bits per element (STRING has no fixed size).
+ONNX_BITS = {
+    "FLOAT": 32,
+    "UINT8": 8,
+    "INT8": 8,
+    "UINT16": 16,
+    "INT16": 16,
+    "INT32": 32,
+    "INT64": 64,
+    "BOOL": 8,
+    "FLOAT16": 16,
+    "DOUBLE": 64,
+    "UINT32": 32,
+    "UINT64": 64,
+    "COMPLEX64": 64,
+    "COMPLEX128": 128,
+    "BFLOAT16": 16,
+    "FLOAT8E4M3FN": 8,
+    "FLOAT8E4M3FNUZ": 8,
+    "FLOAT8E5M2": 8,
+    "FLOAT8E5M2FNUZ": 8,
+    "UINT4": 4,
+    "INT4": 4,
+    "FLOAT4E2M1": 4,
+    "FLOAT8E8M0": 8,
+    "UINT2": 2,
+    "INT2": 2,
+}
+
+# Quantized ONNX operators whose bits and block size are reported, with the defaults the
+# contrib operator schemas give when the attribute is absent.
+QUANT_OPS = {"MatMulNBits": 4, "GatherBlockQuantized": 4}
+
+
+def inspect_file(path: Path) -> dict:
+    """Describe a model file from its header: format, metadata, tensors, quantization.
+
+    Args:
+        path: a ``.gguf`` file, a ``.onnx`` file or a folder holding ``model.onnx``, or a
+            ``.safetensors`` file.
+
+    Returns:
+        A JSON-serializable dict; ``format`` is ``"gguf"``, ``"onnx"`` or ``"safetensors"``.
+
+    Raises:
+        ModelError: a missing path, an unsupported or pickled file, or a header that does not
+            fit the file (the message names the file and the field).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file or folder; pass one of: {SUPPORTED}")
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if (path / ONNX_MODEL_FILE).is_file():
+            return inspect_onnx(path / ONNX_MODEL_FILE)
+        raise ModelError(f"{path} is a folder without {ONNX_MODEL_FILE}; pass a file: {SUPPORTED}")
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"{path}: pickled checkpoint: edgeft does not unpickle files; convert it to safetensors"
+        )
+    if suffix == ".gguf":
+        return inspect_gguf(path)
+    if suffix == ".onnx":
+        return inspect_onnx(path)
+    if suffix == ".safetensors":
+        return inspect_safetensors(path)
+    kind = f"{suffix!r} files" if suffix else "files without an extension"
+    raise ModelError(f"{path}: edgeft cannot inspect {kind}; supported: {SUPPORTED}")
+
+
+# --- GGUF -------------------------------------------------------------------------------------
+
+
+def inspect_gguf(path: Path) -> dict:
+    """A GGUF file's header through the bounds-checked reader (arrays counted, not kept)."""
+    from edgeft.export.gguf.reader import file_type_name, read_gguf
+
+    info = read_gguf(path)
+    meta = info.metadata
+    arch = meta.get("general.architecture")
+    lengths = info.array_lengths
+
+    def key(name: str):
+        return meta.get(f"tokenizer.ggml.{name}")
+
+    tokenizer = None
+    if any(k.startswith("tokenizer.") for k in (*meta, *lengths)):
+        tokenizer = {
+            "model": key("model"),
+            "pre": key("pre"),
+            "vocab_size": lengths.get("tokenizer.ggml.tokens"),
+            "merges": lengths.get("tokenizer.ggml.merges"),
+            "bos_token_id": key("bos_token_id"),
+            "eos_token_id": key("eos_token_id"),
+            "padding_token_id": key("padding_token_id"),
+            "add_bos_token": key("add_bos_token"),
+            "has_chat_template": bool(meta.get("tokenizer.chat_template")),
+        }
+    prefix = f"{arch}." if isinstance(arch, str) else None
+    return {
+        "format": "gguf",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "version": info.version,
+        "architecture": arch,
+        "type": meta.get("general.type", "model"),
+        "file_type": file_type_name(meta),
+        "tensor_count": len(info.tensors),
+        "parameter_count": sum(math.prod(t.shape) for t in info.tensors),
+        "tensor_types": info.tensor_type_counts(),
+        "context_length": meta.get(f"{arch}.context_length") if prefix else None,
+        "hyperparameters": {
+            k[len(prefix) :]: v for k, v in meta.items() if prefix and k.startswith(prefix)
+        },
+        "general": {k: v for k, v in meta.items() if k.startswith("general.")},
+        "adapter": {k: v for k, v in meta.items() if k.startswith("adapter.")},
+        "edgeft": {k: v for k, v in meta.items() if k.startswith("edgeft.")},
+        "tokenizer": tokenizer,
+        "arrays": dict(lengths),
+    }
+
+
+# --- safetensors ------------------------------------------------------------------------------
+
+
+def inspect_safetensors(path: Path) -> dict:
+    """A safetensors file's header, parsed here and checked against the file size; no tensor
+    is read.
+
+    Raises:
+        ModelError: a header length past the end, an unreadable header, or any tensor whose
+            dtype, shape or offsets do not fit the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelError(
+                f"{path}: header length: the file has {size} bytes, fewer than the 8-byte "
+                "header length (truncated safetensors)"
+            )
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise ModelError(
+                f"{path}: header length {header_len} runs past the end of the file "
+                f"({size} bytes; truncated or not safetensors)"
+            )
+        if header_len > SAFETENSORS_MAX_HEADER:
+            raise ModelError(
+                f"{path}: header length {header_len} exceeds safetensors' "
+                f"{SAFETENSORS_MAX_HEADER}-byte limit"
+            )
+        text = f.read(header_len)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: header is not valid JSON ({reason})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - header_len
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ModelError(f"{path}: __metadata__ must map strings to strings")
+
+    dtypes: dict[str, int] = {}
+    parameters = 0
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where} is a JSON {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise ModelError(f"{where}: dtype {dtype!r} is not a safetensors dtype")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_natural(o) for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ModelError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+        begin, end = offsets
+        if end > data_size:
+            raise ModelError(
+                f"{where}: data_offsets [{begin}, {end}] lie past the end of the file (the data "
+                f"section holds {data_size} bytes; truncated or crafted)"
+            )
+        elements = math.prod(shape)
+        if elements * bits != (end - begin) * 8:
+            raise ModelError(
+                f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs "
+                f"{elements * bits / 8:g}"
+            )
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        parameters += elements
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
+        if begin < prev_end:
+            raise ModelError(f"{path}: tensors {prev!r} and {name!r} overlap in data_offsets")
+    return {
+        "format": "safetensors",
+        "path": str(path),
+        "bytes": size,
+        "header_bytes": header_len,
+        "tensor_count": len(spans),
+        "parameter_count": parameters,
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
+        "metadata": metadata or {},
+    }
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --- ONNX -------------------------------------------------------------------------------------
+
+
+def inspect_onnx(model_path: Path) -> dict:
+    """An ONNX graph read without its external data: opsets, inputs and outputs, operators,
+    initializers by dtype, weight-only quantization, external-data files (each checked to lie
+    inside the folder) and the folder's ``genai_config.json``.
+
+    Raises:
+        ModelError: the graph cannot be parsed, or an initializer's external data points
+            outside the folder, is missing, or is shorter than the tensor needs.
+    """
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError as exc:
+        raise ModelError(
+            f"inspecting {model_path} needs the onnx package: pip install 'edgeft[onnx]'"
+        ) from exc
+    folder = model_path.parent
+    size = model_path.stat().st_size
+    if size >= ONNX_MAX_PROTO:
+        raise ModelError(
+            f"{model_path}: {size} bytes is past protobuf's 2 GiB limit; not an ONNX graph"
+        )
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{model_path}: not a readable ONNX graph ({reason})") from None
+    graph = model.graph
+
+    nodes: dict[str, int] = {}
+    quant: dict[tuple, int] = {}
+    for node in graph.node:
+        nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+        if node.op_type in QUANT_OPS:
+            attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            spec = (
+                node.op_type,
+                attrs.get("bits", QUANT_OPS[node.op_type]),
+                attrs.get("block_size"),
+            )
+            quant[spec] = quant.get(spec, 0) + 1
+
+    by_dtype: dict[str, dict[str, int]] = {}
+    external: dict[str, dict] = {}
+    for tensor in graph.initializer:
+        dtype = _onnx_dtype_name(tensor.data_type)
+        if any(d < 0 for d in tensor.dims):
+            raise ModelError(
+                f"{model_path}: initializer {tensor.name!r} has a negative dimension "
+                f"{list(tensor.dims)}"
+            )
+        elements = math.prod(tensor.dims)
+        bits = ONNX_BITS.get(dtype)
+        nbytes = -(-elements * bits // 8) if bits else len(tensor.raw_data)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            nbytes = _external_bytes(model_path, tensor, nbytes, external)
+        elif tensor.raw_data:
+            nbytes = len(tensor.raw_data)
+        entry = by_dtype.setdefault(dtype, {"count": 0, "bytes": 0, "elements": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+        entry["elements"] += elements
+
+    return {
+        "format": "onnx",
+        "path": str(model_path),
+        "bytes": size,
+        "ir_version": model.ir_version,
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "inputs": [_value_info(v) for v in graph.input],
+        "outputs": [_value_info(v) for v in graph.output],
+        "node_count": len(graph.node),
+        "nodes": dict(sorted(nodes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "initializer_count": len(graph.initializer),
+        "initializers": dict(sorted(by_dtype.items(), key=lambda kv: -kv[1]["bytes"])),
+        "quantization": [
+            {"op": op, "bits": bits, "block_size": block, "count": count}
+            for (op, bits, block), count in sorted(quant.items(), key=lambda kv: -kv[1])
+        ],
+        "external_data": external,
+        "genai_config": _genai_summary(folder),
+    }
+
+
+def _onnx_dtype_name(data_type: int) -> str:
+    import onnx
+
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return f"type {data_type}"
+
+
+def _external_bytes(model_path: Path, tensor, nbytes: int, external: dict) -> int:
+    """Bytes of one external initializer, from its ``length`` entry (else its shape), after
+    checking its location lies inside the folder and the file holds the bytes it claims."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from edgeft.export.onnx.export import external_data_path
+
+    try:
+        info = ExternalDataInfo(tensor)
+    except ValueError as exc:
+        raise ModelError(
+            f"{model_path}: initializer {tensor.name!r}: bad external_data entry ({exc})"
+        ) from None
+    data = external_data_path(
+        model_path.parent,
+        info.location,
+        model_path,
+        f"the external data of initializer {tensor.name!r}",
+    )
+    offset = info.offset or 0
+    length = info.length if info.length is not None else nbytes
+    file_size = data.stat().st_size
+    if offset + length > file_size:
+        raise ModelError(
+            f"{model_path}: initializer {tensor.name!r}: external data offset {offset} + length "
+            f"{length} runs past the end of {info.location} ({file_size} bytes)"
+        )
+    entry = external.setdefault(info.location, {"bytes": file_size, "tensors": 0, "used": 0})
+    entry["tensors"] += 1
+    entry["used"] += length
+    return length
+
+
+def _value_info(value) -> dict:
+    """Name, element type and shape (ints, symbolic names, or None) of a graph input/output."""
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return {"name": value.name, "type": kind, "shape": None}
+    tensor = value.type.tensor_type
+    shape = None
+    if tensor.HasField("shape"):
+        shape = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        ]
+    return {"name": value.name, "type": _onnx_dtype_name(tensor.elem_type), "shape": shape}
+
+
+def _genai_summary(folder: Path) -> dict | None:
+    """The parts of ``genai_config.json`` an app developer checks, and every model file it
+    names checked to lie inside the folder."""
+    path = folder / GENAI_CONFIG
+    if not path.is_file():
+        return None
+    if path.stat().st_size > GENAI_MAX_BYTES:
+        raise ModelError(f"{path}: {path.stat().st_size} bytes is too large for a genai config")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise ModelError(f"{path}: field 'model' is missing or not an object")
+    decoder = model.get("decoder") if isinstance(model.get("decoder"), dict) else {}
+    search = config.get("search") if isinstance(config.get("search"), dict) else {}
+    from edgeft.export.onnx.export import external_data_path
+
+    files = genai_model_files(model, path)
+    for name in files:
+        external_data_path(folder, name, path, "a model 'filename'")
+    return {
+        "type": model.get("type"),
+        "decoder": decoder.get("filename"),
+        "files": files,
+        "context_length": model.get("context_length"),
+        "vocab_size": model.get("vocab_size"),
+        "bos_token_id": model.get("bos_token_id"),
+        "eos_token_id": model.get("eos_token_id"),
+        "pad_token_id": model.get("pad_token_id"),
+        "num_hidden_layers": decoder.get("num_hidden_layers"),
+        "num_key_value_heads": decoder.get("num_key_value_heads"),
+        "head_size": decoder.get("head_size"),
+        "max_length": search.get("max_length"),
+        "past_present_share_buffer": search.get("past_present_share_buffer"),
+    }
+
+
+def genai_model_files(model: dict, source: Path) -> list[str]:
+    """Every ``filename`` under a genai config's ``model`` section (decoder, embeddings, ...).
+
+    Raises:
+        ModelError: a ``filename`` that is not a string.
+    """
+    found: list[str] = []
+    stack = [model]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "filename":
+                    if not isinstance(value, str):
+                        raise ModelError(f"{source}: a 'filename' field is {value!r}, not text")
+                    found.append(value)
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return sorted(set(found))
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def render_inspection(info: dict) -> str:
+    """A readable summary of :func:`inspect_file`'s result."""
+    render = {"gguf": _render_gguf, "onnx": _render_onnx, "safetensors": _render_safetensors}
+    return "\n".join(render[info["format"]](info)).rstrip() + "\n"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def _short(value, width: int = 80) -> str:
+    if isinstance(value, float):
+        return f"{value:.7g}"  # GGUF floats are float32: 1e-05, not 9.999999747378752e-06
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _rows(rows: list[tuple[str, object]], indent: int = 2) -> list[str]:
+    width = max((len(k) for k, _ in rows), default=0)
+    return [f"{' ' * indent}{k.ljust(width)}  {v}" for k, v in rows if v is not None]
+
+
+def _render_gguf(info: dict) -> list[str]:
+    lines = [f"{info['path']}: GGUF v{info['version']}, {_size(info['bytes'])}"]
+    rows = [
+        ("type", info["type"]),
+        ("architecture", info["architecture"]),
+        ("file type", info["file_type"]),
+        ("tensors", f"{info['tensor_count']} ({info['parameter_count']:,} parameters)"),
+        ("tensor types", _counts(info["tensor_types"])),
+        ("context length", info["context_length"]),
+    ]
+    tok = info["tokenizer"]
+    if tok:
+        rows.append(
+            (
+                "tokenizer",
+                f"{tok['model']} (pre {tok['pre']}), {tok['vocab_size']} tokens, "
+                f"{tok['merges'] if tok['merges'] is not None else 'no'} merges, bos "
+                f"{tok['bos_token_id']}, eos {tok['eos_token_id']}, chat template: "
+                f"{'yes' if tok['has_chat_template'] else 'no'}",
+            )
+        )
+    lines += _rows(rows)
+    for title in ("hyperparameters", "general", "adapter", "edgeft"):
+        if info[title]:
+            lines.append(f"  {title}:")
+            lines += _rows([(k, _short(v)) for k, v in info[title].items()], indent=4)
+    return lines
+
+
+def _render_onnx(info: dict) -> list[str]:
+    lines = [f"{info['path']}: ONNX (IR {info['ir_version']}), {_size(info['bytes'])}"]
+
+    def io(values) -> str:
+        return "; ".join(
+            f"{v['name']} {v['type']}{v['shape'] if v['shape'] is not None else ''}" for v in values
+        )
+
+    inputs = info["inputs"]
+    rows = [
+        ("producer", info["producer"] or "-"),
+        ("opsets", _counts(info["opsets"])),
+        ("inputs", f"{len(inputs)}: " + _short(io(inputs), 200)),
+        ("outputs", f"{len(info['outputs'])}: " + _short(io(info["outputs"]), 200)),
+        ("nodes", f"{info['node_count']}: " + _short(_counts(info["nodes"]), 200)),
+        (
+            "initializers",
+            f"{info['initializer_count']}: "
+            + ", ".join(
+                f"{k} {v['count']} ({_size(v['bytes'])})" for k, v in info["initializers"].items()
+            ),
+        ),
+    ]
+    if info["quantization"]:
+        rows.append(
+            (
+                "quantization",
+                ", ".join(
+                    f"{q['op']} {q['bits']}-bit block {q['block_size']} ×{q['count']}"
+                    for q in info["quantization"]
+                ),
+            )
+        )
+    if info["external_data"]:
+        rows.append(
+            (
+                "external data",
+                ", ".join(
+                    f"{name} ({_size(e['bytes'])}, {e['tensors']} tensors)"
+                    for name, e in info["external_data"].items()
+                ),
+            )
+        )
+    genai = info["genai_config"]
+    if genai:
+        rows.append(
+            (
+                "genai config",
+                f"{genai['type']}, decoder {genai['decoder']}, context "
+                f"{genai['context_length']}, eos {genai['eos_token_id']}, max_length "
+                f"{genai['max_length']}, shared KV buffer {genai['past_present_share_buffer']}",
+            )
+        )
+    return lines + _rows(rows)
+
+
+def _render_safetensors(info: dict) -> list[str]:
+    lines = [f"{info['path']}: safetensors, {_size(info['bytes'])}"]
+    lines += _rows(
+        [
+            ("tensors", f"{info['tensor_count']} ({info['parameter_count']:,} parameters)"),
+            ("dtypes", _counts(info["dtypes"])),
+            ("header", _size(info["header_bytes"])),
+        ]
+    )
+    if info["metadata"]:
+        lines.append("  metadata:")
+        lines += _rows([(k, _short(v)) for k, v in info["metadata"].items()], indent=4)
+    return lines
