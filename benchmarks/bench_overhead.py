@@ -29,9 +29,9 @@ BARE = r"""
 import json, sys, time
 import numpy as np
 import llama_cpp
-path, threads, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=512,
-                      n_batch=512, verbose=False)
+path, threads, tokens, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                      n_gpu_layers=0, verbose=False)
 bos = llm.token_bos()
 def run():
     llm.reset()
@@ -47,8 +47,12 @@ print(json.dumps([run() for _ in range(3)]))
 
 
 def bare(gguf: Path, threads: int, tokens: int) -> float:
+    from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX, _trained_context_length
+
+    # The same context size edgeft's llama.cpp runtime allocates, so only the loop differs.
+    n_ctx = min(_trained_context_length(gguf), MAX_DEFAULT_CTX)
     out = subprocess.run(
-        [sys.executable, "-c", BARE, str(gguf), str(threads), str(tokens)],
+        [sys.executable, "-c", BARE, str(gguf), str(threads), str(tokens), str(n_ctx)],
         capture_output=True,
         text=True,
         check=True,
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=Path("edgeft-demo/gguf/model-q4_k_m.gguf"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     runs: dict[str, list[float]] = {"bare llama-cpp-python loop": [], "edgeft bench": []}
@@ -100,13 +104,16 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
     lines = [
         "# Harness overhead: edgeft bench vs a bare llama-cpp-python loop",
         "",
-        f"Machine: {results['machine']}. File: `{args.gguf.name}`; {args.threads} threads, "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}. File: the demo's "
+        f"`{args.gguf.name}`; {args.threads} threads, "
         f"{args.tokens} greedy tokens from a one-token context; {args.rounds} rounds, each the "
         "median of 3 runs in a fresh process, rounds alternating. Reproduce: "
-        f"`python benchmarks/bench_overhead.py --gguf {args.gguf}`.",
+        "`python benchmarks/bench_overhead.py --gguf edgeft-demo/gguf/model-q4_k_m.gguf` "
+        "(after `make demo`).",
         "",
         "| | decode tok/s (median of rounds) | rounds |",
         "|---|---:|---|",
