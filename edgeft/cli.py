@@ -382,6 +382,12 @@ def _add_export(sub, parser_class) -> None:
         help="also write model.ort and required_operators.config for mobile builds",
     )
     o.add_argument("--eval-text", type=Path, help="UTF-8 text for the parity check")
+    o.add_argument(
+        "--max-length",
+        type=int,
+        help="onnxruntime-genai's context in genai_config.json (default: the model's); genai "
+        "allocates its whole KV cache up front, so a shorter one saves memory on phones",
+    )
     o.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
     o.add_argument("--force", action="store_true", help="replace an existing --out")
     o.set_defaults(handler=_run_export_onnx)
@@ -466,6 +472,7 @@ def _run_export_onnx(args) -> int:
         calibration=args.calibration,
         eval_text=_read_eval_text(args.eval_text),
         ort_format=args.ort_format,
+        max_length=args.max_length,
         threads=args.threads,
         force=args.force,
         progress=_progress(args),

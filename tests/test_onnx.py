@@ -212,6 +212,26 @@ def test_cli_export_onnx(tiny, tmp_path, capsys):
     assert "unknown module x" in capsys.readouterr().err
 
 
+def test_max_length_bounds_genai_context(tiny, tmp_path, capsys):
+    """A shorter genai context is the memory knob on phones: genai allocates the whole shared
+    KV cache for max_length up front."""
+    import json
+
+    from edgeft.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text(SHORT_EVAL)
+    args = ["export", "onnx", "--model", str(tiny), "--eval-text", str(text), "-q"]
+    assert (
+        main([*args, "--quant", "fp32", "--max-length", "160", "--out", str(tmp_path / "o")]) == 0
+    )
+    genai = json.loads((tmp_path / "o" / "fp32" / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == genai["model"]["context_length"] == 160
+    assert main([*args, "--quant", "fp32", "--max-length", "1", "--out", str(tmp_path / "p")]) == 2
+    assert "--max-length must be between 128" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_fused_graph_shares_the_cache_buffer_in_genai(onnx_export):
     config = json.loads((onnx_export.out / "int4" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True

@@ -383,6 +383,10 @@ def _measure_folder(folder: Path, quant: str, reference: Reference, threads: int
     return result, first_divergence(result.greedy, genai_greedy) is None
 
 
+# The export's own genai check (a chat prompt, then a greedy answer) needs this much context.
+MIN_GENAI_LENGTH = 128
+
+
 def export_onnx(
     model: Path,
     out: Path,
@@ -393,6 +397,7 @@ def export_onnx(
     calibration: Path | None = None,
     eval_text: str | None = None,
     ort_format: bool = False,
+    max_length: int | None = None,
     threads: int = 2,
     force: bool = False,
     progress=None,
@@ -408,6 +413,9 @@ def export_onnx(
         graph: ``fused`` (edgeft's graph with onnxruntime's fused attention and norms, the
             fast one) or ``optimum`` (optimum-onnx's trace of the PyTorch model).
         ort_format: also write ``model.ort`` and ``required_operators.config``.
+        max_length: onnxruntime-genai's context (``genai_config.json``); default the model's.
+            genai allocates the whole KV cache for it up front when the cache is shared (the
+            fused graph): for SmolLM2-135M in fp32, 46 KB a position, 377 MB at 8192.
 
     Raises:
         ModelError: unsupported or quantized checkpoint, or a folder a runtime cannot load.
@@ -421,6 +429,14 @@ def export_onnx(
     if graph not in GRAPHS:
         raise EdgeftError(f"--graph must be one of {', '.join(GRAPHS)}; got {graph!r}")
     config, _ = read_export_config(model, SUPPORTED_ARCHITECTURES, "ONNX")
+    trained_length = config.get("max_position_embeddings")
+    if max_length is not None and (
+        max_length < MIN_GENAI_LENGTH or (trained_length and max_length > int(trained_length))
+    ):
+        raise EdgeftError(
+            f"--max-length must be between {MIN_GENAI_LENGTH} and the model's context "
+            f"({trained_length}); got {max_length}"
+        )
     source_sha256 = weights_sha256(model)
 
     with atomic_dir(out, force) as work:
@@ -452,7 +468,7 @@ def export_onnx(
         for quant in types:
             folder = work / quant
             check_external_data(folder)
-            write_genai_config(folder, share_buffer=graph == "fused")
+            write_genai_config(folder, share_buffer=graph == "fused", context_length=max_length)
             if ort_format:
                 say(f"converting {quant} to the ORT format")
                 _ort_format(folder)
@@ -513,6 +529,7 @@ def export_onnx(
                     "types": types,
                     "quantization": asdict(settings),
                     "ort_format": ort_format,
+                    "max_length": max_length,
                     "threads": threads,
                     "calibration": calibrated_on,
                     "eval_tokens": len(reference.eval_ids),
