@@ -377,7 +377,7 @@ def bench(
             log(message)
             bar.refresh()
 
-        rows = []
+        rows, raw_results = [], []
         refs_spec = [{"name": r.name, "logits": str(r.logits)} for r in ref_rows]
         task_spec = [{"question": r.question, "answers": list(r.answers)} for r in task or []]
         for i, artifact in enumerate(artifacts, 1):
@@ -401,6 +401,7 @@ def bench(
                 result = _run_remote(transport, artifact, spec, work, i, settings)
             else:
                 result = _run_worker(spec, work, f"artifact-{i}", settings.timeout_s)
+            raw_results.append(result)
             row = _artifact_row(artifact, result, profile, machine, ref_rows, budgets, remote)
             rows.append(row)
             say("  " + _one_line(row))
@@ -408,6 +409,8 @@ def bench(
             bar.update()
         bar.close()
 
+        if eval_ids is None:  # no reference: the first artifact's own tokens of the text
+            eval_ids = next((r["eval_ids"] for r in raw_results if r.get("eval_ids")), None)
         results = {
             "schema": SCHEMA,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

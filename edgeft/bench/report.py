@@ -336,6 +336,7 @@ def _run_facts(results: dict) -> list[tuple[str, str]]:
     runtime_versions = ", ".join(
         f"{pkg} {ver if ver is not None else 'not installed'}"
         for pkg, ver in (versions.items() if isinstance(versions, dict) else [])
+        if pkg != "edgeft"  # named first, from edgeft_version
     )
     return [
         ("Created", str(results.get("created") or MISSING)),
