@@ -282,8 +282,8 @@ def package(
         notes = []
         if not tokenizer_files:
             notes.append(
-                "no tokenizer files: the checkpoint this GGUF came from is not on this machine; "
-                "the GGUF carries its own vocabulary and chat template"
+                "no tokenizer files: no source checkpoint is recorded for this GGUF, or it is "
+                "not on this machine; the GGUF carries its own vocabulary and chat template"
             )
         generation = _generation_defaults(source or tokenizer_source, eos)
         write_json(work / "generation.json", generation)
