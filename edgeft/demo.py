@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgeft._io import check_output, write_json, write_text
+from edgeft.bench.schema import decode_at
 from edgeft.evaluate import TaskResult, load_qa
 from edgeft.merge import MergeResult, merge
 from edgeft.models import DEFAULT_MODEL, resolve_base
@@ -67,9 +68,13 @@ class DemoResult:
     labels: dict[str, str]  # bench row name → what the demo calls it
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def row(self, label: str) -> dict:
-        name = next(n for n, shown in self.labels.items() if shown == label)
+    def artifact(self, name: str) -> dict:
+        """The bench row called ``name``."""
         return next(a for a in self.bench["artifacts"] if a["name"] == name)
+
+    def row(self, label: str) -> dict:
+        """The bench row the demo calls ``label``."""
+        return self.artifact(next(n for n, shown in self.labels.items() if shown == label))
 
     def task(self, label: str) -> TaskResult:
         task = (self.row(label).get("accuracy") or {}).get("task") or {}
@@ -101,22 +106,21 @@ def comparison_table(result: DemoResult) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in result.labels.items():
-        row = next(a for a in result.bench["artifacts"] if a["name"] == name)
-        latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
-        task = accuracy.get("task")
-        vs = (accuracy.get("vs") or {}).get(reference) or {}
-        decode = next((d for d in latency.get("decode", []) if d["depth"] == 0), None)
+        row = result.artifact(name)
         if row["status"] != "ok":
             lines.append(f"| {label} | {row['runtime']} | failed: {row['error']} |" + " - |" * 7)
             continue
+        figures = _summary_row(row)
+        task = (row.get("accuracy") or {}).get("task")
+        vs = (figures["vs"] or {}).get(reference) or {}
         lines.append(
             f"| {label} | {row['runtime']} | "
             + (f"{task['accuracy']:.1%} ({task['correct']}/{task['total']})" if task else "-")
             + f" | {_cell(vs.get('mean_kl'), '.4f')} | {_cell(vs.get('top1_agreement'), '.1%')} | "
-            f"{_cell(accuracy.get('perplexity'), '.2f')} | {row['size_bytes'] / 1e6:.1f} | "
-            f"{_cell((latency.get('prefill_tok_s') or {}).get('median'), '.0f')} | "
-            f"{_cell(decode['tok_s']['median'] if decode else None, '.1f')} | "
-            f"{_cell(latency.get('peak_rss_mb'), '.0f')} |"
+            f"{_cell(figures['perplexity'], '.2f')} | {row['size_bytes'] / 1e6:.1f} | "
+            f"{_cell(figures['prefill_tok_s'], '.0f')} | "
+            f"{_cell(figures['decode_tok_s'], '.1f')} | "
+            f"{_cell(figures['peak_rss_mb'], '.0f')} |"
         )
     return lines
 
@@ -284,15 +288,9 @@ def demo(
             },
             "merge": {"merge_base": merged.merge_base, "parity": merged.parity.as_dict()},
             "models": {
-                label: _summary_row(next(a for a in results["artifacts"] if a["name"] == name))
-                for name, label in labels.items()
+                label: _summary_row(result.artifact(name)) for name, label in labels.items()
             },
-            "replies": {
-                label: ((row.get("accuracy") or {}).get("task") or {}).get("replies", [])
-                for name, label in labels.items()
-                for row in results["artifacts"]
-                if row["name"] == name
-            },
+            "replies": {label: result.task(label).replies for label in labels.values()},
         },
     )
     return result
@@ -302,7 +300,7 @@ def _summary_row(row: dict) -> dict:
     """The figures of one bench row the demo's table shows."""
     latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
     task = accuracy.get("task") or {}
-    decode = next((d for d in latency.get("decode", []) if d["depth"] == 0), None)
+    decode = decode_at(latency)
     return {
         "runtime": row["runtime"],
         "status": row["status"],

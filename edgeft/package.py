@@ -34,7 +34,6 @@ Paths are relative to the bundle, with ``/`` separators, and never leave it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -124,13 +123,14 @@ def _provenance(artifact, record: dict | None) -> tuple[dict, dict]:
     return recipe, provenance
 
 
-def _bench_figures(results_path: Path | None, sha256: str) -> dict | None:
-    """The latest bench figures of the artifact whose sha256 is ``sha256``."""
+def _bench_figures(results_path: Path | None, artifact) -> dict | None:
+    """The latest bench figures of ``artifact`` (the row with its sha256)."""
     if results_path is None:
         return None
     from edgeft.bench.schema import read_results
 
     results = read_results(results_path)
+    sha256 = artifact.sha256()
     rows = [a for a in results["artifacts"] if a.get("sha256") == sha256]
     if not rows:
         raise EdgeftError(
@@ -235,7 +235,7 @@ def package(
     record = _export_record(artifact)
     recipe, provenance = _provenance(artifact, record)
     source = _source_dir(record)
-    bench = _bench_figures(bench_results, artifact.sha256())
+    bench = _bench_figures(bench_results, artifact)
 
     session = get_runtime(runtime_name).load(artifact.path, threads=threads)
     try:
@@ -449,11 +449,7 @@ def _check_files(bundle: Path, manifest: dict) -> int:
                 f"{entry['path']}: {size} bytes, the manifest says {entry['size']} (truncated "
                 "or replaced)"
             )
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise EdgeftError(f"{entry['path']}: sha256 does not match the manifest (modified)")
     extra = sorted(
         p.relative_to(bundle).as_posix()

@@ -27,7 +27,7 @@ from edgeft.bench.artifacts import (
     resolve_artifact,
     unique_names,
 )
-from edgeft.bench.schema import SCHEMA
+from edgeft.bench.schema import SCHEMA, decode_at
 from edgeft.errors import DataError, EdgeftError
 
 # Figures a budget can bound: name → (direction, how the report words it).
@@ -241,7 +241,7 @@ def _reference_list(
 
 def _budget_rows(artifact: dict, budgets: Budgets, device: bool, reference: str | None) -> list:
     latency, accuracy = artifact.get("latency") or {}, artifact.get("accuracy") or {}
-    decode0 = next((d for d in latency.get("decode", []) if d["depth"] == 0), None)
+    decode0 = decode_at(latency)
     decode = None
     if decode0:
         decode = decode0.get("predicted_tok_s") if device else None

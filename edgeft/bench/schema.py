@@ -65,6 +65,11 @@ _TOP_KEYS = ("schema", "machine", "settings", "artifacts")
 _ARTIFACT_KEYS = ("name", "runtime", "status", "size_bytes")
 
 
+def decode_at(latency: dict | None, depth: int = 0) -> dict | None:
+    """The ``latency["decode"]`` entry measured at ``depth``, if there is one."""
+    return next((d for d in (latency or {}).get("decode", []) if d["depth"] == depth), None)
+
+
 def validate(results: dict, where: str = "results") -> dict:
     """Check the parts every reader relies on; return ``results``.
 
