@@ -57,9 +57,9 @@ def test_fp32_matches_pytorch_and_every_folder_is_written(onnx_export):
 def test_quantized_folders_use_the_intended_ops(onnx_export):
     folders = {f.folder: f for f in onnx_export.folders}
     # 2 layers × 7 projections + lm_head; q|k|v packed into one matmul where all three share a
-    # format (int8), k|v where only they do (int4: k and v at 8 bits, q at 4)
+    # format (int8; int4, whose q, k and v are kept at 8 bits by default)
     assert folders["int8"].ops["MatMulNBits"] == 2 * 5 + 1
-    assert folders["int4"].ops["MatMulNBits"] == 2 * 6 + 1
+    assert folders["int4"].ops["MatMulNBits"] == 2 * 5 + 1
     assert folders["int4"].ops["GatherBlockQuantized"] == 1
     assert (
         folders["int8-dynamic"].ops.get("MatMulInteger", 0)
@@ -93,6 +93,33 @@ def test_each_folder_generates_in_both_runtimes(onnx_export):
         finally:
             ort.close()
             genai.close()
+
+
+def test_packing_qkv_changes_no_logit(onnx_export, tmp_path):
+    """q|k|v stacked into one MatMulNBits compute what the separate ones do."""
+    from edgeft.export.onnx.export import _companions, _load, _save
+    from edgeft.export.onnx.quantize import (
+        bits_plan,
+        fold_transposed_weights,
+        pack_qkv,
+        quantize_weights,
+    )
+
+    fp32 = onnx_export.out / "fp32"
+    logits = {}
+    for packed in (False, True):
+        model = _load(fp32)
+        fold_transposed_weights(model)
+        model = quantize_weights(model, bits_plan(model, "int8", QuantSettings()), QuantSettings())
+        if packed:
+            assert pack_qkv(model) == 2
+        folder = tmp_path / str(packed)
+        _save(model, folder)
+        _companions(fp32, folder)
+        session = get_runtime("onnxruntime").load(folder, threads=1)
+        logits[packed] = session.logits(session.tokenize(SHORT_EVAL))
+        session.close()
+    np.testing.assert_allclose(logits[True], logits[False], atol=1e-5)
 
 
 def test_existing_output_needs_force(onnx_export, tiny):
@@ -188,11 +215,12 @@ def test_block_quantization_round_trip():
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(8, 64)).astype(np.float32)
-    for bits in (8, 4):
-        codes, scales, zero = _block_quantize(weight, bits, 32)
+    for bits, symmetric in ((8, False), (4, False), (8, True), (4, True)):
+        codes, scales, zero = _block_quantize(weight, bits, 32, symmetric=symmetric)
         blocks = codes.reshape(8, 2, 32).astype(np.float32)
         restored = ((blocks - zero[..., None]) * scales[..., None]).reshape(8, 64)
         assert np.abs(restored - weight).max() <= scales.max() / 2 + 1e-6
+        assert not symmetric or (zero == 1 << (bits - 1)).all()
     packed = _pack_nibbles(np.array([[1, 2, 3]], np.uint8))
     assert packed.tolist() == [[0x21, 0x03]]
 
@@ -288,12 +316,15 @@ def test_int4_records_its_calibration(onnx_export):
     assert any("GPTQ" in note for note in record["results"]["notes"])
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_tied_table_is_stored_once(symmetric, tiny_llama, tmp_path):
-    """A tied embedding/lm_head is one 4-bit table: the Gather reads the lm_head's codes."""
+@pytest.mark.parametrize(
+    ("symmetric", "algorithm"), [(False, "rtn"), (True, "rtn"), (False, "gptq"), (True, "gptq")]
+)
+def test_tied_table_is_stored_once(symmetric, algorithm, tiny_llama, tmp_path):
+    """A tied embedding/lm_head is one 4-bit table: the Gather reads the lm_head's codes.
+    Symmetric matrices have no zero points, and the 8-bit ones of the int4 folder never do."""
     import onnx
 
-    settings = QuantSettings(symmetric=symmetric, algorithm="rtn")
+    settings = QuantSettings(symmetric=symmetric, algorithm=algorithm)
     result = export_onnx(
         tiny_llama, tmp_path / "out", "int4", settings=settings, eval_text=SHORT_EVAL
     )
@@ -306,3 +337,9 @@ def test_tied_table_is_stored_once(symmetric, tiny_llama, tmp_path):
     assert producers[gather.input[0]].input[0] == head.input[1]
     assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)
     assert result.folders[0].genai_greedy_identical and result.folders[0].parity.mean_kl < 1.0
+    matmuls = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in matmuls}
+    assert {8, 4} <= set(bits.values())
+    for node in matmuls:
+        has_zero_points = len(node.input) > 3 and node.input[3] != ""
+        assert has_zero_points == (bits[node.name] == 4 and not symmetric), node.name

@@ -326,7 +326,8 @@ def _make_folder(
         if quant == "int4" and calibrate is not None:
             from edgeft.export.onnx.gptq import gptq_matmuls, module_bits
 
-            gptq_matmuls(model, calibrate(module_bits(plan)), settings.accuracy_level)
+            results = calibrate(module_bits(plan))
+            gptq_matmuls(model, results, settings.accuracy_level, symmetric=settings.symmetric)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)
