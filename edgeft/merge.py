@@ -180,6 +180,32 @@ def _as_trained_model(adapter: Path, base_path: Path, trained: dict, allow_pickl
     return PeftModel.from_pretrained(base, adapter, is_trainable=False).eval()
 
 
+def recorded_base(record: dict, base: str | None = None, *, allow_pickle: bool = False):
+    """The base model an adapter's ``edgeft.json`` names: its recorded folder if still there,
+    else its recorded name; ``base`` instead where the user says it moved. Resolved, not yet
+    checked (see :func:`check_base_weights`)."""
+    recorded = record["inputs"]["base"]
+    if base is None:
+        recorded_path = Path(recorded["path"])
+        base = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
+    return resolve_base(base if base != DEFAULT_MODEL else None, allow_pickle=allow_pickle)
+
+
+def check_base_weights(base_model, record: dict, adapter: Path, *, hint: bool = True) -> None:
+    """Raise unless ``base_model``'s weights hash to what the adapter was trained on.
+
+    Raises:
+        ModelError: the weights differ; with ``hint``, the message points to ``--base``.
+    """
+    recorded = record["inputs"]["base"]["weights_sha256"]
+    if base_model.weights_sha256 != recorded:
+        raise ModelError(
+            f"base model {base_model.path} is not the one adapter {adapter} was trained on "
+            f"(weights sha256 {base_model.weights_sha256[:12]} != {recorded[:12]})"
+            + ("; pass --base with that model" if hint else "")
+        )
+
+
 def load_as_trained(adapter: Path):
     """The model exactly as ``edgeft train`` left it: the adapter on its recorded base (4-bit
     NF4/FP4 for QLoRA), with the adapter's tokenizer. The base's weights must hash to the
@@ -195,15 +221,8 @@ def load_as_trained(adapter: Path):
 
     adapter = Path(adapter)
     record, _, _ = read_adapter(adapter)
-    recorded = record["inputs"]["base"]
-    recorded_path = Path(recorded["path"])
-    spec = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
-    base_model = resolve_base(spec if spec != DEFAULT_MODEL else None)
-    if base_model.weights_sha256 != recorded["weights_sha256"]:
-        raise ModelError(
-            f"the base model of adapter {adapter} changed since training (weights sha256 "
-            f"{base_model.weights_sha256[:12]} != {recorded['weights_sha256'][:12]})"
-        )
+    base_model = recorded_base(record)
+    check_base_weights(base_model, record, adapter, hint=False)
     model = _as_trained_model(adapter, base_model.path, record["settings"])
     return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
 
@@ -261,10 +280,7 @@ def merge(
         )
 
     recorded = record["inputs"]["base"]
-    if base is None:
-        recorded_path = Path(recorded["path"])
-        base = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
-    base_model = resolve_base(base if base != DEFAULT_MODEL else None, allow_pickle=allow_pickle)
+    base_model = recorded_base(record, base, allow_pickle=allow_pickle)
     rows = read_parity_rows(adapter)
     if not rows:
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
@@ -288,12 +304,7 @@ def merge(
             f"{base_model.path} is {full.config.model_type!r}"
         )
     _check_fit(full, lora, str(base_model.path))
-    if base_model.weights_sha256 != recorded["weights_sha256"]:
-        raise ModelError(
-            f"base model {base_model.path} is not the one adapter {adapter} was "
-            f"trained on (weights sha256 {base_model.weights_sha256[:12]} != "
-            f"{recorded['weights_sha256'][:12]}); pass --base with that model"
-        )
+    check_base_weights(base_model, record, adapter)
 
     as_trained = _as_trained_model(adapter, base_model.path, trained, allow_pickle)
     reference = model_logits(as_trained, rows)

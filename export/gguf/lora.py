@@ -21,7 +21,6 @@ from edgeft.export.gguf.convert import convert_checkpoint, permute_rotary, read_
 from edgeft.export.gguf.export import FULL_PRECISION_TOLERANCE, measure_file
 from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, gguf_metadata
 from edgeft.fidelity import Reference, default_eval_text
-from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.parity import Parity
 from edgeft.provenance import RECORD_NAME, make_record
 
@@ -154,7 +153,7 @@ def export_gguf_lora(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from edgeft.merge import read_adapter
+    from edgeft.merge import check_base_weights, read_adapter, recorded_base
     from edgeft.runtimes.pytorch import TorchSession
     from edgeft.train import load_base_model
 
@@ -163,17 +162,8 @@ def export_gguf_lora(
         raise EdgeftError(f"--type must be one of {', '.join(LORA_TYPES)}; got {lora_type!r}")
     adapter, out = Path(adapter), Path(out)
     record, config, lora = read_adapter(adapter)
-    recorded = record["inputs"]["base"]
-    if base is None:
-        recorded_path = Path(recorded["path"])
-        base = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
-    base_model = resolve_base(base if base != DEFAULT_MODEL else None)
-    if base_model.weights_sha256 != recorded["weights_sha256"]:
-        raise ModelError(
-            f"base model {base_model.path} is not the one adapter {adapter} was trained on "
-            f"(weights sha256 {base_model.weights_sha256[:12]} != "
-            f"{recorded['weights_sha256'][:12]}); pass --base with that model"
-        )
+    base_model = recorded_base(record, base)
+    check_base_weights(base_model, record, adapter)
     spec = read_model_spec(base_model.path)
     adapter_sha = sha256_file(adapter / "adapter_model.safetensors")
     meta = {
