@@ -188,6 +188,11 @@ def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monke
         (QuantSettings(accuracy_level=7), "--accuracy-level"),
         (QuantSettings(lm_head="int3"), "--lm-head must be one of"),
         (QuantSettings(int8_modules=("w_proj",)), "unknown module w_proj"),
+        (
+            QuantSettings(module_blocks=(("w_proj", 64),)),
+            "--module-blocks: unknown module 'w_proj'",
+        ),
+        (QuantSettings(module_blocks=(("up_proj", 48),)), "up_proj=48: the block size must be"),
     ],
 )
 def test_bad_options_are_refused(settings, message, tiny, tmp_path):
@@ -238,6 +243,11 @@ def test_cli_export_onnx(tiny, tmp_path, capsys):
         main([*args, "--quant", "int4", "--int8-modules", "x", "--out", str(tmp_path / "p")]) == 2
     )
     assert "unknown module x" in capsys.readouterr().err
+    assert (
+        main([*args, "--quant", "int4", "--module-blocks", "up_proj", "--out", str(tmp_path / "q")])
+        == 2
+    )
+    assert "'up_proj' is not module=size" in capsys.readouterr().err
 
 
 def test_max_length_bounds_genai_context(tiny, tmp_path, capsys):
@@ -343,3 +353,52 @@ def test_tied_table_is_stored_once(symmetric, algorithm, tiny_llama, tmp_path):
     for node in matmuls:
         has_zero_points = len(node.input) > 3 and node.input[3] != ""
         assert has_zero_points == (bits[node.name] == 4 and not symmetric), node.name
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_module_blocks_set_each_4bit_layout(algorithm, tiny_llama, tmp_path):
+    """Per-module 4-bit block sizes reach each MatMulNBits, and a tied table quantized in the
+    lm_head's blocks is still stored once."""
+    import onnx
+
+    blocks = (("gate_proj", 64), ("up_proj", 64), ("lm_head", 64))
+    settings = QuantSettings(module_blocks=blocks, algorithm=algorithm)
+    result = export_onnx(
+        tiny_llama, tmp_path / "out", "int4", settings=settings, eval_text=SHORT_EVAL
+    )
+    graph = onnx.load(str(tmp_path / "out" / "int4" / "model.onnx"))
+
+    def attribute(node, name):
+        return next(a.i for a in node.attribute if a.name == name)
+
+    layouts = {
+        (node.name.split("/")[-2], attribute(node, "bits"), attribute(node, "block_size"))
+        for node in graph.graph.node
+        if node.op_type == "MatMulNBits"
+    }
+    assert layouts == {
+        ("qkv_proj", 8, 64),
+        ("o_proj", 4, 32),
+        ("gate_proj", 4, 64),
+        ("up_proj", 4, 64),
+        ("down_proj", 8, 64),
+        ("lm_head", 4, 64),
+    }
+    (gather,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert attribute(gather, "block_size") == 64
+    assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)
+    assert result.folders[0].genai_greedy_identical
+
+
+def test_tied_table_with_an_8bit_lm_head_is_stored_once(tiny_llama, tmp_path):
+    """In the int4 folder an 8-bit lm_head uses blocks of 64; the embedding follows it."""
+    import onnx
+
+    settings = QuantSettings(lm_head="int8", algorithm="rtn")
+    export_onnx(tiny_llama, tmp_path / "out", "int4", settings=settings, eval_text=SHORT_EVAL)
+    graph = onnx.load(str(tmp_path / "out" / "int4" / "model.onnx"))
+    producers = {out: n for n in graph.graph.node for out in n.output}
+    (gather,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in graph.graph.node if n.name.startswith("/lm_head/")]
+    assert producers[gather.input[0]].input[0] == head.input[1]
+    assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)

@@ -72,7 +72,9 @@ def calibrated_weights(
 
     from edgeft.export.onnx.quantize import _block_quantize, mixed_block_size, mixed_symmetric
 
-    block_size = settings.block_size
+    def block_size(name: str) -> int:
+        """The 4-bit block size of module ``name`` (``model.layers.0.mlp.up_proj``)."""
+        return settings.four_bit_block(name.rsplit(".", 1)[-1])
 
     chunks = _calibration_ids(model_dir, texts)
     model = AutoModelForCausalLM.from_pretrained(
@@ -125,13 +127,13 @@ def calibrated_weights(
                 hessian = (sums[name] / counts[name]).float()
                 damping = TIED_HEAD_DAMPING if name == "lm_head" and tied else DAMPING
                 results[name] = gptq(
-                    weight, hessian, 4, block_size, damping, symmetric=settings.symmetric
+                    weight, hessian, 4, block_size(name), damping, symmetric=settings.symmetric
                 )
                 quantized = dequantized(*results[name])
             else:
                 eight = mixed_block_size(8, settings)
                 if weight.shape[1] % eight:
-                    eight = block_size
+                    eight = settings.block_size
                 symmetric = mixed_symmetric(8, settings)
                 quantized = dequantized(*_block_quantize(weight, 8, eight, symmetric=symmetric))
             with torch.no_grad():
@@ -143,7 +145,7 @@ def calibrated_weights(
             for name, module in layer.named_modules()
             if isinstance(module, torch.nn.Linear)
             and f"model.layers.{index}.{name}" in bits
-            and module.in_features % block_size == 0
+            and module.in_features % block_size(f"model.layers.{index}.{name}") == 0
         }
 
         def run_layer(layer=layer, inputs=inputs):
@@ -156,7 +158,7 @@ def calibrated_weights(
             (out[0] if isinstance(out, tuple) else out, kwargs)
             for out, (_, kwargs) in zip(outputs, inputs, strict=True)
         ]
-    if "lm_head" in bits and model.lm_head.in_features % block_size == 0:
+    if "lm_head" in bits and model.lm_head.in_features % block_size("lm_head") == 0:
         head = {"lm_head": model.lm_head}
 
         def run_head():

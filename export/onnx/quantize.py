@@ -50,6 +50,12 @@ class QuantSettings:
             (an 8-bit weight costs about as much time as a 4-bit one, which must be unpacked).
         algorithm: how the int4 folder's 4-bit matrices are rounded: ``gptq`` (calibrated on
             text, see :mod:`edgeft.export.onnx.gptq`) or ``rtn`` (round to nearest).
+        module_blocks: ``(kind, block size)`` pairs for 4-bit matrices in the int4 folder that
+            do not use ``block_size``; kinds as in ``int8_modules``, plus ``lm_head``. A speed
+            knob: at 2 threads onnxruntime's 4-bit kernel spends much of its time per block, so
+            larger blocks decode faster and cost accuracy. On SmolLM2-135M, gate and up in
+            blocks of 64 decode about 7% faster for mean KL 0.099 → 0.118; o_proj in blocks of
+            64 costs more than gate and up together (benchmarks/README.md).
     """
 
     block_size: int = 32
@@ -59,6 +65,12 @@ class QuantSettings:
     embeddings: str | None = None
     int8_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "down_proj"))
     algorithm: str = "gptq"
+    module_blocks: tuple[tuple[str, int], ...] = ()
+
+    def four_bit_block(self, kind: str | None) -> int:
+        """Block size of a 4-bit ``kind`` matrix (``gate_proj``, ``lm_head``...) in the int4
+        folder."""
+        return dict(self.module_blocks).get(kind, self.block_size)
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
@@ -88,6 +100,17 @@ class QuantSettings:
                 f"--int8-modules: unknown module {', '.join(unknown)}; choose from "
                 f"{', '.join(MODULE_KINDS)}"
             )
+        for kind, size in self.module_blocks:
+            if kind not in (*MODULE_KINDS, "lm_head"):
+                raise EdgeftError(
+                    f"--module-blocks: unknown module {kind!r}; choose from "
+                    f"{', '.join(MODULE_KINDS)}, lm_head"
+                )
+            if size not in BLOCK_SIZES:
+                raise EdgeftError(
+                    f"--module-blocks: {kind}={size}: the block size must be one of "
+                    f"{', '.join(map(str, BLOCK_SIZES))}"
+                )
 
 
 def module_kind(node_name: str) -> str | None:
@@ -118,13 +141,16 @@ def bits_plan(model, quant: str, settings: QuantSettings) -> dict[str, int]:
     return plan
 
 
-def mixed_block_size(bits: int, settings: QuantSettings) -> int:
-    """Block size of a ``bits`` matrix in the int4 folder: the 8-bit ones use blocks of 64,
-    whose fp32 scales cost half as much (0.08 instead of 0.16 bytes a weight) for no
-    measurable error at 8 bits; that buys room for more 8-bit matrices. Larger blocks do cost:
-    at accuracy level 4 the activations are quantized per block too, and SmolLM2's int4 folder
-    with 8-bit blocks of 128 measured mean KL 0.129 against 0.109."""
-    return max(settings.block_size, MIXED_INT8_BLOCK) if bits == 8 else settings.block_size
+def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None) -> int:
+    """Block size of a ``bits`` matrix of module ``kind`` in the int4 folder. The 8-bit ones
+    use blocks of 64, whose fp32 scales cost half as much (0.08 instead of 0.16 bytes a weight)
+    for no measurable error at 8 bits; that buys room for more 8-bit matrices. Larger blocks
+    do cost: at accuracy level 4 the activations are quantized per block too, and SmolLM2's
+    int4 folder with 8-bit blocks of 128 measured mean KL 0.129 against 0.109. The 4-bit ones
+    follow :meth:`QuantSettings.four_bit_block`."""
+    if bits == 8:
+        return max(settings.block_size, MIXED_INT8_BLOCK)
+    return settings.four_bit_block(kind)
 
 
 def mixed_symmetric(bits: int, settings: QuantSettings) -> bool:
@@ -136,16 +162,27 @@ def mixed_symmetric(bits: int, settings: QuantSettings) -> bool:
 
 def quantize_weights(model, plan: dict[str, int], settings: QuantSettings, *, mixed: bool = False):
     """Replace each planned MatMul by a MatMulNBits of its bits (0 = leave in float); with
-    ``mixed`` (the int4 folder) 8-bit matrices use :func:`mixed_block_size` and
+    ``mixed`` (the int4 folder) matrices use :func:`mixed_block_size` and
     :func:`mixed_symmetric`."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     logging.getLogger(mnb.__name__).setLevel(logging.WARNING)
-    for bits in sorted({b for b in plan.values() if b}):
-        chosen = {name for name, b in plan.items() if b == bits}
+
+    def layout(name: str) -> tuple[int, int, bool]:
+        bits = plan[name]
+        if not mixed:
+            return bits, settings.block_size, settings.symmetric
+        kind = module_kind(name)
+        return bits, mixed_block_size(bits, settings, kind), mixed_symmetric(bits, settings)
+
+    groups: dict[tuple[int, int, bool], set[str]] = {}
+    for name, bits in plan.items():
+        if bits:
+            groups.setdefault(layout(name), set()).add(name)
+    for (bits, block_size, symmetric), chosen in sorted(groups.items()):
         config = mnb.DefaultWeightOnlyQuantConfig(
-            block_size=mixed_block_size(bits, settings) if mixed else settings.block_size,
-            is_symmetric=mixed_symmetric(bits, settings) if mixed else settings.symmetric,
+            block_size=block_size,
+            is_symmetric=symmetric,
             accuracy_level=settings.accuracy_level or None,
             bits=bits,
         )
