@@ -374,7 +374,7 @@ def _add_export(sub, parser_class) -> None:
         "--calibration",
         type=Path,
         help="text or JSONL for GPTQ (default: the fine-tuning data named in the checkpoint's "
-        "provenance, else a shipped mixed-domain text)",
+        "provenance, else text sampled from the model itself)",
     )
     o.add_argument(
         "--graph",

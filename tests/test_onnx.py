@@ -322,7 +322,7 @@ def test_gptq_keeps_layer_outputs_closer_than_rounding():
 def test_int4_records_its_calibration(onnx_export):
     record = json.loads((onnx_export.out / "edgeft.json").read_text())
     assert record["settings"]["quantization"]["algorithm"] == "gptq"
-    assert record["settings"]["calibration"] == "a shipped mixed-domain text"
+    assert record["settings"]["calibration"] == "text sampled from the model"
     assert any("GPTQ" in note for note in record["results"]["notes"])
 
 
@@ -402,3 +402,18 @@ def test_tied_table_with_an_8bit_lm_head_is_stored_once(tiny_llama, tmp_path):
     (head,) = [n for n in graph.graph.node if n.name.startswith("/lm_head/")]
     assert producers[gather.input[0]].input[0] == head.input[1]
     assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)
+
+
+def test_calibration_sampled_from_the_model_is_repeatable(tiny, monkeypatch):
+    """Without calibration data GPTQ calibrates on the model's own samples: the same text on
+    every export, at about the token budget."""
+    from transformers import AutoTokenizer
+
+    from edgeft.export.onnx import gptq
+
+    monkeypatch.setattr(gptq, "CALIBRATION_MAX_TOKENS", 600)
+    first, second = gptq.sampled_texts(tiny), gptq.sampled_texts(tiny)
+    assert first == second and len(first) == 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in first)
+    assert tokens > 300

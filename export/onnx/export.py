@@ -266,7 +266,9 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
 
     ``calibration`` is a UTF-8 text or a JSONL dataset (rendered through the chat template).
     Without it: the data the checkpoint was fine-tuned on, when its provenance names a file
-    that still has the recorded sha256; else a shipped mixed-domain text.
+    that still has the recorded sha256; else text sampled from the checkpoint itself
+    (:func:`~edgeft.export.onnx.gptq.sampled_texts`); else, when its tokenizer has no token
+    to start from, a shipped mixed-domain text.
     """
     from importlib import resources
 
@@ -282,6 +284,15 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         except (ModelError, KeyError, TypeError):
             calibration = None
     if calibration is None:
+        from edgeft.export.onnx.gptq import sampled_texts
+
+        logger.info(
+            "no calibration data (no --calibration, no fine-tuning data in the provenance): "
+            "sampling calibration text from the model itself"
+        )
+        texts = sampled_texts(model)
+        if texts:
+            return texts, "text sampled from the model"
         text = resources.files("edgeft").joinpath("assets/eval/calibration.txt").read_text("utf-8")
         return [text], "a shipped mixed-domain text"
     calibration = Path(calibration)

@@ -50,6 +50,52 @@ def _calibration_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
     return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
 
 
+# Without calibration data, GPTQ calibrates on text sampled from the checkpoint itself: on the
+# demo's SmolLM2 (no provenance), 16k sampled tokens gave int4 mean KL 0.110 on the cooking
+# text and 0.146 on the held-out answers, against 0.164 and 0.188 for a 1k-token shipped
+# mixed-domain text and 0.232 and 0.204 for round-to-nearest.
+SAMPLE_BATCH = 16
+SAMPLE_SEED = 0
+
+
+def sampled_texts(model_dir: Path) -> list[str] | None:
+    """About :data:`CALIBRATION_MAX_TOKENS` tokens sampled from the checkpoint (top-k 50,
+    top-p 0.95, a fixed seed), in sequences of up to :data:`CHUNK_TOKENS`; ``None`` when the
+    tokenizer has no token to start from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    ).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or CHUNK_TOKENS + 1
+    length = min(CHUNK_TOKENS, context - 1)
+    sequences = -(-CALIBRATION_MAX_TOKENS // length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    texts: list[str] = []
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(SAMPLE_SEED)
+        for first in range(0, sequences, SAMPLE_BATCH):
+            prompt = torch.full((min(SAMPLE_BATCH, sequences - first), 1), start)
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                top_k=50,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                pad_token_id=pad,
+            )
+            texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    return texts
+
+
 def calibrated_weights(
     model_dir: Path, texts: Sequence[str], bits: dict[str, int], settings
 ) -> dict[str, tuple]:
