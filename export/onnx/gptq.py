@@ -51,9 +51,9 @@ def _calibration_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
 
 
 # Without calibration data, GPTQ calibrates on text sampled from the checkpoint itself: on the
-# demo's SmolLM2 (no provenance), 16k sampled tokens gave int4 mean KL 0.110 on the cooking
-# text and 0.146 on the held-out answers, against 0.164 and 0.188 for a 1k-token shipped
-# mixed-domain text and 0.232 and 0.204 for round-to-nearest.
+# demo's SmolLM2 (no provenance), 16k sampled tokens gave int4 mean KL 0.094 on the cooking
+# text and 0.167 on the held-out answers, against 0.164 and 0.188 for a 1k-token shipped
+# mixed-domain text and 0.232 and 0.204 for round-to-nearest (benchmarks/README.md).
 SAMPLE_BATCH = 16
 SAMPLE_SEED = 0
 
