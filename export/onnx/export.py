@@ -29,7 +29,6 @@ from edgeft.export.onnx.quantize import (
     bits_plan,
     dynamic_int8,
     fold_transposed_weights,
-    mixed_block_size,
     pack_qkv,
     quantize_embeddings,
     quantize_weights,
@@ -344,14 +343,7 @@ def _make_folder(
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)
         if embeddings != "fp32":
-            bits = 8 if embeddings == "int8" else 4
-            # In blocks like the lm_head's, so that a tied table is stored once.
-            block_size = (
-                mixed_block_size(bits, settings, "lm_head")
-                if quant == "int4"
-                else settings.block_size
-            )
-            quantize_embeddings(model, bits, block_size)
+            quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         pack_qkv(model)
         check_finite_initializers(model, folder)
         _save(model, folder)

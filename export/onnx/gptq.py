@@ -120,7 +120,7 @@ def calibrated_weights(
 
     def block_size(name: str) -> int:
         """The 4-bit block size of module ``name`` (``model.layers.0.mlp.up_proj``)."""
-        return settings.four_bit_block(name.rsplit(".", 1)[-1])
+        return mixed_block_size(4, settings, name.rsplit(".", 1)[-1])
 
     chunks = _calibration_ids(model_dir, texts)
     model = AutoModelForCausalLM.from_pretrained(

@@ -67,11 +67,6 @@ class QuantSettings:
     algorithm: str = "gptq"
     module_blocks: tuple[tuple[str, int], ...] = ()
 
-    def four_bit_block(self, kind: str | None) -> int:
-        """Block size of a 4-bit ``kind`` matrix (``gate_proj``, ``lm_head``...) in the int4
-        folder."""
-        return dict(self.module_blocks).get(kind, self.block_size)
-
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
         if self.embeddings is not None:
@@ -147,10 +142,10 @@ def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None
     for no measurable error at 8 bits; that buys room for more 8-bit matrices. Larger blocks
     do cost: at accuracy level 4 the activations are quantized per block too, and SmolLM2's
     int4 folder with 8-bit blocks of 128 measured mean KL 0.129 against 0.109. The 4-bit ones
-    follow :meth:`QuantSettings.four_bit_block`."""
+    use ``module_blocks`` for their kind (``gate_proj``, ``lm_head``...), else ``block_size``."""
     if bits == 8:
         return max(settings.block_size, MIXED_INT8_BLOCK)
-    return settings.four_bit_block(kind)
+    return dict(settings.module_blocks).get(kind, settings.block_size)
 
 
 def mixed_symmetric(bits: int, settings: QuantSettings) -> bool:
@@ -266,25 +261,25 @@ def _drop_unused_initializers(model) -> None:
         model.graph.initializer.remove(init)
 
 
-def _tied_lm_head(model, table: str, bits: int, block_size: int):
-    """The MatMulNBits lm_head quantized from ``table`` with the same bits and block size."""
+def _tied_lm_head(model, table: str, bits: int):
+    """The MatMulNBits lm_head quantized from ``table`` with ``bits``, and its block size."""
     for node in model.graph.node:
         attrs = {a.name: a.i for a in node.attribute}
         if (
             node.op_type == "MatMulNBits"
             and node.input[1].startswith(f"{table}_transposed")
             and attrs.get("bits") == bits
-            and attrs.get("block_size") == block_size
         ):
-            return node
-    return None
+            return node, attrs["block_size"]
+    return None, None
 
 
 def quantize_embeddings(model, bits: int, block_size: int) -> int:
     """Replace the embedding Gather by a GatherBlockQuantized of ``bits`` (in place).
 
-    A tied table whose lm_head was quantized with the same bits and block size shares the
-    lm_head's codes, scales and zero points (one copy on disk; the layouts agree row by row).
+    A tied table whose lm_head was quantized with the same bits shares the lm_head's codes,
+    scales and zero points, in the lm_head's blocks (one copy on disk; the layouts agree row
+    by row); any other table is quantized in blocks of ``block_size``.
 
     Returns:
         The number of tables quantized (0 when the rows do not split into whole blocks).
@@ -297,16 +292,18 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
         table = weights.get(node.input[0]) if node.op_type == "Gather" else None
         if table is None or len(table.dims) != 2 or "embed" not in table.name:
             continue
-        if table.dims[1] % block_size:
+        lm_head, block = _tied_lm_head(model, table.name, bits)
+        if lm_head is None:
+            block = block_size
+        if table.dims[1] % block:
             continue
-        lm_head = _tied_lm_head(model, table.name, bits, block_size)
         if lm_head is not None:
             codes, scales = f"{table.name}_shared_q{bits}", lm_head.input[2]
             if len(lm_head.input) > 3 and lm_head.input[3]:
                 zero = lm_head.input[3]
             else:  # symmetric: MatMulNBits' implied zero point, 2^(bits-1), made explicit
                 zero = f"{codes}_zero_points"
-                groups = table.dims[1] // block_size
+                groups = table.dims[1] // block
                 fill = np.full((table.dims[0], groups), 1 << (bits - 1), np.uint8)
                 model.graph.initializer.append(
                     numpy_helper.from_array(_pack_nibbles(fill) if bits == 4 else fill, zero)
@@ -322,7 +319,7 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
             index += 1
         else:
             quantized, scale_values, zero_values = _block_quantize(
-                numpy_helper.to_array(table), bits, block_size
+                numpy_helper.to_array(table), bits, block
             )
             if bits == 4:
                 quantized, zero_values = _pack_nibbles(quantized), _pack_nibbles(zero_values)
@@ -343,7 +340,7 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
             domain="com.microsoft",
             gather_axis=0,
             quantize_axis=1,
-            block_size=block_size,
+            block_size=block,
             bits=bits,
         )
         model.graph.node.remove(node)
