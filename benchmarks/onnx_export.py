@@ -3,9 +3,10 @@ measured side by side in one run.
 
     python benchmarks/onnx_export.py --model edgeft-demo/merged
 
-- edgeft: ``edgeft export onnx`` fp32, int8, int4 (default settings, fused graph), and int4
+- edgeft: ``edgeft export onnx`` fp32, int8, int4 (default settings, fused graph); int4
   with gate and up in 4-bit blocks of 64 (``--module-blocks gate_proj=64,up_proj=64``: faster,
-  less accurate);
+  less accurate); and int4 with the norm weights as trained (``--norm-epochs 0``: what norm
+  tuning adds);
 - onnxruntime-genai's builder, int4 and int8, built in its own virtual environment (it needs
   transformers 5; see ``onnx_builder_reference.py``);
 - llama.cpp Q8_0 and Q4_K_M from ``edgeft export gguf``.
@@ -39,6 +40,8 @@ from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builde
 # The faster int4 variant measured beside the default one.
 FAST_BLOCKS = (("gate_proj", 64), ("up_proj", 64))
 FAST = "edgeft int4, gate/up blocks of 64"
+# The default int4 recipe without norm tuning, measured beside it.
+UNTUNED = "edgeft int4, norms as trained"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -184,6 +187,8 @@ def main() -> None:
         export_seconds = time.perf_counter() - start
         faster = QuantSettings(module_blocks=FAST_BLOCKS)
         export_onnx(model, work / "edgeft-fast", ("int4",), settings=faster)
+        untuned = QuantSettings(norm_epochs=0)
+        export_onnx(model, work / "edgeft-untuned", ("int4",), settings=untuned)
         builder_info = ensure_builder_venv(args.builder_venv)
         python = args.builder_venv / "bin" / "python"
         (work / "builder").mkdir()
@@ -195,6 +200,7 @@ def main() -> None:
             for f in ours.folders
         }
         artifacts[FAST] = ("onnxruntime-genai", work / "edgeft-fast" / "int4")
+        artifacts[UNTUNED] = ("onnxruntime-genai", work / "edgeft-untuned" / "int4")
         for precision, build in builds.items():
             view = with_our_tokenizer(Path(build["folder"]), model, work)
             artifacts[f"genai builder {precision}"] = ("onnxruntime-genai", view)
@@ -313,6 +319,10 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{a[FAST]['decode_vs_builder_int4']:.3f}× the builder's, KL {a[FAST]['mean_kl']:.4f} "
         f"(held-out {a[FAST]['heldout_mean_kl']:.4f} against Q4_K_M's "
         f"{q4['heldout_mean_kl']:.4f}).",
+        "",
+        f"Norm tuning (edgeft int4 against {UNTUNED}, the same GPTQ weights): mean KL "
+        f"{a[UNTUNED]['mean_kl']:.4f} → {int4['mean_kl']:.4f}, held-out "
+        f"{a[UNTUNED]['heldout_mean_kl']:.4f} → {int4['heldout_mean_kl']:.4f}.",
     ]
     b = results["builder"]
     lines += [

@@ -371,6 +371,14 @@ def _add_export(sub, parser_class) -> None:
         "(default %(default)s)",
     )
     o.add_argument(
+        "--norm-epochs",
+        type=int,
+        default=q.norm_epochs,
+        help="passes over the calibration text that tune the int4 folder's RMSNorm weights "
+        "after GPTQ, matching the checkpoint's next-token distribution (default "
+        "%(default)s; 0 to skip)",
+    )
+    o.add_argument(
         "--calibration",
         type=Path,
         help="text or JSONL for GPTQ (default: the fine-tuning data named in the checkpoint's "
@@ -481,6 +489,7 @@ def _run_export_onnx(args) -> int:
         int8_modules=tuple(_csv(args.int8_modules)),
         algorithm=args.algorithm,
         module_blocks=_module_blocks(args.module_blocks),
+        norm_epochs=args.norm_epochs,
     )
     result = export_onnx(
         args.model,

@@ -193,6 +193,8 @@ def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monke
             "--module-blocks: unknown module 'w_proj'",
         ),
         (QuantSettings(module_blocks=(("up_proj", 48),)), "up_proj=48: the block size must be"),
+        (QuantSettings(norm_epochs=-1), "--norm-epochs must be between 0 and 8; got -1"),
+        (QuantSettings(norm_epochs=20), "--norm-epochs must be between 0 and 8; got 20"),
     ],
 )
 def test_bad_options_are_refused(settings, message, tiny, tmp_path):
@@ -295,6 +297,7 @@ def test_optimum_graph_matches_too(arch, tiny_tokenizer_dir, spm_tokenizer_dir, 
     assert int4.genai_greedy_identical
     config = json.loads((tmp_path / "out" / "int4" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is False
+    assert "norm tuning needs the fused graph" in " ".join(result.notes)
 
 
 def test_gptq_keeps_layer_outputs_closer_than_rounding():
@@ -417,3 +420,59 @@ def test_calibration_sampled_from_the_model_is_repeatable(tiny, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in first)
     assert tokens > 300
+
+
+def test_tuned_norms_bring_the_int4_folder_closer(tiny_llama, tmp_path, monkeypatch):
+    """Norm tuning writes new RMSNorm weights into the int4 graph, and on its calibration text
+    they lower the folder's mean KL against the checkpoint; with 0 passes the graph keeps the
+    checkpoint's norms."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from edgeft.export.onnx import gptq
+
+    monkeypatch.setattr(gptq, "NORM_LEARNING_RATE", 1e-2)  # a visible effect in a few steps
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(CORPUS * 4), encoding="utf-8")
+    trained = load_file(str(tiny_llama / "model.safetensors"))
+    kl, norms = {}, {}
+    for epochs in (0, 3):
+        out = tmp_path / f"out{epochs}"
+        export_onnx(
+            tiny_llama,
+            out,
+            "int4",
+            settings=QuantSettings(norm_epochs=epochs),
+            calibration=calibration,
+            eval_text=SHORT_EVAL,
+        )
+        record = json.loads((out / "edgeft.json").read_text())
+        kl[epochs] = record["results"]["folders"][0]["parity"]["mean_kl"]
+        graph = onnx.load(str(out / "int4" / "model.onnx"))
+        norms[epochs] = {
+            i.name: numpy_helper.to_array(i) for i in graph.graph.initializer if "norm" in i.name
+        }
+        tuned_note = any("norm weights tuned" in n for n in record["results"]["notes"])
+        assert tuned_note == bool(epochs)
+    assert set(norms[0]) == {n for n in trained if n.endswith("norm.weight")}
+    assert all(np.array_equal(norms[0][n], trained[n]) for n in norms[0])
+    assert all(not np.array_equal(norms[3][n], trained[n]) for n in norms[3])
+    assert kl[3] < kl[0]
+
+
+def test_tuned_norms_need_their_initializers():
+    from onnx import helper, numpy_helper
+
+    from edgeft.export.onnx.gptq import set_norm_weights
+
+    graph = helper.make_graph(
+        [], "g", [], [], [numpy_helper.from_array(np.ones(4, np.float32), "model.norm.weight")]
+    )
+    model = helper.make_model(graph)
+    set_norm_weights(model, {"model.norm.weight": np.full(4, 2, np.float32)})
+    assert numpy_helper.to_array(model.graph.initializer[0]).tolist() == [2, 2, 2, 2]
+    with pytest.raises(EdgeftError, match="no initializer model.layers.0.input_layernorm.weight"):
+        set_norm_weights(model, {"model.layers.0.input_layernorm.weight": np.ones(4, np.float32)})
+    with pytest.raises(EdgeftError, match="of shape \\[8\\]"):
+        set_norm_weights(model, {"model.norm.weight": np.ones(8, np.float32)})

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft._io import atomic_dir, sha256_file, write_json
@@ -317,11 +317,15 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         raise EdgeftError(f"{calibration}: cannot read the calibration text: {exc}") from exc
 
 
+def _passes(count: int) -> str:
+    return f"{count} pass" if count == 1 else f"{count} passes"
+
+
 def _make_folder(
     quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrate=None
 ) -> None:
     """Write the ``quant`` folder from the fp32 export. ``calibrate(bits by module)`` returns
-    GPTQ's 4-bit weights by module, for the int4 folder."""
+    GPTQ's 4-bit weights by module and the tuned norm weights, for the int4 folder."""
     if quant == "fp16":
         model = to_fp16(_load(fp32))
         check_finite_initializers(model, folder)
@@ -335,10 +339,11 @@ def _make_folder(
         fold_transposed_weights(model)
         plan = bits_plan(model, quant, settings)
         if quant == "int4" and calibrate is not None:
-            from edgeft.export.onnx.gptq import gptq_matmuls, module_bits
+            from edgeft.export.onnx.gptq import gptq_matmuls, module_bits, set_norm_weights
 
-            results = calibrate(module_bits(plan))
+            results, norms = calibrate(module_bits(plan))
             gptq_matmuls(model, results, settings.accuracy_level, symmetric=settings.symmetric)
+            set_norm_weights(model, norms)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)
@@ -436,6 +441,11 @@ def export_onnx(
     say = progress or (lambda message: logger.info(message))
     settings = settings or QuantSettings()
     settings.check()
+    # Norm tuning follows GPTQ on its calibration text, in the fused graph only: optimum's
+    # trace may merge or rename the norm weights, so there are none to replace by name.
+    untuned = graph == "optimum" and settings.algorithm == "gptq" and settings.norm_epochs > 0
+    if untuned or settings.algorithm != "gptq":
+        settings = replace(settings, norm_epochs=0)
     model, out = Path(model), Path(out)
     types = parse_types(types)
     if graph not in GRAPHS:
@@ -464,8 +474,10 @@ def export_onnx(
 
             texts, calibrated_on = calibration_texts(model, calibration)
 
-            def calibrate(bits: dict[str, int]) -> dict:
+            def calibrate(bits: dict[str, int]) -> tuple[dict, dict]:
                 say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
+                if settings.norm_epochs:
+                    say(f"then tuning the norm weights: {_passes(settings.norm_epochs)} over it")
                 return calibrated_weights(model, texts, bits, settings)
 
         for quant in types:
@@ -523,6 +535,13 @@ def export_onnx(
             shutil.rmtree(fp32)
 
         notes = [f"int4 calibrated (GPTQ) on {calibrated_on}"] if calibrated_on else []
+        if untuned and "int4" in types:
+            notes.append("int4 norm weights as trained: norm tuning needs the fused graph")
+        if calibrated_on and settings.norm_epochs:
+            notes.append(
+                f"int4 norm weights tuned to the checkpoint: {_passes(settings.norm_epochs)} "
+                "over the calibration text"
+            )
         if any(not r.genai_greedy_identical for r in reports):
             odd = ", ".join(r.folder for r in reports if not r.genai_greedy_identical)
             notes.append(f"onnxruntime-genai's greedy answer differs from onnxruntime's in {odd}")

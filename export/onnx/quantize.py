@@ -25,6 +25,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # fp32 activations; 4 quantizes activations to int8 per block (faster, less accurate).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 ALGORITHMS = ("gptq", "rtn")
+MAX_NORM_EPOCHS = 8
 MIXED_INT8_BLOCK = 64
 MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,6 +57,9 @@ class QuantSettings:
             larger blocks decode faster and cost accuracy. On SmolLM2-135M, gate and up in
             blocks of 64 decode 2-7% faster (two runs) for mean KL 0.099 → 0.118; o_proj in
             blocks of 64 costs more than gate and up together (benchmarks/README.md).
+        norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
+            weights after GPTQ, by distillation from the checkpoint
+            (:func:`edgeft.export.onnx.gptq.tune_norms`); 0 leaves them as trained.
     """
 
     block_size: int = 32
@@ -66,6 +70,7 @@ class QuantSettings:
     int8_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "down_proj"))
     algorithm: str = "gptq"
     module_blocks: tuple[tuple[str, int], ...] = ()
+    norm_epochs: int = 1
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
@@ -88,6 +93,10 @@ class QuantSettings:
         if self.algorithm not in ALGORITHMS:
             raise EdgeftError(
                 f"--algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}"
+            )
+        if not 0 <= self.norm_epochs <= MAX_NORM_EPOCHS:
+            raise EdgeftError(
+                f"--norm-epochs must be between 0 and {MAX_NORM_EPOCHS}; got {self.norm_epochs}"
             )
         unknown = [m for m in self.int8_modules if m not in MODULE_KINDS]
         if unknown:
