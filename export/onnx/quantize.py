@@ -55,7 +55,7 @@ class QuantSettings:
             do not use ``block_size``; kinds as in ``int8_modules``, plus ``lm_head``. A speed
             knob: at 2 threads onnxruntime's 4-bit kernel spends much of its time per block, so
             larger blocks decode faster and cost accuracy. On SmolLM2-135M, gate and up in
-            blocks of 64 decode 2-7% faster (two runs) for mean KL 0.099 → 0.118; o_proj in
+            blocks of 64 decode 2-7% faster (three runs) for mean KL 0.103 → 0.117; o_proj in
             blocks of 64 costs more than gate and up together (benchmarks/README.md).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
             weights after GPTQ, by distillation from the checkpoint
