@@ -443,8 +443,9 @@ def export_onnx(
     settings.check()
     # Norm tuning follows GPTQ on its calibration text, in the fused graph only: optimum's
     # trace may merge or rename the norm weights, so there are none to replace by name.
-    untuned = graph == "optimum" and settings.algorithm == "gptq" and settings.norm_epochs > 0
-    if untuned or settings.algorithm != "gptq":
+    calibrated = settings.algorithm == "gptq"
+    untuned = calibrated and graph == "optimum" and settings.norm_epochs > 0
+    if untuned or not calibrated:
         settings = replace(settings, norm_epochs=0)
     model, out = Path(model), Path(out)
     types = parse_types(types)

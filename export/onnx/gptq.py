@@ -5,6 +5,9 @@ a time and spreads each column's rounding error over the columns not yet quantiz
 how the layer's inputs co-vary (H = XᵀX over calibration tokens), so the layer's *outputs* stay
 close on real activations. The block layout is the one MatMulNBits reads: per row, blocks of
 ``block_size`` input values with a float scale and a 4-bit zero point each.
+
+With every matrix rounded, :func:`tune_norms` then fits the RMSNorm weights, which stay in
+float, to the checkpoint's next-token distribution on the same calibration text.
 """
 
 from __future__ import annotations
