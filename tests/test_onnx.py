@@ -250,6 +250,9 @@ def test_cli_export_onnx(tiny, tmp_path, capsys):
         == 2
     )
     assert "'up_proj' is not module=size" in capsys.readouterr().err
+    assert main([*args, "--quant", "int4", "--norm-epochs", "9", "--out", str(tmp_path / "r")]) == 2
+    assert "--norm-epochs must be between 0 and 8; got 9" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_max_length_bounds_genai_context(tiny, tmp_path, capsys):
