@@ -107,7 +107,6 @@ def round_ratios(runs: dict, name: str, reference: str) -> list[float]:
     return [a[1] / b[1] for a, b in zip(runs[name], runs[reference], strict=True)]
 
 
-HELDOUT = Path(__file__).resolve().parents[1] / "edgeft" / "assets" / "cooking" / "heldout.jsonl"
 HELDOUT_CHUNK = 512
 HELDOUT_CHUNKS = 8
 
@@ -117,13 +116,15 @@ def heldout_chunks(model: Path) -> list[list[int]]:
     checkpoint's chat format: up to 8 chunks of 512 tokens."""
     from transformers import AutoTokenizer
 
+    from edgeft.demo import dataset_path
+    from edgeft.evaluate import load_qa
+
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids: list[int] = []
-    for line in HELDOUT.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in load_qa(dataset_path("heldout.jsonl")):
         chat = [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": row["answers"][0]},
+            {"role": "user", "content": row.question},
+            {"role": "assistant", "content": row.answers[0]},
         ]
         ids += tokenizer(
             tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False

@@ -470,7 +470,7 @@ def export_onnx(
         _export_fp32(model, fp32, graph)
         timings["fp32"] = time.perf_counter() - start
         calibrate, calibrated_on = None, None
-        if "int4" in types and settings.algorithm == "gptq":
+        if "int4" in types and calibrated:
             from edgeft.export.onnx.gptq import calibrated_weights
 
             texts, calibrated_on = calibration_texts(model, calibration)
