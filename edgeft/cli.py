@@ -359,9 +359,10 @@ def _add_export(sub, parser_class) -> None:
     o.add_argument(
         "--module-blocks",
         default=",".join(f"{kind}={size}" for kind, size in q.module_blocks),
-        help="4-bit block sizes in the int4 folder that differ from --block-size, as "
-        "module=size pairs, e.g. gate_proj=64,up_proj=64 (faster decode, less accurate); "
-        "modules as for --int8-modules, plus lm_head (default: none)",
+        help="block sizes in the int4 folder that differ from the defaults (--block-size for "
+        "4-bit matrices, 64 for 8-bit ones), as module=size pairs, e.g. "
+        "gate_proj=64,up_proj=64 (faster decode, less accurate); modules as for "
+        "--int8-modules, plus lm_head (default: none)",
     )
     o.add_argument(
         "--algorithm",

@@ -362,12 +362,12 @@ def test_tied_table_is_stored_once(symmetric, algorithm, tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
-def test_module_blocks_set_each_4bit_layout(algorithm, tiny_llama, tmp_path):
-    """Per-module 4-bit block sizes reach each MatMulNBits, and a tied table quantized in the
-    lm_head's blocks is still stored once."""
+def test_module_blocks_set_each_layout(algorithm, tiny_llama, tmp_path):
+    """Per-module block sizes reach each MatMulNBits, 4-bit and 8-bit, and a tied table
+    quantized in the lm_head's blocks is still stored once."""
     import onnx
 
-    blocks = (("gate_proj", 64), ("up_proj", 64), ("lm_head", 64))
+    blocks = (("gate_proj", 64), ("up_proj", 64), ("lm_head", 64), ("down_proj", 128))
     settings = QuantSettings(module_blocks=blocks, algorithm=algorithm)
     result = export_onnx(
         tiny_llama, tmp_path / "out", "int4", settings=settings, eval_text=SHORT_EVAL
@@ -387,7 +387,7 @@ def test_module_blocks_set_each_4bit_layout(algorithm, tiny_llama, tmp_path):
         ("o_proj", 4, 32),
         ("gate_proj", 4, 64),
         ("up_proj", 4, 64),
-        ("down_proj", 8, 64),
+        ("down_proj", 8, 128),
         ("lm_head", 4, 64),
     }
     (gather,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]

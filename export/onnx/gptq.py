@@ -182,7 +182,7 @@ def calibrated_weights(
                 )
                 quantized = dequantized(*results[name])
             else:
-                eight = mixed_block_size(8, settings)
+                eight = mixed_block_size(8, settings, name.rsplit(".", 1)[-1])
                 if weight.shape[1] % eight:
                     eight = settings.block_size
                 symmetric = mixed_symmetric(8, settings)

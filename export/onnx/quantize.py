@@ -51,10 +51,11 @@ class QuantSettings:
             (an 8-bit weight costs about as much time as a 4-bit one, which must be unpacked).
         algorithm: how the int4 folder's 4-bit matrices are rounded: ``gptq`` (calibrated on
             text, see :mod:`edgeft.export.onnx.gptq`) or ``rtn`` (round to nearest).
-        module_blocks: ``(kind, block size)`` pairs for 4-bit matrices in the int4 folder that
-            do not use ``block_size``; kinds as in ``int8_modules``, plus ``lm_head``. A speed
-            knob: at 2 threads onnxruntime's 4-bit kernel spends much of its time per block, so
-            larger blocks decode faster and cost accuracy. On SmolLM2-135M, gate and up in
+        module_blocks: ``(kind, block size)`` pairs for matrices in the int4 folder that do
+            not use the default layout (:func:`mixed_block_size`); kinds as in
+            ``int8_modules``, plus ``lm_head``. A speed knob: at 2 threads onnxruntime's
+            kernels spend much of their time per block, so larger blocks decode faster and
+            cost accuracy. On SmolLM2-135M, gate and up in
             blocks of 64 decode 2-7% faster (three runs) for mean KL 0.103 → 0.117; o_proj in
             blocks of 64 costs more than gate and up together (benchmarks/README.md).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
@@ -146,15 +147,23 @@ def bits_plan(model, quant: str, settings: QuantSettings) -> dict[str, int]:
 
 
 def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None) -> int:
-    """Block size of a ``bits`` matrix of module ``kind`` in the int4 folder. The 8-bit ones
-    use blocks of 64, whose fp32 scales cost half as much (0.08 instead of 0.16 bytes a weight)
-    for no measurable error at 8 bits; that buys room for more 8-bit matrices. Larger blocks
-    do cost: at accuracy level 4 the activations are quantized per block too, and SmolLM2's
-    int4 folder with 8-bit blocks of 128 measured mean KL 0.129 against 0.109. The 4-bit ones
-    use ``module_blocks`` for their kind (``gate_proj``, ``lm_head``...), else ``block_size``."""
+    """Block size of a ``bits`` matrix of module ``kind`` in the int4 folder: ``module_blocks``
+    for its kind where set, else ``block_size`` for the 4-bit ones and blocks of 64 for the
+    8-bit ones, whose fp32 scales cost half as much as 32's (0.08 instead of 0.16 bytes a
+    weight) for no measurable error at 8 bits; that buys room for more 8-bit matrices.
+
+    Larger 8-bit blocks run faster in isolation (onnxruntime's int8 kernel spends much of its
+    time per block: down_proj's 1536-wide rows in blocks of 128 save about 7 µs a layer) but
+    cost through the activations, which accuracy level 4 quantizes in the weight's blocks too.
+    On SmolLM2-135M, down_proj at 128 measured mean KL 0.1025 → 0.1085 on the short text
+    (held-out unchanged) for a whole-folder speed-up this machine could not resolve (0-4% in
+    paired runs), so it is an option (``module_blocks``), not the default."""
+    blocks = dict(settings.module_blocks)
+    if kind in blocks:
+        return blocks[kind]
     if bits == 8:
         return max(settings.block_size, MIXED_INT8_BLOCK)
-    return dict(settings.module_blocks).get(kind, settings.block_size)
+    return settings.block_size
 
 
 def mixed_symmetric(bits: int, settings: QuantSettings) -> bool:
