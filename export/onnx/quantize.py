@@ -55,9 +55,9 @@ class QuantSettings:
             not use the default layout (:func:`mixed_block_size`); kinds as in
             ``int8_modules``, plus ``lm_head``. A speed knob: at 2 threads onnxruntime's
             kernels spend much of their time per block, so larger blocks decode faster and
-            cost accuracy. On SmolLM2-135M, gate and up in
-            blocks of 64 decode 2-7% faster (three runs) for mean KL 0.103 → 0.117; o_proj in
-            blocks of 64 costs more than gate and up together (benchmarks/README.md).
+            cost accuracy. On SmolLM2-135M, gate and up in blocks of 64 decode 2-7% faster
+            (three runs) for mean KL 0.103 → 0.117; o_proj in blocks of 64 costs more than
+            gate and up together (benchmarks/README.md).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
             weights after GPTQ, by distillation from the checkpoint
             (:func:`edgeft.export.onnx.gptq.tune_norms`); 0 leaves them as trained.
@@ -156,8 +156,9 @@ def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None
     time per block: down_proj's 1536-wide rows in blocks of 128 save about 7 µs a layer) but
     cost through the activations, which accuracy level 4 quantizes in the weight's blocks too.
     On SmolLM2-135M, down_proj at 128 measured mean KL 0.1025 → 0.1085 on the short text
-    (held-out unchanged) for a whole-folder speed-up this machine could not resolve (0-4% in
-    paired runs), so it is an option (``module_blocks``), not the default."""
+    (held-out unchanged) for a whole-folder speed-up this machine could not resolve (−2% to
+    +4.5% in nine paired runs, +1.5% on average), so it is an option (``module_blocks``),
+    not the default."""
     blocks = dict(settings.module_blocks)
     if kind in blocks:
         return blocks[kind]
