@@ -123,9 +123,9 @@ def calibrated_weights(
 
     from edgeft.export.onnx.quantize import _block_quantize, mixed_block_size, mixed_symmetric
 
-    def block_size(name: str) -> int:
-        """The 4-bit block size of module ``name`` (``model.layers.0.mlp.up_proj``)."""
-        return mixed_block_size(4, settings, name.rsplit(".", 1)[-1])
+    def block_size(name: str, bits: int = 4) -> int:
+        """The block size of module ``name`` (``model.layers.0.mlp.up_proj``) at ``bits``."""
+        return mixed_block_size(bits, settings, name.rsplit(".", 1)[-1])
 
     chunks = _calibration_ids(model_dir, texts)
     model = AutoModelForCausalLM.from_pretrained(
@@ -182,7 +182,7 @@ def calibrated_weights(
                 )
                 quantized = dequantized(*results[name])
             else:
-                eight = mixed_block_size(8, settings, name.rsplit(".", 1)[-1])
+                eight = block_size(name, 8)
                 if weight.shape[1] % eight:
                     eight = settings.block_size
                 symmetric = mixed_symmetric(8, settings)
