@@ -325,6 +325,21 @@ def test_gptq_keeps_layer_outputs_closer_than_rounding():
     assert calibrated < 0.8 * rounded
 
 
+def test_symmetric_blocks_use_the_lowest_code_for_the_extreme():
+    import torch
+
+    from edgeft.export.onnx.gptq import _group_params
+
+    # One row whose largest magnitude is positive, one negative: mapped to code 0 (-8 times a
+    # scale of either sign), the step is peak/8 instead of peak/7.
+    rows = torch.tensor([[1.6, -0.8, 0.4, 0.0, 0.2, -1.4], [-1.6, 0.8, -0.4, 0.0, -0.2, 1.4]])
+    scale, zero = _group_params(rows, 4, symmetric=True)
+    assert (zero == 8).all()
+    assert torch.allclose(scale, torch.tensor([-0.2, 0.2]))
+    codes = torch.clamp(torch.round(rows / scale[:, None]) + 8, 0, 15)
+    assert torch.allclose((codes - 8) * scale[:, None], rows, atol=1e-6)
+
+
 def test_int4_records_its_calibration(onnx_export):
     record = json.loads((onnx_export.out / "edgeft.json").read_text())
     assert record["settings"]["quantization"]["algorithm"] == "gptq"

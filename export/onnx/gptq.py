@@ -302,7 +302,9 @@ def _group_params(w, bits: int, importance=None, symmetric: bool = False):
     """Per row of ``w``: the scale and integer zero point, among a few clipped ranges, with
     the least rounding error (squared, weighted per column by ``importance``: the mean squared
     input of that column, so errors on busy inputs count more). Symmetric rows keep the zero
-    point 2^(bits-1) that MatMulNBits implies without one."""
+    point 2^(bits-1) that MatMulNBits implies without one, and also try scales that put the
+    row's extreme on the lowest code (a negative scale for a positive extreme), which uses all
+    2^bits codes."""
     import torch
 
     top = (1 << bits) - 1
@@ -310,10 +312,16 @@ def _group_params(w, bits: int, importance=None, symmetric: bool = False):
     low = torch.clamp(w.min(dim=1).values, max=0)
     high = torch.clamp(w.max(dim=1).values, min=0)
     peak = torch.maximum(-low, high)
+    # The value of largest magnitude, with its sign: a symmetric scale of -extreme / 2^(bits-1)
+    # maps it to the lowest code, so all 2^bits codes are used (llama.cpp's Q4_0 does this).
+    extreme = torch.where(high >= -low, high, low)
+    candidates = [(shrink, False) for shrink in RANGE_SHRINK]
+    if symmetric:
+        candidates += [(shrink, True) for shrink in RANGE_SHRINK]
     best_scale = best_zero = best_error = None
-    for shrink in RANGE_SHRINK:
+    for shrink, signed in candidates:
         if symmetric:
-            scale = peak * shrink / (middle - 1)
+            scale = -extreme * shrink / middle if signed else peak * shrink / (middle - 1)
             scale[scale == 0] = 1.0
             zero = torch.full_like(scale, middle)
         else:
