@@ -386,6 +386,14 @@ def _add_export(sub, parser_class) -> None:
         "provenance, else text sampled from the model itself)",
     )
     o.add_argument(
+        "--sampled-tokens",
+        type=int,
+        default=q.sampled_tokens,
+        help="tokens of text sampled from the model that GPTQ and norm tuning also calibrate "
+        "on, after the fine-tuning data or --calibration, so that the int4 folder fits that "
+        "one domain less (default %(default)s: none; e.g. 16384)",
+    )
+    o.add_argument(
         "--graph",
         choices=["fused", "optimum"],
         default="fused",
@@ -491,6 +499,7 @@ def _run_export_onnx(args) -> int:
         algorithm=args.algorithm,
         module_blocks=_module_blocks(args.module_blocks),
         norm_epochs=args.norm_epochs,
+        sampled_tokens=args.sampled_tokens,
     )
     result = export_onnx(
         args.model,

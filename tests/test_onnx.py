@@ -195,6 +195,8 @@ def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monke
         (QuantSettings(module_blocks=(("up_proj", 48),)), "up_proj=48: the block size must be"),
         (QuantSettings(norm_epochs=-1), "--norm-epochs must be between 0 and 8; got -1"),
         (QuantSettings(norm_epochs=20), "--norm-epochs must be between 0 and 8; got 20"),
+        (QuantSettings(sampled_tokens=-1), "--sampled-tokens must be 0 or between 64 and"),
+        (QuantSettings(sampled_tokens=10), "--sampled-tokens must be 0 or between 64 and"),
     ],
 )
 def test_bad_options_are_refused(settings, message, tiny, tmp_path):
@@ -425,15 +427,14 @@ def test_tied_table_with_an_8bit_lm_head_is_stored_once(tiny_llama, tmp_path):
     assert not any(i.name == "model.embed_tokens.weight" for i in graph.graph.initializer)
 
 
-def test_calibration_sampled_from_the_model_is_repeatable(tiny, monkeypatch):
+def test_calibration_sampled_from_the_model_is_repeatable(tiny):
     """Without calibration data GPTQ calibrates on the model's own samples: the same text on
     every export, at about the token budget."""
     from transformers import AutoTokenizer
 
     from edgeft.export.onnx import gptq
 
-    monkeypatch.setattr(gptq, "CALIBRATION_MAX_TOKENS", 600)
-    first, second = gptq.sampled_texts(tiny), gptq.sampled_texts(tiny)
+    first, second = gptq.sampled_texts(tiny, 600), gptq.sampled_texts(tiny, 600)
     assert first == second and len(first) == 2
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in first)
@@ -477,6 +478,47 @@ def test_tuned_norms_bring_the_int4_folder_closer(tiny_llama, tmp_path, monkeypa
     assert all(np.array_equal(norms[0][n], trained[n]) for n in norms[0])
     assert all(not np.array_equal(norms[3][n], trained[n]) for n in norms[3])
     assert kl[3] < kl[0]
+
+
+def test_calibration_data_is_joined_by_sampled_text(tiny_llama, tmp_path, monkeypatch):
+    """With calibration data, GPTQ and norm tuning also see text sampled from the model (as
+    many tokens as asked, about), and the record says so; with 0 tokens, the data alone."""
+    from transformers import AutoTokenizer
+
+    from edgeft.export.onnx import gptq
+
+    seen = []
+    calibrated_weights = gptq.calibrated_weights
+
+    def spy(model_dir, texts, bits, settings, sampled=()):
+        seen.append(sampled)
+        return calibrated_weights(model_dir, texts, bits, settings, sampled)
+
+    monkeypatch.setattr(gptq, "calibrated_weights", spy)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(CORPUS * 4), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    for tokens in (600, 0):
+        out = tmp_path / f"out{tokens}"
+        settings = QuantSettings(sampled_tokens=tokens, norm_epochs=0)
+        export_onnx(
+            tiny_llama,
+            out,
+            "int4",
+            settings=settings,
+            calibration=calibration,
+            eval_text=SHORT_EVAL,
+        )
+        record = json.loads((out / "edgeft.json").read_text())
+        sampled = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in seen[-1])
+        if tokens:
+            assert record["settings"]["calibration"].endswith(
+                "calibration.txt, plus 600 tokens of text sampled from the model"
+            )
+            assert sampled > 300
+        else:
+            assert record["settings"]["calibration"].endswith("calibration.txt")
+            assert sampled == 0
 
 
 def test_tuned_norms_need_their_initializers():

@@ -242,6 +242,7 @@ def _op_counts(folder: Path) -> dict[str, int]:
 
 
 GRAPHS = ("fused", "optimum")
+SAMPLED = "text sampled from the model"
 
 
 def _export_fp32(model: Path, folder: Path, graph: str) -> None:
@@ -291,7 +292,7 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         )
         texts = sampled_texts(model)
         if texts:
-            return texts, "text sampled from the model"
+            return texts, SAMPLED
         text = resources.files("edgeft").joinpath("assets/eval/calibration.txt").read_text("utf-8")
         return [text], "a shipped mixed-domain text"
     calibration = Path(calibration)
@@ -474,12 +475,20 @@ def export_onnx(
             from edgeft.export.onnx.gptq import calibrated_weights
 
             texts, calibrated_on = calibration_texts(model, calibration)
+            sampled = []
+            if settings.sampled_tokens and calibrated_on != SAMPLED:
+                from edgeft.export.onnx.gptq import sampled_texts
+
+                say(f"sampling {settings.sampled_tokens} tokens of calibration text from {model}")
+                sampled = sampled_texts(model, settings.sampled_tokens) or []
+                if sampled:
+                    calibrated_on += f", plus {settings.sampled_tokens} tokens of {SAMPLED}"
 
             def calibrate(bits: dict[str, int]) -> tuple[dict, dict]:
                 say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
                 if settings.norm_epochs:
                     say(f"then tuning the norm weights: {_passes(settings.norm_epochs)} over it")
-                return calibrated_weights(model, texts, bits, settings)
+                return calibrated_weights(model, texts, bits, settings, sampled)
 
         for quant in types:
             if quant == "fp32":

@@ -38,16 +38,18 @@ class _Captured(Exception):
     """Raised by the hook that records the first decoder layer's inputs, to stop the forward."""
 
 
-def _calibration_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
+def _calibration_ids(
+    model_dir: Path, texts: Sequence[str], limit: int = CALIBRATION_MAX_TOKENS
+) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= CALIBRATION_MAX_TOKENS:
+        if len(ids) >= limit:
             break
-    ids = ids[:CALIBRATION_MAX_TOKENS]
+    ids = ids[:limit]
     if len(ids) < 64:
         raise EdgeftError(f"the calibration text has {len(ids)} tokens; give at least 64")
     return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
@@ -61,10 +63,10 @@ SAMPLE_BATCH = 16
 SAMPLE_SEED = 0
 
 
-def sampled_texts(model_dir: Path) -> list[str] | None:
-    """About :data:`CALIBRATION_MAX_TOKENS` tokens sampled from the checkpoint (top-k 50,
-    top-p 0.95, a fixed seed), in sequences of up to :data:`CHUNK_TOKENS`; ``None`` when the
-    tokenizer has no token to start from."""
+def sampled_texts(model_dir: Path, tokens: int = CALIBRATION_MAX_TOKENS) -> list[str] | None:
+    """About ``tokens`` tokens sampled from the checkpoint (top-k 50, top-p 0.95, a fixed
+    seed), in sequences of up to :data:`CHUNK_TOKENS`; ``None`` when the tokenizer has no token
+    to start from."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +79,7 @@ def sampled_texts(model_dir: Path) -> list[str] | None:
     ).eval()
     context = getattr(model.config, "max_position_embeddings", None) or CHUNK_TOKENS + 1
     length = min(CHUNK_TOKENS, context - 1)
-    sequences = -(-CALIBRATION_MAX_TOKENS // length)
+    sequences = -(-tokens // length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     texts: list[str] = []
     with torch.random.fork_rng(), torch.inference_mode():
@@ -100,7 +102,11 @@ def sampled_texts(model_dir: Path) -> list[str] | None:
 
 
 def calibrated_weights(
-    model_dir: Path, texts: Sequence[str], bits: dict[str, int], settings
+    model_dir: Path,
+    texts: Sequence[str],
+    bits: dict[str, int],
+    settings,
+    sampled: Sequence[str] = (),
 ) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
     """Quantize a checkpoint's Linear weights layer by layer on calibration text.
 
@@ -112,6 +118,9 @@ def calibrated_weights(
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
         settings: the :class:`~edgeft.export.onnx.quantize.QuantSettings` (block sizes).
+        sampled: text sampled from the checkpoint (:func:`sampled_texts`), calibrated on
+            after ``texts`` (which are capped at :data:`CALIBRATION_MAX_TOKENS` tokens), up to
+            ``settings.sampled_tokens`` tokens.
 
     Returns:
         ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules, and
@@ -128,6 +137,8 @@ def calibrated_weights(
         return mixed_block_size(bits, settings, name.rsplit(".", 1)[-1])
 
     chunks = _calibration_ids(model_dir, texts)
+    if sampled:
+        chunks += _calibration_ids(model_dir, sampled, settings.sampled_tokens)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     ).eval()
