@@ -324,7 +324,8 @@ def _group_params(w, bits: int, importance=None, symmetric: bool = False):
     high = torch.clamp(w.max(dim=1).values, min=0)
     peak = torch.maximum(-low, high)
     # The value of largest magnitude, with its sign: a symmetric scale of -extreme / 2^(bits-1)
-    # maps it to the lowest code, so all 2^bits codes are used (llama.cpp's Q4_0 does this).
+    # maps it to the lowest code, so all 2^bits codes are used (as onnxruntime's own quantizer
+    # and llama.cpp's Q4_0 round).
     extreme = torch.where(high >= -low, high, low)
     candidates = [(shrink, False) for shrink in RANGE_SHRINK]
     if symmetric:
