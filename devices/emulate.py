@@ -1,10 +1,11 @@
 """Emulating a device profile on the host, and predicting what the host cannot emulate.
 
-The bench worker calls :func:`apply_emulation` before it loads a model: it pins the process to
-as many CPUs as the device has decode threads and caps its address space near the device's
-per-app memory. What a host cannot reproduce (memory bandwidth, microarchitecture, big.LITTLE
-scheduling, accelerators, throttling) is listed in ``not_emulated``; decode speed is predicted
-from the bandwidth figures instead (:func:`roofline_decode_tok_s`, :func:`scaled_decode_tok_s`).
+The bench worker calls :func:`apply_emulation` after it imports the runtime and before it loads
+a model: it pins the process to as many CPUs as the device has decode threads and caps the
+address space the app adds to the runtime's libraries near the device's per-app memory. What a
+host cannot reproduce (memory bandwidth, microarchitecture, big.LITTLE scheduling,
+accelerators, throttling) is listed in ``not_emulated``; decode speed is predicted from the
+bandwidth figures instead (:func:`roofline_decode_tok_s`, :func:`scaled_decode_tok_s`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from edgeft.devices import Profile
 GB = 10**9
 
 # The address-space cap (RLIMIT_AS) counts virtual memory, which is far more than what is
-# resident. Measured on Linux x86_64 (glibc, Python 3.11, numpy 2.4, onnxruntime 1.32,
-# llama-cpp-python 0.3.36, torch 2.13 CPU): importing numpy + onnxruntime + llama_cpp peaks at
-# 0.21 GB of address space; adding torch, 0.69 GB; every runtime thread reserves ~72 MiB more
-# (a 64 MiB glibc malloc arena and an 8 MiB stack), so torch at 8 threads reaches 1.3 GB and an
-# onnxruntime session at 8 threads on top 1.9-2.0 GB. Loading SmolLM2-135M Q4_1 with llama.cpp
-# (n_ctx 4096, 8 threads) peaks at 0.82 GB. A cap below this floor breaks imports with "failed
-# to map segment from shared object", so the cap never goes below it. Every shipped profile
-# allows an app 3 GB or more, so the floor only matters for user profiles.
+# resident. It is set after the runtime's libraries are imported and sits that far above them
+# (:func:`address_space_cap`): code a phone app does not carry (torch's CUDA build maps 3-5 GB
+# of libtorch_cuda, cuBLAS and cuDNN at import, on machines without a GPU too) must not eat the
+# budget. What stays counted is what the app does: the model, its KV cache, arenas and thread
+# stacks. Measured on Linux x86_64 (glibc, Python 3.11, onnxruntime 1.32, llama-cpp-python
+# 0.3.36, torch 2.13 CPU): every runtime thread reserves ~72 MiB (a 64 MiB glibc malloc arena
+# and an 8 MiB stack), so 8 threads reserve ~0.6 GB before any model loads, and a cap below
+# this floor fails on reservations no app would make. Every shipped profile allows an app 3 GB
+# or more, so the floor only matters for user profiles.
 ADDRESS_SPACE_FLOOR_BYTES = int(2.5 * GB)
 
 # Always true of an emulation on a host: the runtime runs on the host's own cores and memory.
@@ -51,7 +53,7 @@ class Emulation:
 
     threads: int
     cpus: list[int] | None  # CPU ids to pin to; None: no pinning
-    memory_limit_bytes: int | None  # RLIMIT_AS soft limit; None: no cap
+    memory_limit_bytes: int | None  # address space above the libraries (RLIMIT_AS); None: none
     applied: list[str]
     not_emulated: list[str]
 
@@ -149,17 +151,26 @@ def plan_emulation(
         )
     elif app_bytes >= ADDRESS_SPACE_FLOOR_BYTES:
         memory_limit = app_bytes
-        applied.append(f"memory capped at {app_bytes / GB:.1f} GB of address space (RLIMIT_AS)")
+        applied.append(
+            f"memory capped at {app_bytes / GB:.1f} GB of address space above the runtime's "
+            "libraries (RLIMIT_AS)"
+        )
     else:
         memory_limit = ADDRESS_SPACE_FLOOR_BYTES
         applied.append(
-            f"memory capped at {memory_limit / GB:.1f} GB of address space (RLIMIT_AS), the "
-            "floor that runtime imports and thread reservations need"
+            f"memory capped at {memory_limit / GB:.1f} GB of address space above the runtime's "
+            "libraries (RLIMIT_AS), the floor that thread reservations need"
         )
         not_emulated.append(
             f"app memory {profile.app_memory_gb:g} GB: below the "
             f"{memory_limit / GB:.1f} GB address-space floor; only the peak-RSS budget "
             "checks it"
+        )
+    if memory_limit is not None:
+        not_emulated.append(
+            "the runtime's own code: the cap counts the address space mapped above its "
+            "libraries, since the host's builds (torch's CUDA build maps several GB) are not "
+            "what an app ships"
         )
     return Emulation(
         threads=threads,
@@ -183,8 +194,34 @@ def _pin_all_threads(cpus: list[int]) -> None:
     os.sched_setaffinity(0, cpus)
 
 
+def library_bytes() -> int:
+    """Address space this process has mapped from shared libraries (``*.so*`` files in
+    ``/proc/self/maps``); 0 where the OS does not tell."""
+    total = 0
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and ".so" in os.path.basename(fields[5].rstrip("\n")):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    total += end - start
+    except OSError:
+        return 0
+    return total
+
+
+def address_space_cap(emulation: Emulation) -> int | None:
+    """The RLIMIT_AS :func:`apply_emulation` sets now: the planned memory limit above the
+    shared libraries already mapped (``None``: no cap planned)."""
+    if emulation.memory_limit_bytes is None:
+        return None
+    return emulation.memory_limit_bytes + library_bytes()
+
+
 def apply_emulation(emulation: Emulation) -> list[str]:
-    """Apply CPU pinning and the memory cap to this process, before the model loads.
+    """Apply CPU pinning and the memory cap to this process, after the runtime's libraries are
+    imported and before the model loads: the cap counts what the app allocates on top of the
+    libraries (:func:`address_space_cap`).
 
     Never raises for an unsupported platform or a refused limit.
 
@@ -197,8 +234,8 @@ def apply_emulation(emulation: Emulation) -> list[str]:
             _pin_all_threads(emulation.cpus)
         except (AttributeError, OSError, ValueError) as exc:
             failed.append(f"pinning to CPUs {_cpu_ranges(emulation.cpus)} failed: {exc}")
-    if emulation.memory_limit_bytes is not None:
-        cap = emulation.memory_limit_bytes
+    cap = address_space_cap(emulation)
+    if cap is not None:
         try:
             import resource
 

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from importlib import resources
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.parity import Parity, compare_logits, first_divergence, perplexity
+from edgeft.parity import (
+    Parity,
+    compare_logits,
+    first_divergence,
+    perplexity,
+    top1_off_ties,
+)
 
 EVAL_MAX_TOKENS = 512
 GREEDY_TOKENS = 32
@@ -59,10 +65,21 @@ class Measurement:
     perplexity: float
     greedy: list[int]
     greedy_first_divergence: int | None
+    # top-1 agreement counting a near-tie of the reference as agreement (see measure)
+    top1_off_ties: float
 
 
-def measure(session, reference: Reference) -> Measurement:
-    """Run the reference's token ids through ``session`` (left open) and compare."""
+def measure(session, reference: Reference, *, noise: float = 0.0) -> Measurement:
+    """Run the reference's token ids through ``session`` (left open) and compare.
+
+    Args:
+        session: the candidate.
+        reference: what it is measured against.
+        noise: how far a correct candidate's logits may be from the reference's, relative to
+            their largest magnitude (e.g. :data:`F16_KV_NOISE`); where the reference's top
+            logits are closer than twice that, the candidate may pick either, and
+            ``top1_off_ties`` counts it as agreeing.
+    """
     from edgeft.runtimes import generate
 
     logits = session.logits(reference.eval_ids)
@@ -72,4 +89,11 @@ def measure(session, reference: Reference) -> Measurement:
         perplexity=perplexity(logits, reference.eval_ids),
         greedy=greedy,
         greedy_first_divergence=first_divergence(reference.greedy, greedy),
+        top1_off_ties=top1_off_ties(reference.logits, logits, noise),
     )
+
+
+# llama.cpp keeps K and V in F16 and rounds q to F16 for q·k: two correct computations in
+# another order (another CPU's SIMD width, a LoRA applied at load time) can land on
+# neighbouring halves, up to ~2⁻⁷ of the logits' largest magnitude (tests/numerics.py).
+F16_KV_NOISE = 2.0**-7

@@ -56,6 +56,17 @@ def compare_logits(reference, candidate) -> Parity:
     )
 
 
+def top1_off_ties(reference, candidate, noise: float) -> float:
+    """Share of positions where the candidate's argmax is the reference's, or a token the
+    reference scores within ``2·noise·max|reference|`` of its best: rounding of relative size
+    ``noise`` can swap such near-ties on another CPU, so either answer is correct."""
+    ref, cand = _float64(reference), _float64(candidate)
+    picked = cand.argmax(-1)
+    tie = 2 * noise * float(np.abs(ref).max())
+    chosen = ref[np.arange(len(ref)), picked]
+    return float((chosen >= ref.max(-1) - tie).mean())
+
+
 def _float64(logits) -> np.ndarray:
     if hasattr(logits, "detach"):  # a torch tensor
         logits = logits.detach().float().cpu().numpy()

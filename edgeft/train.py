@@ -277,12 +277,17 @@ def train(
         quantized=quantized,
         allow_pickle=allow_pickle,
     )
+    # torch warns (and has announced an error) when checkpointing leaves use_reentrant unset;
+    # True is what both calls did by default
+    checkpointing = {"use_reentrant": True}
     if quantized:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
         )
     elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=settings.rank,

@@ -7,6 +7,32 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_report_header(config) -> list[str]:
+    """The kernel paths this run takes: float comparisons across runtimes hold on all of them
+    (tests/numerics.py), and a failure report should say which one it came from."""
+    import platform
+
+    lines = [f"cpu: {platform.machine()}"]
+    try:
+        import torch
+
+        cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
+        lines.append(
+            f"torch {torch.__version__}{cuda}: {torch.backends.cpu.get_cpu_capability()} kernels"
+        )
+    except ImportError:
+        pass
+    try:
+        import llama_cpp
+
+        features = llama_cpp.llama_print_system_info().decode().strip(" |")
+        lines.append(f"llama.cpp ({llama_cpp.__version__}, {llama_cpp.__file__}): {features}")
+    except ImportError:
+        pass
+    return lines
+
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

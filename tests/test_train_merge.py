@@ -4,11 +4,22 @@ import json
 
 import pytest
 from conftest import FAST_TRAIN as FAST
+from numerics import FP32_ORDER, assert_bug_caught, assert_logits_close, assert_parity_within
 
 from edgeft.errors import ModelError, OutputExistsError
 from edgeft.merge import KL_TOLERANCE, merge
-from edgeft.parity import compare_logits, model_logits
+from edgeft.parity import model_logits
 from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
+
+
+def _merged_logits(adapter, merged):
+    """The merged checkpoint's fp32 logits on the rows merge's parity check uses: their scale
+    is what the check's rounding is relative to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    return model_logits(model, read_parity_rows(adapter)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +83,7 @@ def test_merge_dequantized_reproduces_the_as_trained_model(qlora_adapter, tmp_pa
     result = merge(qlora_adapter.out, tmp_path / "merged")
     assert result.merge_base == "dequantized" and result.gated
     # fp32 all the way: only summation order differs, far inside the gate.
-    assert result.parity.mean_kl < KL_TOLERANCE["fp32"] / 10
-    assert result.parity.top1_agreement == 1.0
+    assert_parity_within(result.parity, _merged_logits(qlora_adapter.out, result.out), FP32_ORDER)
     record = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
     assert record["results"]["parity_vs_as_trained"]["mean_kl"] == result.parity.mean_kl
     assert record["results"]["within_tolerance"] is True
@@ -108,8 +118,17 @@ def test_merged_checkpoint_is_plain_hf_and_matches_peft_on_dequantized_weights(
     disable_bnb_cpu_repacking(base4)
     trained = PeftModel.from_pretrained(base4, qlora_adapter.out)
     rows = read_parity_rows(qlora_adapter.out)
-    parity = compare_logits(model_logits(trained, rows), model_logits(merged, rows))
-    assert parity.max_abs_diff < 1e-3
+    folded = model_logits(merged, rows)
+    # x·W + s·(x·A)·B against x·(W + s·A·B), fp32 throughout: summation order only
+    assert_logits_close(model_logits(trained, rows), folded, FP32_ORDER)
+    # the bugs this comparison guards fail it: an adapter not applied, a scale off by alpha/rank
+    with trained.disable_adapter():
+        assert_bug_caught(model_logits(trained, rows), folded, FP32_ORDER, "adapter not applied")
+    for module in trained.modules():
+        if isinstance(getattr(module, "scaling", None), dict):
+            module.scaling = {name: 1.0 for name in module.scaling}  # alpha/rank is 2
+    bug = "scale 1 instead of alpha/rank 2"
+    assert_bug_caught(model_logits(trained, rows), folded, FP32_ORDER, bug)
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
         p.name for p in (tmp_path / "merged").iterdir()
     }
@@ -175,8 +194,7 @@ def test_lora_on_qwen2_merges_exactly(tiny_qwen2, facts_jsonl, tmp_path):
     assert result.eval_loss < result.eval_loss_before
     merged = merge(result.out, tmp_path / "merged")
     assert merged.merge_base == "original" and merged.gated
-    assert merged.parity.max_abs_diff < 1e-4
-    assert merged.parity.top1_agreement == 1.0
+    assert_parity_within(merged.parity, _merged_logits(result.out, merged.out), FP32_ORDER)
 
 
 def test_merge_into_other_weights_of_the_same_shape_is_an_error(

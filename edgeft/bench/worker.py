@@ -188,13 +188,15 @@ def run(spec: dict) -> dict:
     notes: list[str] = []
     out: dict = {"status": "ok", "error": None, "latency": None, "accuracy": None, "notes": notes}
     try:
-        if spec.get("emulation"):
-            from edgeft.devices.emulate import Emulation, apply_emulation
-
-            notes += apply_emulation(Emulation(**spec["emulation"]))
         from edgeft.runtimes import get_runtime
 
         runtime = get_runtime(spec["runtime"])
+        if spec.get("emulation"):
+            from edgeft.devices.emulate import Emulation, apply_emulation
+
+            # available() imports the runtime's libraries: the memory cap sits above them
+            runtime.available()
+            notes += apply_emulation(Emulation(**spec["emulation"]))
         base_rss = _rss_mb()
         start = time.perf_counter()
         session = runtime.load(Path(spec["artifact"]), threads=spec["threads"])
