@@ -81,7 +81,7 @@ def max_relative_gap(actual, expected) -> float:
 def assert_logits_close(actual, expected, rel: float) -> None:
     """Every logit within ``rel`` of the expected logits' scale."""
     gap = max_relative_gap(actual, expected)
-    _record("max |Δlogit| / scale", gap, rel)
+    _record("max Δlogit / scale", gap, rel)
     assert gap <= rel, f"max |Δlogit| is {gap:.3g} of the logits' scale, bound {rel:.3g}"
 
 
@@ -162,7 +162,7 @@ def assert_parity_within(parity, reference_logits, rel: float) -> None:
     ``rel`` of their scale gives: KL within :func:`kl_bound`, top-1 lost only at near-ties,
     no logit further than the bound."""
     scale = logit_scale(reference_logits)
-    _record("max |Δlogit| / scale", parity.max_abs_diff / scale, rel)
+    _record("max Δlogit / scale", parity.max_abs_diff / scale, rel)
     _record("mean KL", parity.mean_kl, kl_bound(rel, scale))
     assert parity.max_abs_diff <= rel * scale, (parity.max_abs_diff, rel * scale)
     assert parity.mean_kl <= kl_bound(rel, scale), (parity.mean_kl, kl_bound(rel, scale))
@@ -194,6 +194,7 @@ class Expected:
     """What a reference session computes on an eval text and a greedy prompt, and how far a
     correct candidate may be from it under a logit bound."""
 
+    ids: list[int]
     logits: np.ndarray
     perplexity: float
     greedy: list[int]
@@ -215,7 +216,7 @@ class Expected:
             rows = greedy_rows(session, prompt, greedy)
         finally:
             session.close()
-        return cls(logits, perplexity(logits, ids), greedy, rows)
+        return cls(ids, logits, perplexity(logits, ids), greedy, rows)
 
     def assert_matched(self, report, rel: float) -> None:
         """A measured report (``parity``, ``perplexity``, ``greedy_first_divergence``, as the
