@@ -9,7 +9,8 @@ CPU, so every bound here comes from the arithmetic:
   K·u·Σ|aᵢbᵢ| (u = 2⁻²⁴, the fp32 unit roundoff), typically √K·u. The tiny test models
   (hidden 64, MLP 128, 2 layers) chain about 16 products, each renormalised by an RMSNorm,
   so the logits can move by about 16 · 128 · u ≈ 1.2e-4 of their scale in the worst case
-  and ~100x less in practice. ``FP32_ORDER`` is that worst case.
+  and 50-80x less in practice (benchmarks/results/kernel_paths.md). ``FP32_ORDER`` is that
+  worst case.
 - fp16 weights. Rounding each weight to F16 moves each term of a product by at most 2⁻¹¹ of
   itself, so each of the ~16 chained products by 2⁻¹¹·Σ|aᵢbᵢ|: ``FP16_WEIGHTS``.
 - fp16 rounding. llama.cpp keeps the KV cache in F16 and rounds q to F16 for q·k, so two
@@ -17,6 +18,8 @@ CPU, so every bound here comes from the arithmetic:
   an element then moves by one half ulp step, up to 2⁻¹⁰ of its magnitude. A product of two
   such vectors moves by up to 2·2⁻¹⁰ of Σ|aᵢbᵢ|; through attention's scores and values in
   two layers, ``FP16_ROUNDING`` = 8·2⁻¹⁰ ≈ 7.8e-3 of the logits' scale bounds it.
+- fp16 compute (an fp16 ONNX graph): both inputs of every product rounded, and on CPUs with
+  fp16 arithmetic the sums too: ``FP16_COMPUTE``.
 
 "Scale" is the largest |logit| of the reference: every error above is relative to the
 magnitudes that flow into the product that makes it, and the largest logit is what those
