@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.architectures import attention_shape
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.runtimes import generate
 from edgeft.runtimes.hf import HFTokenizing, eos_token_ids, load_tokenizer, read_json
@@ -231,7 +232,7 @@ def _cache_layout(arg, path: Path) -> tuple:
     heads, head_dim = arg.shape[1], arg.shape[3]
     if not isinstance(head_dim, int) and (path.parent / "config.json").is_file():
         config = read_json(path.parent / "config.json")
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        head_dim = attention_shape(config).head_dim
     if dtype is None or not isinstance(heads, int) or not isinstance(head_dim, int):
         raise ModelError(
             f"{path} has cache input {arg.name} of {arg.type} {arg.shape}; edgeft runs float "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeft._io import sha256_files
+from edgeft.architectures import attention_shape
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.runtimes import RUNTIMES
 
@@ -192,12 +193,11 @@ def _hf_shape(config_path: Path) -> ModelShape | None:
         return None
     config = _read_json(config_path)
     try:
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        attention = attention_shape(config)
         return ModelShape(
             layers=int(config["num_hidden_layers"]),
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=head_dim,
+            kv_heads=attention.kv_heads,
+            head_dim=attention.head_dim,
             context=config.get("max_position_embeddings"),
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError):

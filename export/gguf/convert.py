@@ -16,30 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.architectures import ARCHITECTURES, Architecture, attention_shape
 from edgeft.errors import ModelError
 from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
 from edgeft.models import read_export_config
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one Hugging Face architecture maps to a llama.cpp one.
-
-    Attributes:
-        gguf_arch: llama.cpp's architecture name.
-        permute_qk: llama.cpp's ``llama`` graph rotates interleaved pairs, Hugging Face rotates
-            the two halves of each head; the rows of q and k are reordered to match.
-    """
-
-    gguf_arch: str
-    permute_qk: bool
-
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": Architecture("llama", permute_qk=True),
-    "MistralForCausalLM": Architecture("llama", permute_qk=True),
-    "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
-}
 
 OutType = str  # "f32" | "f16" | "bf16"
 OUT_TYPES = ("f32", "f16", "bf16")
@@ -181,16 +161,16 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
             f"sliding_window {config['sliding_window']} is not written: llama.cpp attends to the "
             "whole context, identical up to that many tokens"
         )
-    n_head = config["num_attention_heads"]
+    shape = attention_shape(config)
     return ModelSpec(
         model_dir=model_dir,
         config=config,
         architecture=ARCHITECTURES[hf_arch],
         hf_architecture=hf_arch,
         n_layer=config["num_hidden_layers"],
-        n_head=n_head,
-        n_head_kv=config.get("num_key_value_heads") or n_head,
-        head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
+        n_head=shape.heads,
+        n_head_kv=shape.kv_heads,
+        head_dim=shape.head_dim,
         n_vocab=config["vocab_size"],
         tied=bool(config.get("tie_word_embeddings", False)),
         notes=notes,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft.architectures import supported
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.onnx.quantize import (
@@ -42,7 +43,7 @@ from edgeft.runtimes import generate, get_runtime
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = supported()
 # fp32 ONNX vs PyTorch fp32: both compute in fp32, so only kernel summation order differs
 # (measured on SmolLM2-135M: max |Δlogit| 7e-5, mean KL 1e-11).
 FP32_MAX_ABS_DIFF = 1e-2

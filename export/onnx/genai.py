@@ -13,12 +13,12 @@ import json
 import re
 from pathlib import Path
 
+from edgeft.architectures import ARCHITECTURES, attention_shape
 from edgeft.errors import ModelError
 from edgeft.runtimes.hf import eos_token_ids, load_tokenizer, read_json
 
-# config.json model_type → onnxruntime-genai 0.18 model type. These all run as its generic
-# decoder-only model; other types it knows (gemma, phi3, ...) have no edgeft export path yet.
-GENAI_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# config.json model_type → onnxruntime-genai 0.18 model type, from the architecture table
+GENAI_MODEL_TYPES = {a.model_type: a.genai_type for a in ARCHITECTURES.values()}
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -80,9 +80,10 @@ def write_genai_config(
 
     # [batch, kv_heads, past, head_dim]: take static dims from the graph, else from config.json.
     key_shape = inputs[past_key % 0]
-    heads = config["num_attention_heads"]
-    head_size = _static(key_shape, 3) or config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = _static(key_shape, 1) or config.get("num_key_value_heads") or heads
+    shape = attention_shape(config)
+    heads = shape.heads
+    head_size = _static(key_shape, 3) or shape.head_dim
+    kv_heads = _static(key_shape, 1) or shape.kv_heads
     vocab_size = _static(outputs["logits"], 2) or config["vocab_size"]
 
     bos, eos, pad = _special_token_ids(folder, config)

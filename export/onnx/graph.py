@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.architectures import attention_shape, supported
 from edgeft.errors import ModelError
 from edgeft.export.gguf.convert import _read_f32, _safetensors_index
 
-FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+FUSED_ARCHITECTURES = supported(fused_graph=True)
 OPSET = 17
 
 
@@ -149,11 +150,9 @@ def build_fused_graph(model_dir: Path):
             raise ModelError(f"{model_dir}: tensor {name} is missing")
         return _read_f32(index[name])
 
-    hidden = config["hidden_size"]
     n_layers = config["num_hidden_layers"]
-    n_heads = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_heads
-    head_dim = config.get("head_dim") or hidden // n_heads
+    shape = attention_shape(config)
+    n_heads, n_kv, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     eps = float(config.get("rms_norm_eps", 1e-6))
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in index
