@@ -22,7 +22,8 @@ LLAMA_CMAKE_sse42 := -DGGML_NATIVE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA
 CPU_KEY = $(if $(filter native,$(LLAMA_BUILD)),-$(shell grep -m1 -E '^(flags|Features)' \
 	/proc/cpuinfo 2>/dev/null | cksum | cut -d' ' -f1))
 WHEELS_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/edgeft/wheels
-WHEELS = $(WHEELS_ROOT)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-$(LLAMA_BUILD)$(CPU_KEY)
+wheels_for = $(WHEELS_ROOT)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-$(1)
+WHEELS = $(call wheels_for,$(LLAMA_BUILD))$(CPU_KEY)
 
 .PHONY: install llama-wheel demo test test-all test-kernels lint clean
 
@@ -71,7 +72,7 @@ test-kernels: $(STAMP)
 	$(MAKE) --no-print-directory llama-wheel LLAMA_BUILD=sse42
 	rm -rf build/llama-sse42
 	$(PY) -m pip install --quiet --no-deps --target build/llama-sse42 \
-		$(WHEELS_ROOT)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-sse42/*.whl
+		$(call wheels_for,sse42)/*.whl
 	PYTHONPATH=build/llama-sse42 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 \
 		MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest $(KERNEL_TESTS)
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from edgeft.provenance import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,16 +50,6 @@ DESCRIBE = (
     "f'llama.cpp: {llama_cpp.llama_print_system_info().decode().strip(\" |\")}'"
     ".replace(' | ', ', '))"
 )
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _avx512() -> bool:
@@ -171,7 +162,7 @@ def main() -> int:
     paths = [run_path("host", sys.executable, {}), run_path("sse42", sys.executable, SSE42_ENV)]
     if args.cuda_python:
         paths.append(run_path("cuda-torch", args.cuda_python, {}))
-    machine = f"{_cpu()}, {os.cpu_count()} cores, {platform.machine()}, AVX-512: {_avx512()}"
+    machine = f"{machine_summary()}, AVX-512: {_avx512()}"
     command = "python benchmarks/kernel_paths.py"
     command += " --cuda-python PY" if args.cuda_python else ""
     write(machine, paths, command)

@@ -48,16 +48,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def architecture(name: str) -> Architecture | None:
-    """The entry for a ``config.json`` architecture name, ``None`` if edgeft has none."""
-    return ARCHITECTURES.get(name)
-
-
-def by_model_type(model_type: str | None) -> Architecture | None:
-    """The entry for a ``config.json`` ``model_type``, ``None`` if edgeft has none."""
-    return next((a for a in ARCHITECTURES.values() if a.model_type == model_type), None)
-
-
 def supported(*, fused_graph: bool = False) -> tuple[str, ...]:
     """Architecture names in the table (only those the fused ONNX graph builds, if asked)."""
     return tuple(a.name for a in ARCHITECTURES.values() if a.fused_graph or not fused_graph)

@@ -40,13 +40,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeft.fidelity import F16_KV_NOISE
+
 FP32_UNIT = 2.0**-24
 FP16_UNIT = 2.0**-11
 
 # worst-case reassociation of ~16 chained fp32 products of length ≤ 128 (see above)
 FP32_ORDER = 16 * 128 * FP32_UNIT
-# one half ulp step (2·FP16_UNIT) in q, k and v through two layers' attention (see above)
-FP16_ROUNDING = 8 * 2 * FP16_UNIT
+# one half ulp step (2·FP16_UNIT) in q, k and v through two layers' attention (see above):
+# 8·2·FP16_UNIT, the noise the GGUF export's own gate allows for near-ties
+FP16_ROUNDING = F16_KV_NOISE
+assert FP16_ROUNDING == 8 * 2 * FP16_UNIT
 # weights and activations in fp16 (an fp16 ONNX graph): each product rounds both inputs
 # (2·FP16_UNIT of Σ|aᵢbᵢ|) and, on CPUs with fp16 arithmetic (ARMv8.2 NEON), may accumulate in
 # fp16 too: √K·FP16_UNIT for K = 128 as rounding adds up like a random walk
