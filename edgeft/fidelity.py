@@ -39,11 +39,22 @@ def eval_budget(context_length: int | None) -> int:
 
 class Reference:
     """What candidates are measured against: a session's logits on the eval text and its
-    greedy answer to a chat prompt. The session is closed once this is built."""
+    greedy answer to a chat prompt. The session is closed once this is built.
 
-    def __init__(self, session, eval_text: str, max_tokens: int = EVAL_MAX_TOKENS) -> None:
+    ``context_length`` bounds the context candidates are loaded with (see
+    :func:`edgeft.architectures.uniform_context`).
+    """
+
+    def __init__(
+        self,
+        session,
+        eval_text: str,
+        max_tokens: int = EVAL_MAX_TOKENS,
+        context_length: int | None = None,
+    ) -> None:
         from edgeft.runtimes import generate
 
+        self.context_length = context_length
         try:
             self.eval_ids = session.tokenize(eval_text)[:max_tokens]
             if len(self.eval_ids) < 2:

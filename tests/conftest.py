@@ -246,3 +246,93 @@ def tiny_model(arch: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     config = config_class(**{**_common(tokenizer_dir), **overrides})
     return _save_model(config, tokenizer_dir, out, seed=3)
+
+
+def _llama3(common: dict):
+    from transformers import LlamaConfig
+
+    # original_max_position_embeddings 32 puts the head's frequencies in all three of Llama 3's
+    # bands (kept, smoothed, divided by the factor).
+    scaling = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+    )
+    return LlamaConfig(
+        **common, rope_scaling=scaling, rope_theta=500000.0, tie_word_embeddings=True
+    )
+
+
+def _qwen3(common: dict):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+
+
+def _gemma3(common: dict):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        **{**common, "num_hidden_layers": 4},
+        head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=24,
+        final_logit_softcapping=15.0,
+        tie_word_embeddings=True,
+    )
+
+
+def _phi3(common: dict):
+    from transformers import Phi3Config
+
+    # onnxruntime rotates a multiple of 16 dimensions: head_dim 64, partial_rotary_factor 0.75.
+    rotary = 64 * 3 // 4
+    scaling = dict(
+        type="longrope",
+        short_factor=[1.0 + 0.1 * i for i in range(rotary // 2)],
+        long_factor=[1.0 + 0.8 * i for i in range(rotary // 2)],
+    )
+    # llama.cpp picks LongRoPE's factors by its context, which it pads to a multiple of 256.
+    return Phi3Config(
+        **{
+            **common,
+            "max_position_embeddings": 512,
+            "hidden_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        partial_rotary_factor=0.75,
+        original_max_position_embeddings=256,
+        rope_scaling=scaling,
+        sliding_window=None,
+        tie_word_embeddings=True,
+    )
+
+
+def _smollm3(common: dict):
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(
+        **{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4, tie_word_embeddings=True
+    )
+
+
+# Today's edge families, each tiny with every quirk of its architecture switched on.
+FAMILIES = {
+    "llama3": _llama3,
+    "qwen3": _qwen3,
+    "gemma3": _gemma3,
+    "phi3": _phi3,
+    "smollm3": _smollm3,
+}
+
+
+def family_model(family: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
+    """A tiny random checkpoint of ``family`` (:data:`FAMILIES`) over ``tokenizer_dir``."""
+    config = FAMILIES[family]({**_common(tokenizer_dir), **overrides})
+    return _save_model(config, tokenizer_dir, out, seed=4)

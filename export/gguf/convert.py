@@ -9,6 +9,7 @@ over, plus the interpreter.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.architectures import ARCHITECTURES, Architecture, attention_shape
+from edgeft.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    LayerAttention,
+    attention_shape,
+    inverse_frequencies,
+    layer_attention,
+    longrope_attention_factor,
+    longrope_threshold,
+    rope_kind,
+    rotary_dim,
+    tied_embeddings,
+)
 from edgeft.errors import ModelError
 from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
 from edgeft.models import read_export_config
@@ -136,48 +149,68 @@ class ModelSpec:
     head_dim: int
     n_vocab: int
     tied: bool
+    layers: list[LayerAttention] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
 def read_model_spec(model_dir: Path) -> ModelSpec:
-    """Read ``config.json`` and check the architecture is one this converter maps.
+    """Read ``config.json`` and check the architecture is one this converter maps, with a rope,
+    window and rope-free-layer layout llama.cpp computes the same way.
 
     Raises:
-        ModelError: missing config, unsupported architecture, quantized checkpoint, or a
-            rope scaling llama.cpp would compute differently.
+        ModelError: missing config, unsupported architecture or rope kind, quantized checkpoint,
+            or a layout llama.cpp would compute differently (named).
     """
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     config, hf_arch = read_export_config(model_dir, tuple(ARCHITECTURES), "GGUF")
+    architecture = ARCHITECTURES[hf_arch]
+    layers = layer_attention(architecture, config, path)
     notes = []
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "linear"):
-        raise ModelError(
-            f"{path}: rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
-            "supported for GGUF export; supported: none, linear"
-        )
-    if config.get("sliding_window") and config.get("use_sliding_window", True):
+    windows = {layer.window for layer in layers} - {None}
+    if windows and not architecture.gguf_windows:
         notes.append(
-            f"sliding_window {config['sliding_window']} is not written: llama.cpp attends to the "
-            "whole context, identical up to that many tokens"
+            f"sliding_window {max(windows)} is not written: llama.cpp attends to the whole "
+            f"context for {architecture.gguf_arch}, identical up to that many tokens"
         )
+    if len(windows) > 1:
+        raise ModelError(f"{path}: layers with different sliding windows ({sorted(windows)})")
+    if not all(layer.rope for layer in layers):
+        every = architecture.gguf_no_rope_every
+        expected = [every is not None and (i + 1) % every != 0 for i in range(len(layers))]
+        if [layer.rope for layer in layers] != expected:
+            raise ModelError(
+                f"{path}: no_rope_layers {[int(layer.rope) for layer in layers]} cannot be written "
+                f"for llama.cpp's {architecture.gguf_arch}"
+                + (f", which skips rotary on every {every}th layer" if every else "")
+            )
     shape = attention_shape(config)
+    if architecture.gguf_query_scale and "query_pre_attn_scalar" in config:
+        scalar = float(config["query_pre_attn_scalar"])
+        if scalar != shape.head_dim:
+            notes.append(
+                f"query_pre_attn_scalar {scalar:g} is folded into the q norms (llama.cpp scales "
+                f"queries by 1/sqrt(head_dim {shape.head_dim}))"
+            )
     return ModelSpec(
         model_dir=model_dir,
         config=config,
-        architecture=ARCHITECTURES[hf_arch],
+        architecture=architecture,
         hf_architecture=hf_arch,
         n_layer=config["num_hidden_layers"],
         n_head=shape.heads,
         n_head_kv=shape.kv_heads,
         head_dim=shape.head_dim,
         n_vocab=config["vocab_size"],
-        tied=bool(config.get("tie_word_embeddings", False)),
+        tied=tied_embeddings(config),
+        layers=layers,
         notes=notes,
     )
 
 
 def _write_hparams(writer, spec: ModelSpec) -> None:
+    import gguf
+
     config = spec.config
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
@@ -185,32 +218,65 @@ def _write_hparams(writer, spec: ModelSpec) -> None:
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(spec.n_head)
     writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_rope_dimension_count(rotary_dim(config))
     writer.add_key_length(spec.head_dim)
     writer.add_value_length(spec.head_dim)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
-        import gguf
-
+    if rope_kind(scaling) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_kind(scaling) == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+        writer.add_rope_scaling_orig_ctx_len(longrope_threshold(config))
+    sliding = [layer.window is not None for layer in spec.layers]
+    if spec.architecture.gguf_windows and any(sliding):
+        writer.add_sliding_window(next(layer.window for layer in spec.layers if layer.window))
+        writer.add_sliding_window_pattern(sliding)
+        local = next(layer.rope_theta for layer in spec.layers if layer.window)
+        writer.add_rope_freq_base_swa(local)
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     writer.add_vocab_size(spec.n_vocab)
+
+
+def rope_tables(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The rope tensors llama.cpp reads for this checkpoint's rope kind, by llama.cpp name:
+    Llama 3's ``rope_freqs`` (the divisor of each default frequency) and LongRoPE's
+    ``rope_factors_long`` / ``rope_factors_short``."""
+    config = spec.config
+    scaling = config.get("rope_scaling")
+    theta = float(config.get("rope_theta", 10000.0))
+    if rope_kind(scaling) == "llama3":
+        default, _ = inverse_frequencies(config, theta, None)
+        scaled, _ = inverse_frequencies(config, theta, scaling)
+        return {"rope_freqs.weight": (default / scaled).astype(np.float32)}
+    if rope_kind(scaling) == "longrope":
+        inverse_frequencies(config, theta, scaling, long=True)  # checks the factors' length
+        return {
+            f"rope_factors_{kind}.weight": np.asarray(scaling[f"{kind}_factor"], np.float32)
+            for kind in ("long", "short")
+        }
+    return {}
 
 
 def gguf_tensors(
     spec: ModelSpec, index: dict[str, _StoredTensor]
-) -> Iterator[tuple[str, _StoredTensor, Callable[[np.ndarray], np.ndarray]]]:
-    """Yield (llama.cpp name, stored tensor, transform) for every tensor llama.cpp needs.
+) -> Iterator[tuple[str, _StoredTensor | np.ndarray, Callable[[np.ndarray], np.ndarray]]]:
+    """Yield (llama.cpp name, stored tensor or computed array, transform) for every tensor
+    llama.cpp needs.
 
     Raises:
         ModelError: a tensor with no llama.cpp name, or a required tensor missing.
     """
     import gguf
 
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == spec.architecture.gguf_arch)
+    architecture = spec.architecture
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture.gguf_arch)
     names = gguf.get_tensor_name_map(arch, spec.n_layer)
+    for name, table in rope_tables(spec).items():
+        yield name, table, _identity
     for hf_name in sorted(index, key=_tensor_order):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
@@ -220,17 +286,46 @@ def gguf_tensors(
         if new_name is None:
             raise ModelError(
                 f"{spec.model_dir}: tensor {hf_name} has no llama.cpp equivalent in "
-                f"{spec.architecture.gguf_arch}; the checkpoint has parts this converter does "
+                f"{architecture.gguf_arch}; the checkpoint has parts this converter does "
                 "not know"
             )
-        transform = _identity
-        if spec.architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            transform = _rotary(spec.n_head)
-        elif spec.architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            transform = _rotary(spec.n_head_kv)
-        yield new_name, index[hf_name], transform
+        yield new_name, index[hf_name], _transform(spec, hf_name)
     if not spec.tied and "lm_head.weight" not in index:
         raise ModelError(f"{spec.model_dir}: lm_head.weight is missing and embeddings are not tied")
+
+
+def _transform(spec: ModelSpec, hf_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """What a tensor goes through on its way into llama.cpp's layout, from the entry's quirks."""
+    architecture = spec.architecture
+    if architecture.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return _rotary(spec.n_head)
+    if architecture.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return _rotary(spec.n_head_kv)
+    if not hf_name.endswith("norm.weight"):
+        return _identity
+    offset, scale = architecture.norm_offset, 1.0
+    if architecture.gguf_query_scale and hf_name.endswith("q_norm.weight"):
+        scale = math.sqrt(
+            spec.head_dim / float(spec.config.get("query_pre_attn_scalar", spec.head_dim))
+        )
+    if offset == 0.0 and scale == 1.0:
+        return _identity
+    return lambda a: (a + np.float32(offset)) * np.float32(scale)
+
+
+# llama.cpp sets attributes of these tokens, looked up by text, in any model whose
+# general.name contains "phi3" or "phi-3", and fails to load one whose vocabulary lacks them.
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _general_name(name: str, vocab: GGUFVocab) -> str:
+    """``general.name``, with "phi3"/"phi-3" spelled "phi 3" when llama.cpp would otherwise look
+    up Phi-3's SentencePiece tokens in a vocabulary that lacks them (Phi-4-mini's, a tiny one)."""
+    if set(_PHI3_NAME_TOKENS) <= set(vocab.tokens):
+        return name
+    import re
+
+    return re.sub(r"(?i)(phi)-?(3)", r"\1 \2", name)
 
 
 def _identity(a: np.ndarray) -> np.ndarray:
@@ -333,7 +428,7 @@ def convert_checkpoint(
     writer = gguf.GGUFWriter(out_file, spec.architecture.gguf_arch)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or spec.model_dir.name)
+        writer.add_name(_general_name(name or spec.model_dir.name, vocab))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(
             {
@@ -347,6 +442,9 @@ def convert_checkpoint(
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
         for gguf_name, stored, transform in tensors:
+            if isinstance(stored, np.ndarray):  # computed (rope tables): small, F32
+                writer.add_tensor(gguf_name, stored)
+                continue
             tensor, raw_dtype = _lazy(stored, transform, out_type)
             writer.add_tensor(gguf_name, tensor, raw_dtype=raw_dtype)
         writer.write_header_to_file()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgeft import __version__
 from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft.architectures import uniform_context
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
@@ -224,9 +225,10 @@ def measure_file(
 ) -> Measurement:
     """Parity, perplexity and greedy divergence of one GGUF against the reference; near-ties
     within llama.cpp's F16 KV rounding count as top-1 agreement in ``top1_off_ties``."""
-    session = get_runtime("llama.cpp").load(
-        path, threads=threads, lora_path=lora_path, n_ctx=max(len(reference.eval_ids), 128) + 64
-    )
+    n_ctx = max(len(reference.eval_ids), 128) + 64
+    if reference.context_length:  # LongRoPE: within its original context (uniform_context)
+        n_ctx = min(n_ctx, reference.context_length)
+    session = get_runtime("llama.cpp").load(path, threads=threads, lora_path=lora_path, n_ctx=n_ctx)
     try:
         return measure(session, reference, noise=F16_KV_NOISE)
     finally:
@@ -314,7 +316,8 @@ def export_gguf(
         reference = Reference(
             get_runtime("torch").load(model, threads=threads),
             eval_text or default_eval_text(),
-            eval_budget(spec.config.get("max_position_embeddings")),
+            eval_budget(uniform_context(spec.config)),
+            uniform_context(spec.config),
         )
         reports = []
         notes = [*spec.notes, *vocab.notes, *_origin_notes(record)]
@@ -424,11 +427,18 @@ def _requantize(
             )
             timings[quant] = time.perf_counter() - start
         say(f"measuring every file against {source.name} in llama.cpp")
-        budget = eval_budget(meta.get(f"{meta.get('general.architecture')}.context_length"))
+        arch = meta.get("general.architecture")
+        context = meta.get(f"{arch}.rope.scaling.original_context_length") or meta.get(
+            f"{arch}.context_length"
+        )
+        budget = eval_budget(context)
         reference = Reference(
-            get_runtime("llama.cpp").load(source, threads=threads, n_ctx=budget + 64),
+            get_runtime("llama.cpp").load(
+                source, threads=threads, n_ctx=min(budget + 64, context or budget + 64)
+            ),
             eval_text or default_eval_text(),
             budget,
+            context,
         )
         reports = []
         notes = [f"quantized from a {source_type} GGUF; measured against that file"]

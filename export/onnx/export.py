@@ -11,6 +11,7 @@ measured and reported.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft._io import atomic_dir, sha256_file, write_json
-from edgeft.architectures import supported
+from edgeft.architectures import architecture_of, supported
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.onnx.quantize import (
@@ -345,7 +346,8 @@ def _make_folder(
 
             results, norms = calibrate(module_bits(plan))
             gptq_matmuls(model, results, settings.accuracy_level, symmetric=settings.symmetric)
-            set_norm_weights(model, norms)
+            config = json.loads((fp32 / "config.json").read_text(encoding="utf-8"))
+            set_norm_weights(model, norms, architecture_of(config).norm_offset)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
         embeddings = settings.embedding_precision(quant)

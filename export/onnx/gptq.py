@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.architectures import architecture_of, split_fused
 from edgeft.errors import EdgeftError
 
 # Calibration tokens: on SmolLM2's cooking set, 16k instead of 4k lowers the int4 folder's mean
@@ -142,20 +143,36 @@ def calibrated_weights(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     ).eval()
+    architecture = architecture_of(model.config.to_dict(), model_dir / "config.json")
     layers = model.model.layers
     tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    inputs: list[tuple] = []
+    # Each layer's keyword arguments (masks, rotary tables) for each chunk: they differ by layer
+    # where layers differ (sliding or full attention, their own rotary base).
+    inputs: list[torch.Tensor] = []
+    layer_kwargs: list[list[dict]] = [[] for _ in layers]
 
-    def capture(_module, args, kwargs):
-        inputs.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _Captured
+    def capture(index):
+        def record(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs.pop("hidden_states", None)
+            layer_kwargs[index].append(kwargs)
+            if index == 0:
+                inputs.append(hidden)
+            if index == len(layers) - 1:
+                raise _Captured
 
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        return record
+
+    handles = [
+        layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
     with torch.inference_mode():
         for chunk in chunks:
             with contextlib.suppress(_Captured):
                 model(input_ids=torch.tensor([chunk]), use_cache=False)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
 
     def dequantized(codes, scales, zero):
         rows, cols = codes.shape
@@ -166,7 +183,11 @@ def calibrated_weights(
     results: dict[str, tuple] = {}
 
     def quantize_modules(modules: dict, run) -> None:
-        """Collect H for ``modules`` over ``run()``, then quantize them in place."""
+        """Collect H for ``modules`` over ``run()``, then quantize them in place.
+
+        ``modules``: name → (Linear, [(part name, rows)]): a fused weight (Phi-3's qkv_proj)
+        is quantized part by part with the one Hessian of its input (GPTQ treats rows
+        independently), each part at its own bits, as the graph holds them."""
         sums = {name: 0 for name in modules}
         counts = dict.fromkeys(modules, 0)
 
@@ -178,53 +199,73 @@ def calibrated_weights(
 
             return record
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        handles = [m.register_forward_hook(hook(n)) for n, (m, _) in modules.items()]
         with torch.inference_mode():
             run()
         for h in handles:
             h.remove()
-        for name, module in modules.items():
+        for name, (module, parts) in modules.items():
             weight = module.weight.detach().numpy()
-            if bits[name] == 4 and counts[name]:
-                hessian = (sums[name] / counts[name]).float()
-                damping = TIED_HEAD_DAMPING if name == "lm_head" and tied else DAMPING
-                results[name] = gptq(
-                    weight, hessian, 4, block_size(name), damping, symmetric=settings.symmetric
-                )
-                quantized = dequantized(*results[name])
-            else:
-                eight = block_size(name, 8)
-                if weight.shape[1] % eight:
-                    eight = settings.block_size
-                symmetric = mixed_symmetric(8, settings)
-                quantized = dequantized(*_block_quantize(weight, 8, eight, symmetric=symmetric))
+            quantized = []
+            for part, rows in parts:
+                rows_weight = weight[rows]
+                if bits[part] == 4 and counts[name]:
+                    hessian = (sums[name] / counts[name]).float()
+                    damping = TIED_HEAD_DAMPING if part == "lm_head" and tied else DAMPING
+                    results[part] = gptq(
+                        rows_weight,
+                        hessian,
+                        4,
+                        block_size(part),
+                        damping,
+                        symmetric=settings.symmetric,
+                    )
+                    quantized.append(dequantized(*results[part]))
+                else:
+                    eight = block_size(part, 8)
+                    if rows_weight.shape[1] % eight:
+                        eight = settings.block_size
+                    symmetric = mixed_symmetric(8, settings)
+                    quantized.append(
+                        dequantized(*_block_quantize(rows_weight, 8, eight, symmetric=symmetric))
+                    )
             with torch.no_grad():
-                module.weight.copy_(quantized)
+                module.weight.copy_(torch.cat(quantized))
+
+    def parts_of(prefix: str, name: str) -> list[tuple[str, slice]]:
+        """The graph's modules a torch Linear holds, with their rows."""
+        if not any(f.module == name for f in architecture.fused):
+            return [(f"{prefix}.{name}", slice(None))]
+        parts, row = [], 0
+        for part, rows in split_fused(architecture, model.config.to_dict(), name):
+            parts.append((f"{prefix}.{name.split('.')[0]}.{part}", slice(row, row + rows)))
+            row += rows
+        return parts
 
     for index, layer in enumerate(layers):
-        modules = {
-            f"model.layers.{index}.{name}": module
-            for name, module in layer.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and f"model.layers.{index}.{name}" in bits
-            and module.in_features % block_size(f"model.layers.{index}.{name}") == 0
-        }
+        prefix = f"model.layers.{index}"
+        modules = {}
+        for name, module in layer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            parts = parts_of(prefix, name)
+            if all(
+                part in bits and module.in_features % block_size(part) == 0 for part, _ in parts
+            ):
+                modules[f"{prefix}.{name}"] = (module, parts)
 
-        def run_layer(layer=layer, inputs=inputs):
-            return [layer(hidden, **kwargs) for hidden, kwargs in inputs]
+        def run_layer(layer=layer, inputs=inputs, kwargs=layer_kwargs[index]):
+            return [layer(hidden, **k) for hidden, k in zip(inputs, kwargs, strict=True)]
 
         quantize_modules(modules, run_layer)
         with torch.inference_mode():
             outputs = run_layer()
-        inputs = [
-            (out[0] if isinstance(out, tuple) else out, kwargs)
-            for out, (_, kwargs) in zip(outputs, inputs, strict=True)
-        ]
+        inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
     if "lm_head" in bits and model.lm_head.in_features % block_size("lm_head") == 0:
-        head = {"lm_head": model.lm_head}
+        head = {"lm_head": (model.lm_head, [("lm_head", slice(None))])}
 
         def run_head():
-            return [model.lm_head(model.model.norm(hidden)) for hidden, _ in inputs]
+            return [model.lm_head(model.model.norm(hidden)) for hidden in inputs]
 
         quantize_modules(head, run_head)
     epochs = settings.norm_epochs
@@ -285,8 +326,9 @@ def tune_norms(model_dir: Path, quantized, chunks: list[list[int]], epochs: int)
     return {name: p.detach().numpy().astype(np.float32) for name, p in norms.items()}
 
 
-def set_norm_weights(model, norms: dict[str, np.ndarray]) -> None:
-    """Replace the RMSNorm weight initializers of an ONNX ``model`` by ``norms`` (in place).
+def set_norm_weights(model, norms: dict[str, np.ndarray], offset: float = 0.0) -> None:
+    """Replace the RMSNorm weight initializers of an ONNX ``model`` by ``norms`` (in place),
+    plus the architecture's ``norm_offset`` (Gemma's ``1 + w``), which the graph holds folded.
 
     Raises:
         EdgeftError: a norm weight the graph does not hold under its PyTorch name.
@@ -301,7 +343,7 @@ def set_norm_weights(model, norms: dict[str, np.ndarray]) -> None:
                 f"the ONNX graph has no initializer {name} of shape {list(weight.shape)} for "
                 "the tuned norm weights; export with --graph fused or --norm-epochs 0"
             )
-        init.CopyFrom(numpy_helper.from_array(weight, name))
+        init.CopyFrom(numpy_helper.from_array(weight + np.float32(offset), name))
 
 
 # Fractions of each block's range tried as the quantization range: clipping the extremes a

@@ -1,4 +1,4 @@
-"""A fused decoder graph for the llama family, written from the safetensors weights.
+"""A fused decoder graph for the supported architectures, written from the safetensors weights.
 
 optimum-onnx traces the PyTorch model op by op: hundreds of small nodes a layer, and a KV
 cache that is concatenated (copied) at every step. At batch 1 on a CPU that per-op and per-step
@@ -13,6 +13,9 @@ onnxruntime's fused operators instead:
 - plain ``MatMul`` with constant weights, which the quantization passes turn into
   ``MatMulNBits``.
 
+What differs between architectures (norm kinds, q/k norms, fused projections, activations,
+rotary and windows per layer) comes from their entry in :mod:`edgeft.architectures`.
+
 Inputs ``input_ids``, ``attention_mask`` and ``past_key_values.{i}.key/value``; outputs
 ``logits`` and ``present.{i}.key/value`` — the names optimum uses, so the runtimes and
 ``genai_config.json`` treat both graphs alike. Positions come from the attention mask, as in
@@ -22,32 +25,31 @@ onnxruntime-genai's own models. The fp32 graph is checked against PyTorch like a
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from edgeft.architectures import attention_shape, supported
+from edgeft.architectures import (
+    Architecture,
+    LayerAttention,
+    activation,
+    architecture_of,
+    attention_shape,
+    inverse_frequencies,
+    layer_attention,
+    longrope_threshold,
+    rope_kind,
+    rotary_dim,
+    split_fused,
+    supported,
+    tied_embeddings,
+)
 from edgeft.errors import ModelError
 from edgeft.export.gguf.convert import _read_f32, _safetensors_index
 
 FUSED_ARCHITECTURES = supported(fused_graph=True)
 OPSET = 17
-
-
-def _inverse_frequencies(config: dict, head_dim: int) -> np.ndarray:
-    """RoPE's angle per position for each pair of dimensions, ``[1, head_dim / 2]`` (linear
-    scaling folded in, as transformers does)."""
-    base = float(config.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif kind not in (None, "default"):
-        raise ModelError(
-            f"rope_scaling {kind!r} is not supported by the fused graph; use --graph optimum"
-        )
-    return inv_freq.astype(np.float32)[None, :]
 
 
 class _Builder:
@@ -102,25 +104,134 @@ def _skip_norm(g: _Builder, x, residual, weight, name: str, eps: float, *, keep_
     return outputs[0], outputs[3]
 
 
-def _rope_tables(g: _Builder, config: dict, head_dim: int) -> None:
-    """``cos_cache`` and ``sin_cache`` ``[max_positions, head_dim / 2]`` for
-    GroupQueryAttention, computed in the graph from the frequencies (in fp32, as transformers
-    does). Every input is constant, so onnxruntime folds them into tables when it loads the
-    model, and the file does not carry them (2 MB at 8192 positions)."""
-    from onnx import numpy_helper
+def _rope_tables(g: _Builder, config: dict, layers: list[LayerAttention]) -> dict:
+    """``cos_cache`` / ``sin_cache`` ``[max_positions, rotary_dim / 2]`` for GroupQueryAttention,
+    one pair for each distinct rope among the layers; returns rope key → (cos, sin).
+
+    The tables are computed in the graph from the inverse frequencies (in fp32, as transformers
+    does): every input is constant, so onnxruntime folds them when it loads the model and the
+    file does not carry them (2 MB at 8192 positions). LongRoPE has two pairs, short and long,
+    and an ``If`` on the total sequence length picks one, as transformers does each forward.
+    """
+    from onnx import TensorProto, helper, numpy_helper
 
     limit = float(config.get("max_position_embeddings", 2048))
     for name, value in (("start", 0.0), ("limit", limit), ("delta", 1.0)):  # Range takes scalars
         g.initializers.append(numpy_helper.from_array(np.array(value, np.float32), f"/rope/{name}"))
     g.weight("/rope/axes", np.array([1], np.int64))
-    g.weight("/rope/inv_freq", _inverse_frequencies(config, head_dim))
     (positions,) = g.node(
         "Range", ["/rope/start", "/rope/limit", "/rope/delta"], name="/rope/Range"
     )
     (column,) = g.node("Unsqueeze", [positions, "/rope/axes"], name="/rope/Unsqueeze")
-    (angles,) = g.node("Mul", [column, "/rope/inv_freq"], name="/rope/Mul")
-    g.node("Cos", [angles], ["cos_cache"], name="/rope/Cos")
-    g.node("Sin", [angles], ["sin_cache"], name="/rope/Sin")
+
+    def table(tag: str, inv_freq: np.ndarray, factor: float) -> tuple[str, str]:
+        g.weight(f"/rope{tag}/inv_freq", inv_freq[None, :])
+        (angles,) = g.node("Mul", [column, f"/rope{tag}/inv_freq"], name=f"/rope{tag}/Mul")
+        pair = []
+        for op in ("Cos", "Sin"):
+            (out,) = g.node(op, [angles], name=f"/rope{tag}/{op}")
+            if factor != 1.0:
+                scale = g.weight(f"/rope{tag}/{op}/attention_factor", np.array(factor, np.float32))
+                (out,) = g.node("Mul", [out, scale], name=f"/rope{tag}/{op}/Scale")
+            pair.append(out)
+        return pair[0], pair[1]
+
+    half = rotary_dim(config) // 2
+    if any(layer.rope for layer in layers) and half % 8:
+        raise ModelError(
+            f"rotary dimension {2 * half}: onnxruntime's GroupQueryAttention rotates a multiple of "
+            "16 dimensions; use --graph optimum"
+        )
+    tables: dict = {}
+    for layer in layers:
+        key = _rope_key(layer)
+        if not layer.rope or key in tables:
+            continue
+        tag = f"_{len(tables)}" if tables else ""
+        inv_freq, factor = inverse_frequencies(config, layer.rope_theta, layer.rope_scaling)
+        if rope_kind(layer.rope_scaling) != "longrope":
+            tables[key] = table(tag, inv_freq, factor)
+            continue
+        short = table(f"{tag}_short", inv_freq, factor)
+        long = table(
+            f"{tag}_long",
+            *inverse_frequencies(config, layer.rope_theta, layer.rope_scaling, long=True),
+        )
+        threshold = g.weight(
+            f"/rope{tag}/threshold", np.array(longrope_threshold(config), np.int32)
+        )
+        (is_long,) = g.node(
+            "Greater", ["total_sequence_length", threshold], name=f"/rope{tag}/Greater"
+        )
+
+        def branch(name: str, pair: tuple[str, str]):
+            outs = [f"{name}/cos", f"{name}/sin"]
+            nodes = [
+                helper.make_node("Identity", [src], [dst], name=f"{dst}/Identity")
+                for src, dst in zip(pair, outs, strict=True)
+            ]
+            values = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
+            return helper.make_graph(nodes, name, [], values)
+
+        tables[key] = tuple(
+            g.node(
+                "If",
+                [is_long],
+                [f"/rope{tag}/cos_cache", f"/rope{tag}/sin_cache"],
+                name=f"/rope{tag}/If",
+                then_branch=branch(f"/rope{tag}/long", long),
+                else_branch=branch(f"/rope{tag}/short", short),
+            )
+        )
+    return tables
+
+
+def _rope_key(layer: LayerAttention) -> tuple:
+    return (layer.rope_theta, json.dumps(layer.rope_scaling, sort_keys=True))
+
+
+class _Weights:
+    """The checkpoint's tensors as the graph needs them: fp32, fused projections split, norm
+    weights with the architecture's offset folded in."""
+
+    def __init__(self, model_dir: Path, architecture: Architecture, config: dict) -> None:
+        self.model_dir = model_dir
+        self.architecture = architecture
+        self.config = config
+        self.index = _safetensors_index(model_dir)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index or self._fused_source(name) is not None
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name in self.index:
+            data = _read_f32(self.index[name])
+            if name.endswith("norm.weight") and self.architecture.norm_offset:
+                data = data + np.float32(self.architecture.norm_offset)
+            return data
+        source = self._fused_source(name)
+        if source is None:
+            raise ModelError(f"{self.model_dir}: tensor {name} is missing")
+        stored, module, part = source
+        fused, row = _read_f32(self.index[stored]), 0
+        for other, rows in split_fused(self.architecture, self.config, module):
+            if other == part:
+                return fused[row : row + rows]
+            row += rows
+        raise AssertionError(name)
+
+    def _fused_source(self, name: str) -> tuple[str, str, str] | None:
+        """(stored fused tensor, fused module, part) for a split projection's name:
+        ``…self_attn.k_proj.weight`` → (``…self_attn.qkv_proj.weight``, ``self_attn.qkv_proj``,
+        ``k_proj``)."""
+        for fused in self.architecture.fused:
+            group = fused.module.split(".")[0]
+            for part in fused.parts:
+                marker = f".{group}.{part}."
+                stored = name.replace(marker, f".{fused.module}.")
+                if marker in name and stored in self.index:
+                    return stored, fused.module, part
+        return None
 
 
 def build_fused_graph(model_dir: Path):
@@ -132,33 +243,27 @@ def build_fused_graph(model_dir: Path):
     from onnx import TensorProto, helper
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    architecture = next(
-        (a for a in config.get("architectures") or [] if a in FUSED_ARCHITECTURES), None
-    )
-    if architecture is None:
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    architecture = architecture_of(config, path, target="the fused ONNX graph")
+    if not architecture.fused_graph:
         raise ModelError(
             f"{model_dir}: the fused graph covers {', '.join(FUSED_ARCHITECTURES)}; "
             "use --graph optimum"
         )
-    if config.get("hidden_act", "silu") != "silu":
-        raise ModelError(f"{model_dir}: hidden_act {config['hidden_act']!r} is not silu")
-    index = _safetensors_index(model_dir)
-
-    def tensor(name: str) -> np.ndarray:
-        if name not in index:
-            raise ModelError(f"{model_dir}: tensor {name} is missing")
-        return _read_f32(index[name])
+    act = activation(config, path)
+    layers = layer_attention(architecture, config, path)
+    tensor = _Weights(model_dir, architecture, config)
 
     n_layers = config["num_hidden_layers"]
     shape = attention_shape(config)
     n_heads, n_kv, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     eps = float(config.get("rms_norm_eps", 1e-6))
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in index
+    tied = tied_embeddings(config) or "lm_head.weight" not in tensor
+    scale = float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5
 
     g = _Builder()
-    _rope_tables(g, config, head_dim)
+    ropes = _rope_tables(g, config, layers)
     embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight"))
 
     # Sequence bookkeeping for GroupQueryAttention, from the attention mask.
@@ -169,92 +274,79 @@ def build_fused_graph(model_dir: Path):
     (seqlens_k,) = g.node("Cast", [last], ["seqlens_k"], to=TensorProto.INT32)
     (mask_shape,) = g.node("Shape", ["attention_mask"])
     (total,) = g.node("Gather", [mask_shape, "/one"], axis=0)
-    (total_len,) = g.node("Cast", [total], ["total_sequence_length"], to=TensorProto.INT32)
+    g.node("Cast", [total], ["total_sequence_length"], to=TensorProto.INT32)
 
     (hidden_states,) = g.node("Gather", [embed, "input_ids"], name="/model/embed_tokens/Gather")
+    if architecture.embed_scale:
+        factor = g.weight("/model/embed_scale", np.array(config["hidden_size"] ** 0.5, np.float32))
+        (hidden_states,) = g.node("Mul", [hidden_states, factor], name="/model/embed_scale/Mul")
     residual = None
     present = []
-    for i in range(n_layers):
-        prefix = f"model.layers.{i}"
-        norm = g.weight(
-            f"{prefix}.input_layernorm.weight", tensor(f"{prefix}.input_layernorm.weight")
-        )
+    for i, layer in enumerate(layers):
+        prefix, name = f"model.layers.{i}", f"/model/layers.{i}"
+
+        norm = partial(_norm, g, tensor, prefix, name, eps=eps)
+        linear = partial(_layer_linear, g, tensor, prefix, name)
         if residual is None:
-            (x,) = g.node(
-                "SimplifiedLayerNormalization",
-                [hidden_states, norm],
-                name=f"/model/layers.{i}/input_layernorm",
-                axis=-1,
-                epsilon=eps,
-            )
-            residual = hidden_states
+            x, residual = norm(hidden_states, "input_layernorm"), hidden_states
         else:
+            weight = g.weight(
+                f"{prefix}.input_layernorm.weight", tensor(f"{prefix}.input_layernorm.weight")
+            )
             x, residual = _skip_norm(
-                g, hidden_states, residual, norm, f"/model/layers.{i}/input_layernorm", eps
+                g, hidden_states, residual, weight, f"{name}/input_layernorm", eps
             )
-        projections = {}
-        for kind in ("q_proj", "k_proj", "v_proj"):
-            projections[kind] = _linear(
-                g,
-                tensor,
-                index,
-                f"{prefix}.self_attn.{kind}",
-                x,
-                f"/model/layers.{i}/self_attn/{kind}",
-            )
+        q, k, v = (linear(f"self_attn.{kind}", x) for kind in ("q_proj", "k_proj", "v_proj"))
+        if architecture.qk_norm:
+            q = _head_norm(g, tensor, f"{prefix}.self_attn.q_norm", q, n_heads, head_dim, eps)
+            k = _head_norm(g, tensor, f"{prefix}.self_attn.k_norm", k, n_kv, head_dim, eps)
         attention = dict(
             num_heads=n_heads,
             kv_num_heads=n_kv,
-            scale=float(head_dim**-0.5),
-            do_rotary=1,
+            scale=scale,
+            do_rotary=int(layer.rope),
             rotary_interleaved=0,
         )
-        if window and window < config.get("max_position_embeddings", 0):
-            attention["local_window_size"] = int(window)
+        if layer.window and layer.window < config.get("max_position_embeddings", 0):
+            attention["local_window_size"] = int(layer.window)
+        cos, sin = ropes[_rope_key(layer)] if layer.rope else ("", "")
         attn, key, value = g.node(
             "GroupQueryAttention",
             [
-                projections["q_proj"],
-                projections["k_proj"],
-                projections["v_proj"],
+                q,
+                k,
+                v,
                 f"past_key_values.{i}.key",
                 f"past_key_values.{i}.value",
                 seqlens_k,
-                total_len,
-                "cos_cache",
-                "sin_cache",
+                "total_sequence_length",
+                cos,
+                sin,
             ],
-            [f"/model/layers.{i}/attn/output", f"present.{i}.key", f"present.{i}.value"],
-            name=f"/model/layers.{i}/self_attn/GroupQueryAttention",
+            [f"{name}/attn/output", f"present.{i}.key", f"present.{i}.value"],
+            name=f"{name}/self_attn/GroupQueryAttention",
             domain="com.microsoft",
             **attention,
         )
         present += [key, value]
-        attn_out = _linear(
-            g,
-            tensor,
-            index,
-            f"{prefix}.self_attn.o_proj",
-            attn,
-            f"/model/layers.{i}/self_attn/o_proj",
-        )
-        post = g.weight(
-            f"{prefix}.post_attention_layernorm.weight",
-            tensor(f"{prefix}.post_attention_layernorm.weight"),
-        )
-        x, residual = _skip_norm(
-            g, attn_out, residual, post, f"/model/layers.{i}/post_attention_layernorm", eps
-        )
-        gate = _linear(
-            g, tensor, index, f"{prefix}.mlp.gate_proj", x, f"/model/layers.{i}/mlp/gate_proj"
-        )
-        up = _linear(g, tensor, index, f"{prefix}.mlp.up_proj", x, f"/model/layers.{i}/mlp/up_proj")
-        (sig,) = g.node("Sigmoid", [gate])
-        (silu,) = g.node("Mul", [gate, sig])
-        (act,) = g.node("Mul", [silu, up])
-        hidden_states = _linear(
-            g, tensor, index, f"{prefix}.mlp.down_proj", act, f"/model/layers.{i}/mlp/down_proj"
-        )
+        attn_out = linear("self_attn.o_proj", attn)
+        if architecture.sandwich_norms:
+            attn_out = norm(attn_out, "post_attention_layernorm")
+            mlp_norm = "pre_feedforward_layernorm"
+        else:
+            mlp_norm = "post_attention_layernorm"
+        weight = g.weight(f"{prefix}.{mlp_norm}.weight", tensor(f"{prefix}.{mlp_norm}.weight"))
+        x, residual = _skip_norm(g, attn_out, residual, weight, f"{name}/{mlp_norm}", eps)
+        gate, up = linear("mlp.gate_proj", x), linear("mlp.up_proj", x)
+        if act == "silu":
+            (sig,) = g.node("Sigmoid", [gate])
+            (gate,) = g.node("Mul", [gate, sig])
+        else:  # gelu_tanh: FastGelu is the tanh approximation
+            (gate,) = g.node("FastGelu", [gate], domain="com.microsoft")
+        (act_out,) = g.node("Mul", [gate, up])
+        hidden_states = linear("mlp.down_proj", act_out)
+        if architecture.sandwich_norms:
+            hidden_states = norm(hidden_states, "post_feedforward_layernorm")
     final = g.weight("model.norm.weight", tensor("model.norm.weight"))
     x, _ = _skip_norm(g, hidden_states, residual, final, "/model/norm", eps, keep_sum=False)
     head = (
@@ -262,7 +354,15 @@ def build_fused_graph(model_dir: Path):
         if tied
         else g.weight("lm_head.weight_transposed", tensor("lm_head.weight").T)
     )
-    g.node("MatMul", [x, head], ["logits"], name="/lm_head/MatMul")
+    cap = config.get("final_logit_softcapping")
+    (logits,) = g.node(
+        "MatMul", [x, head], ["/lm_head/output_0" if cap else "logits"], name="/lm_head/MatMul"
+    )
+    if cap:  # logits = cap · tanh(logits / cap)
+        cap_value = g.weight("/lm_head/softcap", np.array(cap, np.float32))
+        (scaled,) = g.node("Div", [logits, cap_value], name="/lm_head/softcap/Div")
+        (squashed,) = g.node("Tanh", [scaled], name="/lm_head/softcap/Tanh")
+        g.node("Mul", [squashed, cap_value], ["logits"], name="/lm_head/softcap/Mul")
 
     cache = ["batch_size", n_kv, "past_sequence_length", head_dim]
     present_shape = ["batch_size", n_kv, "total_sequence_length", head_dim]
@@ -299,11 +399,41 @@ def build_fused_graph(model_dir: Path):
     )
 
 
-def _linear(g: _Builder, tensor, index, prefix: str, x: str, name: str) -> str:
+def _norm(g: _Builder, tensor, prefix: str, name: str, x: str, kind: str, *, eps: float) -> str:
+    """RMSNorm ``{prefix}.{kind}`` of ``x``, on its own (not fused with a residual add)."""
+    weight = g.weight(f"{prefix}.{kind}.weight", tensor(f"{prefix}.{kind}.weight"))
+    (y,) = g.node(
+        "SimplifiedLayerNormalization", [x, weight], name=f"{name}/{kind}", axis=-1, epsilon=eps
+    )
+    return y
+
+
+def _layer_linear(g: _Builder, tensor, prefix: str, name: str, module: str, x: str) -> str:
+    """Projection ``{prefix}.{module}`` (``self_attn.q_proj``) of ``x``, its node named
+    ``{name}/q_proj/MatMul`` as the quantizers expect."""
+    return _linear(g, tensor, f"{prefix}.{module}", x, f"{name}/{module.split('.')[1]}")
+
+
+def _head_norm(g: _Builder, tensor, prefix: str, x: str, heads: int, head_dim: int, eps) -> str:
+    """RMSNorm over each head of ``x`` ``[batch, seq, heads * head_dim]`` (Qwen3's and Gemma
+    3's q_norm / k_norm), before GroupQueryAttention's rotary."""
+    name = "/" + prefix.replace("model.layers.", "model/layers.").replace(".self_attn.", "/")
+    weight = g.weight(f"{prefix}.weight", tensor(f"{prefix}.weight"))
+    split = g.weight(f"{name}/heads_shape", np.array([0, 0, heads, head_dim], np.int64))
+    merge = g.weight(f"{name}/merged_shape", np.array([0, 0, heads * head_dim], np.int64))
+    (heads_x,) = g.node("Reshape", [x, split], name=f"{name}/Reshape")
+    (normed,) = g.node(
+        "SimplifiedLayerNormalization", [heads_x, weight], name=name, axis=-1, epsilon=eps
+    )
+    (y,) = g.node("Reshape", [normed, merge], name=f"{name}/Reshape_1")
+    return y
+
+
+def _linear(g: _Builder, tensor: _Weights, prefix: str, x: str, name: str) -> str:
     """``x @ W^T (+ b)`` with the weight stored transposed, as optimum stores it."""
     weight = g.weight(f"{prefix}.weight_transposed", tensor(f"{prefix}.weight").T)
     (y,) = g.node("MatMul", [x, weight], name=f"{name}/MatMul")
-    if f"{prefix}.bias" in index:
+    if f"{prefix}.bias" in tensor:
         bias = g.weight(f"{prefix}.bias", tensor(f"{prefix}.bias"))
         (y,) = g.node("Add", [y, bias], name=f"{name}/Add")
     return y

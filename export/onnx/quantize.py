@@ -394,21 +394,45 @@ def to_fp16(model):
     from onnx import TensorProto, helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    # The RoPE tables are computed in fp32 (Range has no fp16) and cast once; onnxruntime folds
-    # all of it into constants at load.
-    rope = [node.name for node in model.graph.node if node.name.startswith("/rope/")]
+    # The RoPE tables are computed in fp32 (Range has no fp16) and cast once where
+    # GroupQueryAttention reads them; onnxruntime folds all of it into constants at load.
+    rope = [n.name for n in _all_nodes(model.graph) if n.name.startswith("/rope")]
     model = convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True, node_block_list=rope
     )
+    casts: dict[str, str] = {}
     for node in list(model.graph.node):
-        if node.name in ("/rope/Cos", "/rope/Sin"):
-            table = node.output[0]
-            node.output[0] = f"{table}_fp32"
-            cast = helper.make_node(
-                "Cast", [node.output[0]], [table], name=f"{node.name}/Cast", to=TensorProto.FLOAT16
-            )
-            model.graph.node.insert(list(model.graph.node).index(node) + 1, cast)
+        if node.op_type != "GroupQueryAttention":
+            continue
+        for slot in (7, 8):  # cos_cache, sin_cache
+            if len(node.input) <= slot or not node.input[slot]:
+                continue
+            table = node.input[slot]
+            if table not in casts:
+                casts[table] = f"{table}_fp16"
+                nodes = list(model.graph.node)
+                producer = next(i for i, n in enumerate(nodes) if table in n.output)
+                model.graph.node.insert(
+                    producer + 1,
+                    helper.make_node(
+                        "Cast",
+                        [table],
+                        [casts[table]],
+                        name=f"{table}/Cast",
+                        to=TensorProto.FLOAT16,
+                    ),
+                )
+            node.input[slot] = casts[table]
     return model
+
+
+def _all_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs (``If`` branches)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _all_nodes(attribute.g)
 
 
 def dynamic_int8(source, destination) -> None:
