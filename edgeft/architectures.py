@@ -181,6 +181,29 @@ def module_names(architecture: Architecture) -> tuple[str, ...]:
     return tuple(names)
 
 
+def check_lora_targets(config: Mapping, targets) -> None:
+    """LoRA target names a checkpoint of this architecture has; a projection that is fused
+    in it (Phi-3's ``q_proj`` inside ``qkv_proj``) is named with its fused module.
+
+    Raises:
+        ModelError: a target is a part of a fused module (the message names the module to
+            target instead).
+    """
+    names = config.get("architectures") or []
+    architecture = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if architecture is None or targets == "all-linear":
+        return
+    for target in targets:
+        for fused in architecture.fused:
+            if target in fused.parts:
+                module = fused.module.split(".")[1]
+                raise ModelError(
+                    f"--target-modules {target}: {architecture.name} stores "
+                    f"{', '.join(fused.parts)} as one module, {module}; target {module} "
+                    f"(modules: {', '.join(module_names(architecture))})"
+                )
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     heads: int

@@ -83,7 +83,8 @@ def read_export_config(model_dir: Path, supported, target: str) -> tuple[dict, s
 
     Raises:
         ModelError: no or unreadable config.json, an architecture outside ``supported`` (the
-            message lists them), or a quantized checkpoint.
+            message lists them), a rope kind or layer layout its entry in
+            :mod:`edgeft.architectures` does not cover, or a quantized checkpoint.
     """
     import json
 
@@ -107,6 +108,10 @@ def read_export_config(model_dir: Path, supported, target: str) -> tuple[dict, s
             f"{path}: the checkpoint is quantized ({method}); export a full-precision "
             "checkpoint (edgeft merge writes one)"
         )
+    from edgeft.architectures import ARCHITECTURES, layer_attention
+
+    if architecture in ARCHITECTURES:  # rope kind and layer layout, before any work
+        layer_attention(ARCHITECTURES[architecture], config, path)
     return config, architecture
 
 

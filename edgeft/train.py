@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgeft._io import atomic_dir, check_output, partial_dir, sha256_file, write_json
+from edgeft.architectures import check_lora_targets
 from edgeft.data import DataReport, collate, load_examples, split_examples
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.models import BaseModel, resolve_base
@@ -289,6 +290,7 @@ def train(
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
+    check_lora_targets(model.config.to_dict(), settings.target_modules)
     lora = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,

@@ -83,12 +83,21 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     )
 
 
-def _save_model(config, tokenizer_dir: Path, out: Path, seed: int) -> Path:
+def _save_model(
+    config, tokenizer_dir: Path, out: Path, seed: int, *, random_norms: bool = False
+) -> Path:
+    """Save a random model. ``random_norms``: norm weights drawn around their initial value
+    (1, or 0 for Gemma's 1 + w) instead of left at it, so that a norm written wrong shows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if random_norms:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    parameter.add_(torch.randn_like(parameter) * 0.2)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
@@ -268,7 +277,7 @@ def _llama3(common: dict):
 def _qwen3(common: dict):
     from transformers import Qwen3Config
 
-    return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    return Qwen3Config(**{"head_dim": 32, **common}, tie_word_embeddings=True)
 
 
 def _gemma3(common: dict):
@@ -281,8 +290,8 @@ def _gemma3(common: dict):
         layer_types=["sliding_attention", "full_attention"] * 2,
         rope_theta=1_000_000.0,
         rope_local_base_freq=10_000.0,
-        query_pre_attn_scalar=24,
-        final_logit_softcapping=15.0,
+        query_pre_attn_scalar=8,
+        final_logit_softcapping=4.0,
         tie_word_embeddings=True,
     )
 
@@ -335,4 +344,4 @@ FAMILIES = {
 def family_model(family: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
     """A tiny random checkpoint of ``family`` (:data:`FAMILIES`) over ``tokenizer_dir``."""
     config = FAMILIES[family]({**_common(tokenizer_dir), **overrides})
-    return _save_model(config, tokenizer_dir, out, seed=4)
+    return _save_model(config, tokenizer_dir, out, seed=4, random_norms=True)

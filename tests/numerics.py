@@ -60,6 +60,21 @@ FP16_COMPUTE = 16 * (2 + 128**0.5) * FP16_UNIT
 FP16_WEIGHTS = 16 * FP16_UNIT
 
 
+def for_model(bound: float, config: dict) -> float:
+    """A bound above, derived for the tiny models (two layers, heads 16 wide), for a model with
+    ``num_hidden_layers`` layers and heads ``head_dim`` wide:
+
+    - errors add layer by layer: × layers / 2;
+    - a rounding error in an attention score is relative to Σ|qᵢkᵢ|, which outgrows the score
+      itself like √head_dim for components of independent sign, and softmax turns the score's
+      absolute error into a relative error of its weights: × √(head_dim / 16).
+    """
+    from edgeft.architectures import attention_shape
+
+    layers = max(1.0, config["num_hidden_layers"] / 2)
+    return bound * layers * max(1.0, attention_shape(config).head_dim / 16) ** 0.5
+
+
 def _record(kind: str, measured: float, bound: float) -> None:
     """Append a measured figure and its bound to ``$EDGEFT_RECORD_BOUNDS`` (JSON lines), with
     the test that measured it: how much headroom each bound has on this run's kernel paths
