@@ -345,3 +345,153 @@ def family_model(family: str, tokenizer_dir: Path, out: Path, **overrides) -> Pa
     """A tiny random checkpoint of ``family`` (:data:`FAMILIES`) over ``tokenizer_dir``."""
     config = FAMILIES[family]({**_common(tokenizer_dir), **overrides})
     return _save_model(config, tokenizer_dir, out, seed=4, random_norms=True)
+
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+def byte_level_tokenizer(
+    out: Path,
+    pre_tokenizer,
+    specials: list[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str | None = None,
+    added: list[str] = (),
+    add_bos: bool = False,
+    template: str | None = None,
+    extra_text: tuple[str, ...] = (),
+) -> Path:
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` with a family's pre-tokenizer,
+    special tokens (``specials``, never split), other added tokens (``added``, Qwen3's
+    ``<think>``), bos added to plain text or not, and chat template file; ``extra_text`` joins
+    :data:`CORPUS` in training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([*CORPUS, *extra_text], trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, backend.token_to_id(bos))],
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad or eos,
+        chat_template=(TEMPLATES / template).read_text(encoding="utf-8") if template else None,
+    )
+    if added:
+        tokenizer.add_tokens(list(added), special_tokens=False)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def gemma_tokenizer(out: Path) -> Path:
+    """Gemma 3's kind: SentencePiece BPE with byte fallback, digits split, no space prepended,
+    pad/eos/bos/unk at ids 0-3 and <start_of_turn>/<end_of_turn>, converted by transformers'
+    own GemmaConverter (normalizer ' ' → '▁', a split on ' ' that never applies)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizerFast
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        split_digits=True,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = GemmaTokenizerFast(vocab_file=str(out / "tokenizer.model"), from_slow=True)
+    tokenizer.chat_template = (TEMPLATES / "gemma3.jinja").read_text(encoding="utf-8")
+    tokenizer.save_pretrained(out)
+    (out / "tokenizer.model").unlink()  # exported from tokenizer.json, as the fast tokenizer
+    return out
+
+
+def family_tokenizer(family: str, out: Path) -> Path:
+    """A small tokenizer of ``family``'s kind: its pre-tokenizer, special tokens and chat
+    template (llama.cpp's pre-tokenizer names: Llama 3 and SmolLM3 llama-bpe, Qwen3 qwen2,
+    Phi-4-mini gpt-4o; Gemma 3 SentencePiece)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from edgeft.export.gguf.vocab import _GPT4O_REGEX, _LLAMA3_REGEX, _QWEN2_REGEX
+
+    def split(regex: str):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    if family == "gemma3":
+        return gemma_tokenizer(out)
+    llama3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+    kinds = {
+        "llama3": dict(
+            pre_tokenizer=split(_LLAMA3_REGEX),
+            specials=[*llama3, "<|eot_id|>"],
+            bos="<|begin_of_text|>",
+            eos="<|eot_id|>",
+            add_bos=True,
+            template="llama3.jinja",
+        ),
+        "smollm3": dict(
+            pre_tokenizer=split(_LLAMA3_REGEX),
+            specials=[*llama3, "<|im_start|>", "<|im_end|>"],
+            bos="<|im_start|>",
+            eos="<|im_end|>",
+            template="smollm3.jinja",
+        ),
+        "qwen3": dict(
+            pre_tokenizer=split(_QWEN2_REGEX),
+            specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            bos=None,
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+            added=["<think>", "</think>"],
+            template="qwen3.jinja",
+        ),
+        "phi3": dict(  # Phi-4-mini
+            pre_tokenizer=split(_GPT4O_REGEX),
+            specials=["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+            bos="<|endoftext|>",
+            eos="<|endoftext|>",
+            template="phi4-mini.jinja",
+            # cased runs and contractions, where GPT-4o's rules split apart from Llama 3's
+            extra_text=("It's camelCase, we'll see MixedCASE words they'd say I'M http://a/b",)
+            * 20,
+        ),
+    }
+    return byte_level_tokenizer(out, **kinds[family])

@@ -465,6 +465,58 @@ def test_longrope_frequencies_are_transformers(long):
     assert got_factor == pytest.approx(factor)
 
 
+# --- each family's tokenizer -------------------------------------------------------------------
+
+FAMILY_TOKENIZERS = {  # family → (llama.cpp tokenizer model, pre-tokenizer)
+    "llama3": ("gpt2", "llama-bpe"),
+    "qwen3": ("gpt2", "qwen2"),
+    "gemma3": ("llama", "default"),
+    "phi3": ("gpt2", "gpt-4o"),
+    "smollm3": ("gpt2", "llama-bpe"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOKENIZERS))
+def test_family_tokenizers_give_identical_ids_in_every_runtime(family, tmp_path):
+    """The family's pre-tokenizer, special tokens and chat template (tests/data/chat_templates)
+    through llama.cpp's and onnxruntime-genai's tokenizers: the same ids as transformers."""
+    from conftest import family_tokenizer
+
+    from edgeft.export.gguf import export_gguf
+    from edgeft.export.gguf.reader import gguf_metadata
+    from edgeft.export.onnx.export import export_onnx
+
+    tokenizer = family_tokenizer(family, tmp_path / "tokenizer")
+    # the templates' own system prompts (SmolLM3's, Llama 3's dated header) need the room
+    model = family_model(family, tokenizer, tmp_path / "model", max_position_embeddings=2048)
+    gguf = export_gguf(model, tmp_path / "gguf", "f32", eval_text=EVAL)
+    assert gguf.tokenizer["mismatches"] == [] and gguf.tokenizer["chat_template_identical"]
+    meta = gguf_metadata(tmp_path / "gguf" / "model-f32.gguf")
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == FAMILY_TOKENIZERS[family]
+    export_onnx(model, tmp_path / "onnx", "fp32", eval_text=EVAL)
+    results = _record(tmp_path / "onnx")["results"]
+    assert results["genai_tokenizer"]["mismatches"] == []
+    assert results["genai_tokenizer"]["chat_template_identical"] or any(
+        "renders the chat template differently" in note for note in results["notes"]
+    )
+
+
+def test_phi4_mini_text_split_by_another_name_is_caught(tmp_path, monkeypatch):
+    """The identity gate sees the difference between GPT-4o's splitting rules and Llama 3's
+    (digits by three alike, cased words apart only in GPT-4o's)."""
+    from conftest import family_tokenizer
+
+    from edgeft.export.gguf import export_gguf, vocab
+
+    tokenizer = family_tokenizer("phi3", tmp_path / "tokenizer")
+    model = family_model("phi3", tokenizer, tmp_path / "model")
+    wrong = {k: ("llama-bpe" if v == "gpt-4o" else v) for k, v in vocab.BPE_PRE_TOKENIZERS.items()}
+    monkeypatch.setattr(vocab, "BPE_PRE_TOKENIZERS", wrong)
+    with pytest.raises(ModelError, match="llama.cpp tokenizes differently"):
+        export_gguf(model, tmp_path / "gguf", "f32", eval_text=EVAL)
+    assert not (tmp_path / "gguf").exists()
+
+
 # --- k-quants on rows 256 wide ----------------------------------------------------------------
 
 K_QUANTS = {  # type → (general.file_type, tensor types it must hold)

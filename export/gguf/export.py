@@ -37,6 +37,7 @@ from edgeft.models import weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import get_runtime
+from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,8 @@ def measure_file(
 ) -> Measurement:
     """Parity, perplexity and greedy divergence of one GGUF against the reference; near-ties
     within llama.cpp's F16 KV rounding count as top-1 agreement in ``top1_off_ties``."""
-    n_ctx = max(len(reference.eval_ids), 128) + 64
+    greedy = len(reference.prompt_ids) + len(reference.greedy)
+    n_ctx = max(len(reference.eval_ids), greedy, 128) + 64
     if reference.context_length:  # LongRoPE: within its original context (uniform_context)
         n_ctx = min(n_ctx, reference.context_length)
     session = get_runtime("llama.cpp").load(path, threads=threads, lora_path=lora_path, n_ctx=n_ctx)
@@ -434,7 +436,7 @@ def _requantize(
         budget = eval_budget(context)
         reference = Reference(
             get_runtime("llama.cpp").load(
-                source, threads=threads, n_ctx=min(budget + 64, context or budget + 64)
+                source, threads=threads, n_ctx=min(context, MAX_DEFAULT_CTX) if context else None
             ),
             eval_text or default_eval_text(),
             budget,

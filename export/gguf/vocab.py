@@ -32,6 +32,14 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Phi-4-mini (llama.cpp's "gpt-4o"): cased words keep their case run together, digits by three.
+_GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BPE_PRE_TOKENIZERS: dict[tuple, str] = {
     (("bytelevel-regex",),): "gpt-2",
     (("split", _GPT2_REGEX), ("bytelevel",)): "gpt-2",
@@ -40,6 +48,7 @@ BPE_PRE_TOKENIZERS: dict[tuple, str] = {
     (("digits",), ("bytelevel-regex",)): "smollm",
     (("split", _LLAMA3_REGEX), ("bytelevel",)): "llama-bpe",
     (("split", _QWEN2_REGEX), ("bytelevel",)): "qwen2",
+    (("split", _GPT4O_REGEX), ("bytelevel",)): "gpt-4o",
 }
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -303,6 +312,10 @@ def _check_sentencepiece(path: Path, spec: dict) -> bool:
     norm_steps = normalizer.get("normalizers", [normalizer]) if normalizer else []
     kinds = [step.get("type") for step in norm_steps]
     pre = spec.get("pre_tokenizer")
+    if kinds == ["Replace"] and _splits_on_space(pre):
+        # Gemma: every space is already '▁' when the pre-tokenizer runs, so its split on " "
+        # never applies; no space is prepended.
+        pre = None
     if kinds and set(kinds) <= {"Prepend", "Replace"} and pre is None:
         replaces = [s for s in norm_steps if s.get("type") == "Replace"]
         if not any(s.get("content") == "\u2581" for s in replaces):
@@ -319,6 +332,16 @@ def _check_sentencepiece(path: Path, spec: dict) -> bool:
     raise ModelError(
         f"{path}: byte-fallback BPE with normalizer {kinds} and pre-tokenizer "
         f"{(pre or {}).get('type')!r} is not a SentencePiece layout llama.cpp reproduces"
+    )
+
+
+def _splits_on_space(pre: dict | None) -> bool:
+    return (
+        pre is not None
+        and pre.get("type") == "Split"
+        and pre.get("pattern") == {"String": " "}
+        and pre.get("behavior") == "MergedWithPrevious"
+        and not pre.get("invert")
     )
 
 

@@ -555,6 +555,21 @@ def export_onnx(
                 f"int4 norm weights tuned to the checkpoint: {_passes(settings.norm_epochs)} "
                 "over the calibration text"
             )
+        say("checking onnxruntime-genai's tokenizer against the Hugging Face tokenizer")
+        tokenizer = _check_genai_tokenizer(work / types[0], model, threads)
+        if tokenizer["mismatches"]:
+            first = tokenizer["mismatches"][0]
+            notes.append(
+                f"onnxruntime-genai's tokenizer gives other ids than the Hugging Face tokenizer "
+                f"on {len(tokenizer['mismatches'])} of {tokenizer['texts']} texts (first: "
+                f"{first['text'][:40]!r} at token {first['at']}): an app that tokenizes with "
+                "onnxruntime-genai feeds the model other ids on such text"
+            )
+        if tokenizer["chat_template_identical"] is False:
+            notes.append(
+                "onnxruntime-genai renders the chat template differently from transformers: "
+                "an app should render prompts itself and pass the text"
+            )
         if any(not r.genai_greedy_identical for r in reports):
             odd = ", ".join(r.folder for r in reports if not r.genai_greedy_identical)
             notes.append(f"onnxruntime-genai's greedy answer differs from onnxruntime's in {odd}")
@@ -583,6 +598,7 @@ def export_onnx(
                     "reference": "the checkpoint in PyTorch fp32",
                     "reference_perplexity": reference.perplexity,
                     "folders": [r.as_dict() for r in reports],
+                    "genai_tokenizer": tokenizer,
                     "notes": notes,
                 },
             ),
@@ -595,6 +611,44 @@ def export_onnx(
         settings=settings,
         notes=notes,
     )
+
+
+def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
+    """onnxruntime-genai's tokenizer, the one an app on the device runs, against the Hugging
+    Face tokenizer: ids of the fidelity corpus, and the chat prompt as each renders it
+    (``chat_template_identical`` is None without a chat template)."""
+    from transformers import AutoTokenizer
+
+    from edgeft.export.gguf.vocab import TOKENIZER_CORPUS
+    from edgeft.fidelity import GREEDY_PROMPT
+
+    hf = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    session = get_runtime("onnxruntime-genai").load(folder, threads=threads)
+    try:
+        mismatches = []
+        for text in TOKENIZER_CORPUS:
+            expected = list(hf(text, add_special_tokens=False)["input_ids"])
+            got = session.tokenize(text)
+            if got != expected:
+                mismatches.append({"text": text, "at": first_divergence(expected, got)})
+        identical = None
+        if hf.chat_template:
+            expected = hf.apply_chat_template(
+                [{"role": "user", "content": GREEDY_PROMPT}],
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+            try:
+                identical = session.tokenize(GREEDY_PROMPT, chat=True) == list(expected)
+            except ModelError:
+                identical = False
+    finally:
+        session.close()
+    return {
+        "texts": len(TOKENIZER_CORPUS),
+        "mismatches": mismatches,
+        "chat_template_identical": identical,
+    }
 
 
 def _gate(report: FolderReport, model: Path) -> None:
