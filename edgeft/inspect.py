@@ -17,7 +17,9 @@ from edgeft.errors import ModelError
 
 # Suffixes of pickled checkpoints: refused by name, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SUPPORTED = ".gguf, .onnx (or a folder holding model.onnx), .safetensors"
+SUPPORTED = (
+    ".gguf, .onnx (or a folder holding model.onnx), .safetensors, a Hugging Face checkpoint folder"
+)
 ONNX_MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 
@@ -107,6 +109,8 @@ def inspect_file(path: Path) -> dict:
     if path.is_dir():
         if (path / ONNX_MODEL_FILE).is_file():
             return inspect_onnx(path / ONNX_MODEL_FILE)
+        if (path / "config.json").is_file():
+            return inspect_checkpoint(path)
         raise ModelError(f"{path} is a folder without {ONNX_MODEL_FILE}; pass a file: {SUPPORTED}")
     if suffix in PICKLE_SUFFIXES:
         raise ModelError(
@@ -175,6 +179,100 @@ def inspect_gguf(path: Path) -> dict:
 
 
 # --- safetensors ------------------------------------------------------------------------------
+
+
+def inspect_checkpoint(path: Path) -> dict:
+    """A Hugging Face checkpoint folder: its architecture as edgeft's table describes it (the
+    quirks the stages handle, each layer's attention) and what each stage does with it.
+
+    Raises:
+        ModelError: an unreadable config.json or safetensors header.
+    """
+    from edgeft.architectures import (
+        ARCHITECTURES,
+        activation,
+        attention_shape,
+        layer_attention,
+        module_names,
+        rope_kind,
+        rotary_dim,
+        tied_embeddings,
+    )
+
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_path}: cannot read: {exc}") from exc
+    names = config.get("architectures") or []
+    entry = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    weights = sorted(path.glob("*.safetensors"))
+    parameters = sum(inspect_safetensors(w)["parameter_count"] for w in weights)
+    info = {
+        "format": "checkpoint",
+        "path": str(path),
+        "architecture": names[0] if names else config.get("model_type"),
+        "model_type": config.get("model_type"),
+        "weights": [w.name for w in weights],
+        "parameter_count": parameters,
+        "supported": entry is not None,
+    }
+    if entry is None:
+        info["stages"] = {
+            "export": f"not supported; supported architectures: {', '.join(ARCHITECTURES)}"
+        }
+        return info
+    stages: dict[str, str] = {}
+    try:
+        layers = layer_attention(entry, config, config_path)
+        shape = attention_shape(config)
+        act = activation(config, config_path)
+    except (ModelError, KeyError, TypeError, ValueError) as exc:
+        info["stages"] = {"export": f"refused: {exc}"}
+        return info
+    quirks = [
+        name
+        for name, on in (
+            ("q/k norms", entry.qk_norm),
+            ("(1 + w) norms", entry.norm_offset),
+            ("four norms a layer", entry.sandwich_norms),
+            ("embedding × √hidden", entry.embed_scale),
+            ("fused " + ", ".join(f.module.split(".")[1] for f in entry.fused), entry.fused),
+            (f"rope {rope_kind(config.get('rope_scaling'))}", True),
+            (
+                f"rotary on {rotary_dim(config)} of {shape.head_dim}",
+                rotary_dim(config) < shape.head_dim,
+            ),
+            ("rope-free layers", not all(layer.rope for layer in layers)),
+            ("sliding windows", any(layer.window for layer in layers)),
+            ("tied embeddings", tied_embeddings(config)),
+            (f"{act} MLP", True),
+        )
+        if on
+    ]
+    stages["train"] = "LoRA / QLoRA targets: " + ", ".join(module_names(entry))
+    stages["gguf"] = f"llama.cpp {entry.gguf_arch}"
+    try:
+        from edgeft.export.gguf.convert import read_model_spec
+
+        stages["gguf"] += "".join(f"; {note}" for note in read_model_spec(path).notes)
+    except ModelError as exc:
+        stages["gguf"] = f"refused: {exc}"
+    stages["onnx"] = (
+        f"fused graph, onnxruntime-genai type {entry.genai_type}"
+        if entry.fused_graph
+        else "optimum graph only"
+    )
+    info.update(
+        layers=len(layers),
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        quirks=quirks,
+        windows=sorted({layer.window for layer in layers if layer.window}),
+        stages=stages,
+    )
+    return info
 
 
 def inspect_safetensors(path: Path) -> dict:
@@ -487,7 +585,12 @@ def genai_model_files(model: dict, source: Path) -> list[str]:
 
 def render_inspection(info: dict) -> str:
     """A readable summary of :func:`inspect_file`'s result."""
-    render = {"gguf": _render_gguf, "onnx": _render_onnx, "safetensors": _render_safetensors}
+    render = {
+        "gguf": _render_gguf,
+        "onnx": _render_onnx,
+        "safetensors": _render_safetensors,
+        "checkpoint": _render_checkpoint,
+    }
     return "\n".join(render[info["format"]](info)).rstrip() + "\n"
 
 
@@ -514,6 +617,26 @@ def _short(value, width: int = 80) -> str:
 def _rows(rows: list[tuple[str, object]], indent: int = 2) -> list[str]:
     width = max((len(k) for k, _ in rows), default=0)
     return [f"{' ' * indent}{k.ljust(width)}  {v}" for k, v in rows if v is not None]
+
+
+def _render_checkpoint(info: dict) -> list[str]:
+    lines = [
+        f"{info['path']}: Hugging Face checkpoint, {info['architecture']} "
+        f"({info['parameter_count']:,} parameters in {len(info['weights'])} safetensors files)"
+    ]
+    rows = []
+    if "layers" in info:
+        rows += [
+            (
+                "attention",
+                f"{info['layers']} layers, {info['heads']} heads ({info['kv_heads']} KV) of "
+                f"{info['head_dim']}"
+                + (f", sliding windows {info['windows']}" if info["windows"] else ""),
+            ),
+            ("quirks", ", ".join(info["quirks"])),
+        ]
+    rows += [(stage, text) for stage, text in info["stages"].items()]
+    return lines + _rows(rows)
 
 
 def _render_gguf(info: dict) -> list[str]:

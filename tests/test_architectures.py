@@ -612,6 +612,37 @@ def test_a_rotary_width_onnxruntime_cannot_rotate_is_refused(tiny_tokenizer_dir,
         build_fused_graph(model)
 
 
+def test_an_fp16_folder_that_overflows_is_refused(family_models, tmp_path):
+    """Gemma's activations outgrow fp16: embeddings within fp16's range, times √hidden past
+    it. The fp16 folder's logits are not finite; the export says so and writes nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgeft.errors import ParityError
+    from edgeft.export.onnx.export import export_onnx
+
+    model = _without(family_models("gemma3"), tmp_path / "loud", lambda config: None)
+    weights = load_file(model / "model.safetensors")
+    table = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = table * (40000 / np.abs(table).max())  # < 65504
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ParityError, match="fp16 ONNX model .* overflows: .* export fp32, int8"):
+        export_onnx(model, tmp_path / "out", "fp32,fp16", eval_text=EVAL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_describes_a_checkpoint_by_its_entry(family_models, tmp_path):
+    from edgeft.inspect import inspect_file, render_inspection
+
+    info = inspect_file(family_models("gemma3"))
+    assert info["format"] == "checkpoint" and info["windows"] == [8]
+    assert {"q/k norms", "(1 + w) norms", "embedding × √hidden"} <= set(info["quirks"])
+    assert info["stages"]["gguf"].startswith("llama.cpp gemma3")
+    phi3 = render_inspection(inspect_file(family_models("phi3")))
+    assert "LoRA / QLoRA targets: qkv_proj, o_proj, gate_up_proj, down_proj" in phi3
+    odd = _without(family_models("smollm3"), tmp_path / "odd", _set(no_rope_layers=[1, 0, 1, 1]))
+    assert inspect_file(odd)["stages"]["gguf"].startswith("refused: ")
+
+
 def test_every_entry_names_a_llama_cpp_architecture_gguf_knows():
     import gguf
 

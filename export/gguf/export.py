@@ -342,7 +342,7 @@ def export_gguf(
             )
             if gated:
                 max_kl, min_top1 = FULL_PRECISION_TOLERANCE[out_type]
-                if parity.mean_kl > max_kl or report.top1_off_ties < min_top1:
+                if not (parity.mean_kl <= max_kl and report.top1_off_ties >= min_top1):
                     raise ParityError(
                         f"{path.name} differs from {model}: {parity.summary()}, "
                         f"{report.top1_off_ties:.2%} off near-ties (tolerance for {out_type}: "

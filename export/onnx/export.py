@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -653,8 +654,15 @@ def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
 
 def _gate(report: FolderReport, model: Path) -> None:
     parity = report.parity
-    if report.type == "fp32" and (
-        parity.max_abs_diff > FP32_MAX_ABS_DIFF or parity.mean_kl > FP32_MAX_KL
+    finite = math.isfinite(parity.mean_kl) and math.isfinite(parity.max_abs_diff)
+    if report.type == "fp16" and not finite:
+        raise ParityError(
+            f"the fp16 ONNX model of {model} overflows: its activations exceed fp16's range "
+            f"(±65504) and its logits are not finite ({parity.summary()}); export fp32, int8 "
+            "or int4 instead (they compute in fp32); nothing was written"
+        )
+    if report.type == "fp32" and not (
+        parity.max_abs_diff <= FP32_MAX_ABS_DIFF and parity.mean_kl <= FP32_MAX_KL
     ):
         raise ParityError(
             f"the fp32 ONNX model differs from {model} in PyTorch: {parity.summary()} "
@@ -666,7 +674,7 @@ def _gate(report: FolderReport, model: Path) -> None:
             "onnxruntime-genai generates other greedy tokens than onnxruntime from the fp32 "
             "folder; its genai_config.json does not describe the graph; nothing was written"
         )
-    if report.type == "fp16" and parity.mean_kl > FP16_MAX_KL:
+    if report.type == "fp16" and not parity.mean_kl <= FP16_MAX_KL:
         raise ParityError(
             f"the fp16 ONNX model differs from {model}: {parity.summary()} (tolerance: mean KL "
             f"≤ {FP16_MAX_KL}); nothing was written"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeft.architectures import PROJECTIONS
 from edgeft.errors import EdgeftError
 
 ONNX_TYPES = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
@@ -29,7 +30,9 @@ MAX_NORM_EPOCHS = 8
 MIXED_INT8_BLOCK = 64
 MIN_SAMPLED_TOKENS = 64
 MAX_SAMPLED_TOKENS = 1 << 20
-MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The graph's projections, by their short name: fused checkpoints (Phi-3's qkv_proj) are split
+# into these by the graph builder, so every architecture's graph has the same kinds.
+MODULE_KINDS = tuple(path.split(".")[1] for path in PROJECTIONS)
 
 
 @dataclass(frozen=True)
