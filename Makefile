@@ -67,7 +67,8 @@ test-all: $(STAMP)
 # bitsandbytes, which follows torch's choice) on ATen's default kernels, oneDNN capped at
 # SSE4.1, MKL at SSE4.2. onnxruntime has no switch: MLAS picks its kernels from the CPU alone.
 KERNEL_TESTS := tests/test_gguf.py tests/test_runtime_llamacpp.py tests/test_train_merge.py \
-	tests/test_onnx.py tests/test_runtime_onnx.py tests/test_bench.py tests/test_c_consumer.py
+	tests/test_onnx.py tests/test_runtime_onnx.py tests/test_bench.py tests/test_c_consumer.py \
+	tests/test_architectures.py
 test-kernels: $(STAMP)
 	$(MAKE) --no-print-directory llama-wheel LLAMA_BUILD=sse42
 	rm -rf build/llama-sse42
