@@ -37,6 +37,7 @@ TESTS = [
     "tests/test_onnx.py",
     "tests/test_runtime_onnx.py",
     "tests/test_bench.py",
+    "tests/test_architectures.py",
 ]
 SSE42_ENV = {
     "PYTHONPATH": str(ROOT / "build" / "llama-sse42"),

@@ -151,6 +151,8 @@ def pipeline(request, tiny_tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
     )
     _cli("package", "--target", "android", "--out", root / "bundle", q4)
     _cli("verify", root / "bundle")
+    _cli("package", "--target", "ios", "--out", root / "bundle-onnx", root / "onnx" / "int4")
+    _cli("verify", root / "bundle-onnx")
     config = _config(merged)
     return SimpleNamespace(
         family=family,
@@ -243,7 +245,9 @@ def test_bench_measures_both_runtimes_and_the_bundle_verifies(pipeline):
     for row in rows:
         assert row["status"] == "ok" and row["latency"]["decode"][0]["tok_s"]["median"] > 0, row
         assert row["accuracy"]["perplexity"] > 1, row
-    assert (pipeline.root / "bundle" / "manifest.json").is_file()
+    for bundle in ("bundle", "bundle-onnx"):
+        manifest = json.loads((pipeline.root / bundle / "manifest.json").read_text())
+        assert manifest["golden"] and manifest["files"], bundle
 
 
 # --- each quirk matters: switched off, the export is far outside the bound ------------------

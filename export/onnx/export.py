@@ -139,15 +139,31 @@ def _save(model, folder: Path) -> None:
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model, "ByteSize") else True
+    # The weights' bytes, counted without serializing: protobuf cannot serialize (nor measure)
+    # a message over 2 GiB.
+    graph = getattr(model, "graph", None)
+    weights = (
+        sum(len(init.raw_data) or init.ByteSize() for init in _all_initializers(graph))
+        if hasattr(graph, "initializer")
+        else EXTERNAL_DATA_BYTES + 1
+    )
     onnx.save_model(
         model,
         str(folder / MODEL_FILE),
-        save_as_external_data=large,
+        save_as_external_data=weights > EXTERNAL_DATA_BYTES,
         all_tensors_to_one_file=True,
         location=DATA_FILE,
         size_threshold=1024,
     )
+
+
+def _all_initializers(graph):
+    """Initializers of ``graph`` and of its subgraphs (``If`` branches)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node or attribute.g.initializer:
+                yield from _all_initializers(attribute.g)
 
 
 def external_data_path(folder: Path, location: str, source: Path, what: str) -> Path:

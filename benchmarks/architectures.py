@@ -1,0 +1,302 @@
+"""Today's edge families at their real widths: export time and peak memory, file sizes, decode
+and prefill speed of GGUF Q4_K_M and ONNX int4 side by side, and what each quantization costs.
+
+Random-weight checkpoints (bf16 safetensors, as released checkpoints are) with the published
+shapes of Qwen3-0.6B, Gemma-3-270M, Llama-3.2-1B and Phi-4-mini: every width, head layout,
+vocabulary size and quirk as published; the deeper ones cut to fewer layers to fit this
+machine's time (each row says how many of how many). The tokenizer is the default model's
+(SmolLM2's, 49152 tokens), inside each vocabulary. Every stage runs through the CLI in its own
+process; peak RSS is that process's.
+
+- ``export gguf --quant f16,q8_0,q4_k_m`` and ``export onnx --quant int8,int4`` (int4: GPTQ and
+  norm tuning on the shipped calibration text): seconds and peak RSS, each file's size, and the
+  mean KL against the checkpoint in PyTorch fp32 that the exports measure on the shipped eval
+  text (random weights give flat distributions, so the KL figures are small in absolute terms:
+  compare them across types, not with a trained model's);
+- ``bench`` of the Q4_K_M file and the int4 folder in the same run, at 2 threads: prefill
+  tokens/s over a 128-token prompt, decode tokens/s over 64 tokens (medians of 3 runs).
+
+    python benchmarks/architectures.py [--only gemma-3-270m] [--work DIR]
+
+Writes ``results/architectures.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgeft.provenance import machine_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The published shapes; "layers" is how many this benchmark builds, "of" how many the model has.
+SHAPES = {
+    "qwen3-0.6b": dict(
+        architecture="qwen3",
+        layers=8,
+        of=28,
+        config=dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "gemma-3-270m": dict(
+        architecture="gemma3_text",
+        layers=18,
+        of=18,
+        config=dict(
+            hidden_size=640,
+            intermediate_size=2048,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=262144,
+            max_position_embeddings=32768,
+            sliding_window=512,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            query_pre_attn_scalar=256,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama-3.2-1b": dict(
+        architecture="llama",
+        layers=4,
+        of=16,
+        config=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_theta=500_000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+            tie_word_embeddings=True,
+        ),
+    ),
+    "phi-4-mini": dict(
+        architecture="phi3",
+        layers=2,
+        of=32,
+        config=dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            vocab_size=200064,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            partial_rotary_factor=0.75,
+            rope_theta=10_000.0,
+            # LongRoPE's 48 factors per table: the shape is Phi-4-mini's, the values a smooth
+            # ramp (random weights make no use of the published ones)
+            rope_scaling=dict(
+                type="longrope",
+                short_factor=[1.0 + 0.02 * i for i in range(48)],
+                long_factor=[1.0 + 0.5 * i for i in range(48)],
+            ),
+            sliding_window=None,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
+def build(name: str, out: Path) -> Path:
+    """A random-weight bf16 checkpoint of ``name``'s shape, with the default model's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.models import default_model_dir
+
+    shape = SHAPES[name]
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = AutoConfig.for_model(
+        shape["architecture"],
+        num_hidden_layers=shape["layers"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape["config"],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run(args: list[str], log: Path) -> dict:
+    """One CLI stage in its own process: seconds and that process's peak RSS."""
+    start = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ edgeft {' '.join(map(str, args))}\n")
+        f.flush()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeft.cli", "--quiet", *map(str, args)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"edgeft {args[0]} failed (exit {status}); see {log}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def measure(name: str, work: Path) -> dict:
+    shipped = ROOT / "edgeft" / "assets" / "eval"
+    model = build(name, work / "model")
+    log = work / "log.txt"
+    gguf = run(
+        ["export", "gguf", "--model", model, "--quant", "f16,q8_0,q4_k_m", "--out", work / "gguf"],
+        log,
+    )
+    onnx = run(
+        [
+            "export", "onnx", "--model", model, "--quant", "int8,int4", "--out", work / "onnx",
+            "--calibration", shipped / "calibration.txt",
+        ],
+        log,
+    )  # fmt: skip
+    q4, int4 = work / "gguf" / "model-q4_k_m.gguf", work / "onnx" / "int4"
+    run(
+        [
+            "bench", q4, int4, "--out", work / "bench", "--prompt-tokens", "128",
+            "--decode-tokens", "64", "--depths", "0", "--repeats", "3", "--threads", "2",
+        ],
+        log,
+    )  # fmt: skip
+    files = {
+        row["file"].removeprefix("model-").removesuffix(".gguf"): row
+        for row in json.loads((work / "gguf" / "edgeft.json").read_text())["results"]["files"]
+    }
+    folders = {
+        row["folder"]: row
+        for row in json.loads((work / "onnx" / "edgeft.json").read_text())["results"]["folders"]
+    }
+    speed = {}
+    for row in json.loads((work / "bench" / "results.json").read_text())["artifacts"]:
+        latency = row["latency"]
+        speed[row["format"]] = {
+            "prefill_tok_s": latency["prefill_tok_s"]["median"],
+            "decode_tok_s": latency["decode"][0]["tok_s"]["median"],
+        }
+    from edgeft.inspect import inspect_safetensors
+
+    parameters = sum(inspect_safetensors(p)["parameter_count"] for p in model.glob("*.safetensors"))
+    return {
+        "model": name,
+        "layers": f"{SHAPES[name]['layers']} of {SHAPES[name]['of']}",
+        "checkpoint_mb": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e6),
+        "parameters": parameters,
+        "export_gguf": gguf,
+        "export_onnx": onnx,
+        "sizes_mb": {
+            **{t: round(r["bytes"] / 1e6, 1) for t, r in files.items()},
+            **{t: round(r["bytes"] / 1e6, 1) for t, r in folders.items()},
+        },
+        "mean_kl": {
+            **{t: files[t]["parity"]["mean_kl"] for t in ("q8_0", "q4_k_m")},
+            **{t: folders[t]["parity"]["mean_kl"] for t in ("int8", "int4")},
+        },
+        "speed": speed,
+    }
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model (layers built) | export gguf s / peak MB | export onnx s / peak MB | Q4_K_M MB |"
+        " int4 MB | Q4_K_M prefill / decode tok/s | int4 prefill / decode tok/s |"
+        " mean KL Q8_0 / Q4_K_M / int8 / int4 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g, o, s, kl = r["export_gguf"], r["export_onnx"], r["speed"], r["mean_kl"]
+        gg, on = s.get("gguf", {}), s.get("onnx", {})
+        lines.append(
+            f"| {r['model']} ({r['layers']}) | {g['seconds']:.0f} / {g['peak_rss_mb']} | "
+            f"{o['seconds']:.0f} / {o['peak_rss_mb']} | {r['sizes_mb']['q4_k_m']} | "
+            f"{r['sizes_mb']['int4']} | {gg.get('prefill_tok_s', 0):.0f} / "
+            f"{gg.get('decode_tok_s', 0):.1f} | {on.get('prefill_tok_s', 0):.0f} / "
+            f"{on.get('decode_tok_s', 0):.1f} | {kl['q8_0']:.2g} / {kl['q4_k_m']:.2g} / "
+            f"{kl['int8']:.2g} / {kl['int4']:.2g} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", choices=list(SHAPES))
+    parser.add_argument("--work", type=Path, help="keep the checkpoints and exports here")
+    args = parser.parse_args()
+    names = args.only or list(SHAPES)
+    root = args.work or Path(tempfile.mkdtemp(prefix="edgeft-architectures-"))
+    previous = RESULTS / "architectures.json"
+    kept = json.loads(previous.read_text())["rows"] if previous.is_file() and args.only else []
+    command = "python benchmarks/architectures.py" + "".join(
+        f" --only {n}" for n in args.only or []
+    )
+    rows = [r for r in kept if r["model"] not in names]
+    for name in names:
+        work = root / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        print(f"{name}: building and exporting in {work}", flush=True)
+        rows.append(measure(name, work))
+        print(json.dumps(rows[-1]), flush=True)
+        if not args.work:
+            shutil.rmtree(work)
+        write(rows, command)  # after each model: a failure later keeps what was measured
+
+
+def write(rows: list[dict], command: str) -> None:
+    rows = sorted(rows, key=lambda r: list(SHAPES).index(r["model"]))
+    machine = machine_summary()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "architectures.json").write_text(
+        json.dumps({"machine": machine, "command": command, "rows": rows}, indent=1) + "\n"
+    )
+    lines = [
+        "# Today's edge families at their real widths",
+        "",
+        f"Machine: {machine}. Command: `{command}`; rows measured by earlier runs are kept, and "
+        "each reproduces alone with `--only MODEL`. "
+        "Random-weight bf16 checkpoints with the published shapes (layers cut where the row "
+        "says); every stage through the CLI in its own process; speeds at 2 threads, medians "
+        "of 3, Q4_K_M and int4 in the same bench run.",
+        "",
+        *table(rows),
+        "",
+    ]
+    (RESULTS / "architectures.md").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
