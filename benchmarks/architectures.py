@@ -164,9 +164,11 @@ def run(args: list[str], log: Path) -> dict:
         )
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"edgeft {args[0]} failed (exit {status}); see {log}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    result = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    if os.waitstatus_to_exitcode(status) != 0:  # recorded: the row says what failed
+        errors = [line for line in log.read_text().splitlines() if "error" in line]
+        result["error"] = errors[-1].strip() if errors else f"exit {status}"
+    return result
 
 
 def measure(name: str, work: Path) -> dict:
@@ -185,21 +187,24 @@ def measure(name: str, work: Path) -> dict:
         log,
     )  # fmt: skip
     q4, int4 = work / "gguf" / "model-q4_k_m.gguf", work / "onnx" / "int4"
+    artifacts = [a for a in (q4, int4) if a.exists()]
     run(
         [
-            "bench", q4, int4, "--out", work / "bench", "--prompt-tokens", "128",
+            "bench", *artifacts, "--out", work / "bench", "--prompt-tokens", "128",
             "--decode-tokens", "64", "--depths", "0", "--repeats", "3", "--threads", "2",
         ],
         log,
     )  # fmt: skip
+
+    def record(folder: Path, key: str) -> list[dict]:
+        path = folder / "edgeft.json"
+        return json.loads(path.read_text())["results"][key] if path.is_file() else []
+
     files = {
         row["file"].removeprefix("model-").removesuffix(".gguf"): row
-        for row in json.loads((work / "gguf" / "edgeft.json").read_text())["results"]["files"]
+        for row in record(work / "gguf", "files")
     }
-    folders = {
-        row["folder"]: row
-        for row in json.loads((work / "onnx" / "edgeft.json").read_text())["results"]["folders"]
-    }
+    folders = {row["folder"]: row for row in record(work / "onnx", "folders")}
     speed = {}
     for row in json.loads((work / "bench" / "results.json").read_text())["artifacts"]:
         latency = row["latency"]
@@ -222,8 +227,8 @@ def measure(name: str, work: Path) -> dict:
             **{t: round(r["bytes"] / 1e6, 1) for t, r in folders.items()},
         },
         "mean_kl": {
-            **{t: files[t]["parity"]["mean_kl"] for t in ("q8_0", "q4_k_m")},
-            **{t: folders[t]["parity"]["mean_kl"] for t in ("int8", "int4")},
+            **{t: r["parity"]["mean_kl"] for t, r in files.items()},
+            **{t: r["parity"]["mean_kl"] for t, r in folders.items()},
         },
         "speed": speed,
     }
@@ -236,17 +241,30 @@ def table(rows: list[dict]) -> list[str]:
         " mean KL Q8_0 / Q4_K_M / int8 / int4 |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    failures = []
+
+    def stage(r: dict, key: str) -> str:
+        done = r[key]
+        if "error" in done:
+            failures.append(f"{r['model']}, {key.replace('_', ' ')}: {done['error']}")
+            return f"fails ({len(failures)})"
+        return f"{done['seconds']:.0f} / {done['peak_rss_mb']}"
+
+    def speed(r: dict, kind: str) -> str:
+        s = r["speed"].get(kind)
+        return f"{s['prefill_tok_s']:.0f} / {s['decode_tok_s']:.1f}" if s else "-"
+
     for r in rows:
-        g, o, s, kl = r["export_gguf"], r["export_onnx"], r["speed"], r["mean_kl"]
-        gg, on = s.get("gguf", {}), s.get("onnx", {})
-        lines.append(
-            f"| {r['model']} ({r['layers']}) | {g['seconds']:.0f} / {g['peak_rss_mb']} | "
-            f"{o['seconds']:.0f} / {o['peak_rss_mb']} | {r['sizes_mb']['q4_k_m']} | "
-            f"{r['sizes_mb']['int4']} | {gg.get('prefill_tok_s', 0):.0f} / "
-            f"{gg.get('decode_tok_s', 0):.1f} | {on.get('prefill_tok_s', 0):.0f} / "
-            f"{on.get('decode_tok_s', 0):.1f} | {kl['q8_0']:.2g} / {kl['q4_k_m']:.2g} / "
-            f"{kl['int8']:.2g} / {kl['int4']:.2g} |"
+        sizes, kl = r["sizes_mb"], r["mean_kl"]
+        kls = " / ".join(
+            f"{kl[t]:.2g}" if t in kl else "-" for t in ("q8_0", "q4_k_m", "int8", "int4")
         )
+        lines.append(
+            f"| {r['model']} ({r['layers']}) | {stage(r, 'export_gguf')} | "
+            f"{stage(r, 'export_onnx')} | {sizes.get('q4_k_m', '-')} | {sizes.get('int4', '-')} | "
+            f"{speed(r, 'gguf')} | {speed(r, 'onnx')} | {kls} |"
+        )
+    lines += ["", *(f"({i}) {text}" for i, text in enumerate(failures, 1))] if failures else []
     return lines
 
 
