@@ -313,12 +313,15 @@ def layer_attention(
         )
     window = config.get("sliding_window")
     types = config.get("layer_types")
-    if types is None:
+    if types is None:  # configs written before layer_types: Qwen2's first max_window_layers
+        # layers attend to everything (as transformers derives layer_types from them)
+        first = int(config.get("max_window_layers") or 0)
         types = [
             "sliding_attention"
-            if window and config.get("use_sliding_window", True)
+            if window and config.get("use_sliding_window", True) and i >= first
             else "full_attention"
-        ] * n_layers
+            for i in range(n_layers)
+        ]
     no_rope = config.get("no_rope_layers") or [1] * n_layers
     if len(types) != n_layers or len(no_rope) != n_layers:
         raise ModelError(f"{path}: layer_types or no_rope_layers do not have one entry a layer")
