@@ -244,11 +244,16 @@ def tied_embeddings(config: Mapping) -> bool:
     return bool(config.get("tie_word_embeddings", True))
 
 
-def split_fused(architecture: Architecture, config: Mapping, module: str) -> list[tuple[str, int]]:
-    """``[(part, rows)]`` of fused ``module`` (``self_attn.qkv_proj``), in row order."""
+def split_fused(architecture: Architecture, config: Mapping, module: str) -> dict[str, slice]:
+    """The rows of each part of fused ``module`` (``self_attn.qkv_proj``), in row order."""
     fused = next(f for f in architecture.fused if f.module == module)
     shape = attention_shape(config)
-    return [(part, shape.rows(part, int(config["intermediate_size"]))) for part in fused.parts]
+    parts, row = {}, 0
+    for part in fused.parts:
+        rows = shape.rows(part, int(config["intermediate_size"]))
+        parts[part] = slice(row, row + rows)
+        row += rows
+    return parts
 
 
 def activation(config: Mapping, path="config.json") -> str:

@@ -41,22 +41,16 @@ class Reference:
     """What candidates are measured against: a session's logits on the eval text and its
     greedy answer to a chat prompt. The session is closed once this is built.
 
-    ``context_length`` bounds the context candidates are loaded with (see
-    :func:`edgeft.architectures.uniform_context`).
+    ``context_length`` (the model's, or :func:`edgeft.architectures.uniform_context`) bounds
+    the eval tokens (:func:`eval_budget`) and the context candidates are loaded with.
     """
 
-    def __init__(
-        self,
-        session,
-        eval_text: str,
-        max_tokens: int = EVAL_MAX_TOKENS,
-        context_length: int | None = None,
-    ) -> None:
+    def __init__(self, session, eval_text: str, context_length: int | None = None) -> None:
         from edgeft.runtimes import generate
 
         self.context_length = context_length
         try:
-            self.eval_ids = session.tokenize(eval_text)[:max_tokens]
+            self.eval_ids = session.tokenize(eval_text)[: eval_budget(context_length)]
             if len(self.eval_ids) < 2:
                 raise EdgeftError("the eval text has fewer than 2 tokens; pass a longer text")
             self.logits = session.logits(self.eval_ids)

@@ -182,16 +182,13 @@ LLAMA2_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="session")
-def spm_tokenizer_dir(tmp_path_factory) -> Path:
-    """A SentencePiece BPE tokenizer with byte fallback (the Llama 2 / Mistral kind), trained
-    in-process and saved as a Hugging Face fast tokenizer."""
+def sentencepiece_model(**options) -> bytes:
+    """A SentencePiece BPE model with byte fallback and digits split, trained on
+    :data:`CORPUS`; ``options`` set the special ids and anything else a family changes."""
     import io
 
     import sentencepiece as spm
-    from transformers import LlamaTokenizerFast
 
-    out = tmp_path_factory.mktemp("spm")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS),
@@ -200,17 +197,26 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
         model_type="bpe",
         byte_fallback=True,
         character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
         split_digits=True,
         allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         minloglevel=2,
+        **options,
     )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return model.getvalue()
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """A SentencePiece BPE tokenizer with byte fallback (the Llama 2 / Mistral kind), trained
+    in-process and saved as a Hugging Face fast tokenizer."""
+    from transformers import LlamaTokenizerFast
+
+    out = tmp_path_factory.mktemp("spm")
+    (out / "tokenizer.model").write_bytes(
+        sentencepiece_model(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    )
     tokenizer = LlamaTokenizerFast(
         vocab_file=str(out / "tokenizer.model"), legacy=True, from_slow=True, add_prefix_space=True
     )
@@ -222,30 +228,15 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
 def tokenizer_with_pre(tmp_path: Path, pre_tokenizer) -> Path:
     """A byte-level BPE tokenizer trained on :data:`CORPUS` with a chosen pre-tokenizer, ChatML
     special tokens and template, saved to ``tmp_path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizer
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
+    return byte_level_tokenizer(
+        tmp_path,
+        pre_tokenizer,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        unk="<|endoftext|>",
         chat_template=CHATML,
     )
-    tokenizer.save_pretrained(tmp_path)
-    return tmp_path
 
 
 def tiny_model(arch: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
@@ -358,14 +349,15 @@ def byte_level_tokenizer(
     bos: str | None,
     eos: str,
     pad: str | None = None,
+    unk: str | None = None,
     added: list[str] = (),
     add_bos: bool = False,
-    template: str | None = None,
+    chat_template: str | None = None,
     extra_text: tuple[str, ...] = (),
 ) -> Path:
     """A byte-level BPE tokenizer trained on :data:`CORPUS` with a family's pre-tokenizer,
     special tokens (``specials``, never split), other added tokens (``added``, Qwen3's
-    ``<think>``), bos added to plain text or not, and chat template file; ``extra_text`` joins
+    ``<think>``), bos added to plain text or not, and chat template; ``extra_text`` joins
     :data:`CORPUS` in training."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -393,7 +385,8 @@ def byte_level_tokenizer(
         bos_token=bos,
         eos_token=eos,
         pad_token=pad or eos,
-        chat_template=(TEMPLATES / template).read_text(encoding="utf-8") if template else None,
+        unk_token=unk,
+        chat_template=chat_template,
     )
     if added:
         tokenizer.add_tokens(list(added), special_tokens=False)
@@ -405,33 +398,19 @@ def gemma_tokenizer(out: Path) -> Path:
     """Gemma 3's kind: SentencePiece BPE with byte fallback, digits split, no space prepended,
     pad/eos/bos/unk at ids 0-3 and <start_of_turn>/<end_of_turn>, converted by transformers'
     own GemmaConverter (normalizer ' ' → '▁', a split on ' ' that never applies)."""
-    import io
-
-    import sentencepiece as spm
     from transformers import GemmaTokenizerFast
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        vocab_size=600,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        split_digits=True,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        minloglevel=2,
-    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer.model").write_bytes(
+        sentencepiece_model(
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+            add_dummy_prefix=False,
+        )
+    )
     tokenizer = GemmaTokenizerFast(vocab_file=str(out / "tokenizer.model"), from_slow=True)
     tokenizer.chat_template = (TEMPLATES / "gemma3.jinja").read_text(encoding="utf-8")
     tokenizer.save_pretrained(out)
@@ -494,4 +473,8 @@ def family_tokenizer(family: str, out: Path) -> Path:
             * 20,
         ),
     }
-    return byte_level_tokenizer(out, **kinds[family])
+    family_kind = kinds[family]
+    template = TEMPLATES / family_kind.pop("template")
+    return byte_level_tokenizer(
+        out, **family_kind, chat_template=template.read_text(encoding="utf-8")
+    )

@@ -155,16 +155,14 @@ def pipeline(request, tiny_tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
     _cli("verify", root / "bundle-onnx")
     config = _config(merged)
     return SimpleNamespace(
-        family=family,
         root=root,
         base=base,
         merged=merged,
         config=config,
-        layers=config["num_hidden_layers"],
     )
 
 
-def _expected(model: Path, config: dict, context: int | None) -> Expected:
+def _expected(model: Path, context: int | None) -> Expected:
     return Expected.of(get_runtime("torch").load(model, threads=2), EVAL, context)
 
 
@@ -186,7 +184,7 @@ def test_gguf_files_match_the_checkpoint(pipeline):
     record = _record(pipeline.root / "gguf")
     files = {row["file"]: row for row in record["results"]["files"]}
     context = uniform_context(pipeline.config)
-    expected = _expected(pipeline.merged, pipeline.config, context)
+    expected = _expected(pipeline.merged, context)
     # F16 weights and llama.cpp's F16 rounding, through this family's layers
     bound = for_model(FP16_ROUNDING + FP16_WEIGHTS, pipeline.config)
     expected.assert_matched(_report(files["model-f16.gguf"]), bound)
@@ -228,9 +226,7 @@ def test_lora_gguf_over_the_base_matches_the_merged_gguf(pipeline, tmp_path):
 
 def test_onnx_folders_match_the_checkpoint(pipeline):
     folders = {row["folder"]: row for row in _record(pipeline.root / "onnx")["results"]["folders"]}
-    expected = _expected(
-        pipeline.merged, pipeline.config, pipeline.config["max_position_embeddings"]
-    )
+    expected = _expected(pipeline.merged, pipeline.config["max_position_embeddings"])
     expected.assert_matched(_report(folders["fp32"]), for_model(FP32_ORDER, pipeline.config))
     assert folders["fp32"]["gated"] and folders["fp16"]["gated"]
     for row in folders.values():

@@ -30,7 +30,6 @@ from edgeft.fidelity import (
     Measurement,
     Reference,
     default_eval_text,
-    eval_budget,
     measure,
 )
 from edgeft.models import weights_sha256
@@ -318,7 +317,6 @@ def export_gguf(
         reference = Reference(
             get_runtime("torch").load(model, threads=threads),
             eval_text or default_eval_text(),
-            eval_budget(uniform_context(spec.config)),
             uniform_context(spec.config),
         )
         reports = []
@@ -433,13 +431,11 @@ def _requantize(
         context = meta.get(f"{arch}.rope.scaling.original_context_length") or meta.get(
             f"{arch}.context_length"
         )
-        budget = eval_budget(context)
         reference = Reference(
             get_runtime("llama.cpp").load(
                 source, threads=threads, n_ctx=min(context, MAX_DEFAULT_CTX) if context else None
             ),
             eval_text or default_eval_text(),
-            budget,
             context,
         )
         reports = []

@@ -21,7 +21,7 @@ from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export.gguf.convert import convert_checkpoint, permute_rotary, read_model_spec
 from edgeft.export.gguf.export import FULL_PRECISION_TOLERANCE, measure_file
 from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, gguf_metadata
-from edgeft.fidelity import Reference, default_eval_text, eval_budget
+from edgeft.fidelity import Reference, default_eval_text
 from edgeft.parity import Parity
 from edgeft.provenance import RECORD_NAME, make_record
 
@@ -203,12 +203,10 @@ def export_gguf_lora(
             base_model.path, record["settings"], torch.float32, quantized=False, device="cpu"
         )
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
-        context = uniform_context(spec.config)
         reference = Reference(
             TorchSession(model, tokenizer),
             eval_text or default_eval_text(),
-            eval_budget(context),
-            context,
+            uniform_context(spec.config),
         )
         del model
         measured = measure_file(base_file, reference, threads, lora_path=lora_file)

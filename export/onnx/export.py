@@ -32,12 +32,13 @@ from edgeft.export.onnx.quantize import (
     bits_plan,
     dynamic_int8,
     fold_transposed_weights,
+    graphs,
     pack_qkv,
     quantize_embeddings,
     quantize_weights,
     to_fp16,
 )
-from edgeft.fidelity import Reference, default_eval_text, eval_budget, measure
+from edgeft.fidelity import Reference, default_eval_text, measure
 from edgeft.models import read_export_config, weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
@@ -143,7 +144,7 @@ def _save(model, folder: Path) -> None:
     # a message over 2 GiB.
     graph = getattr(model, "graph", None)
     weights = (
-        sum(len(init.raw_data) or init.ByteSize() for init in _all_initializers(graph))
+        sum(len(i.raw_data) or i.ByteSize() for g in graphs(graph) for i in g.initializer)
         if hasattr(graph, "initializer")
         else EXTERNAL_DATA_BYTES + 1
     )
@@ -155,15 +156,6 @@ def _save(model, folder: Path) -> None:
         location=DATA_FILE,
         size_threshold=1024,
     )
-
-
-def _all_initializers(graph):
-    """Initializers of ``graph`` and of its subgraphs (``If`` branches)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.g.node or attribute.g.initializer:
-                yield from _all_initializers(attribute.g)
 
 
 def external_data_path(folder: Path, location: str, source: Path, what: str) -> Path:
@@ -531,7 +523,7 @@ def export_onnx(
         reference = Reference(
             get_runtime("torch").load(model, threads=threads),
             eval_text or default_eval_text(),
-            eval_budget(config.get("max_position_embeddings")),
+            config.get("max_position_embeddings"),
         )
         reports = []
         for quant in types:

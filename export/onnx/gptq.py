@@ -207,10 +207,10 @@ def calibrated_weights(
         for name, (module, parts) in modules.items():
             weight = module.weight.detach().numpy()
             quantized = []
+            hessian = (sums[name] / counts[name]).float() if counts[name] else None
             for part, rows in parts:
                 rows_weight = weight[rows]
-                if bits[part] == 4 and counts[name]:
-                    hessian = (sums[name] / counts[name]).float()
+                if bits[part] == 4 and hessian is not None:
                     damping = TIED_HEAD_DAMPING if part == "lm_head" and tied else DAMPING
                     results[part] = gptq(
                         rows_weight,
@@ -236,11 +236,9 @@ def calibrated_weights(
         """The graph's modules a torch Linear holds, with their rows."""
         if not any(f.module == name for f in architecture.fused):
             return [(f"{prefix}.{name}", slice(None))]
-        parts, row = [], 0
-        for part, rows in split_fused(architecture, model.config.to_dict(), name):
-            parts.append((f"{prefix}.{name.split('.')[0]}.{part}", slice(row, row + rows)))
-            row += rows
-        return parts
+        group = name.split(".")[0]
+        rows = split_fused(architecture, model.config.to_dict(), name)
+        return [(f"{prefix}.{group}.{part}", part_rows) for part, part_rows in rows.items()]
 
     for index, layer in enumerate(layers):
         prefix = f"model.layers.{index}"

@@ -199,6 +199,7 @@ class _Weights:
         self.architecture = architecture
         self.config = config
         self.index = _safetensors_index(model_dir)
+        self._fused: tuple[str, np.ndarray] | None = None  # the last fused tensor read
 
     def __contains__(self, name: str) -> bool:
         return name in self.index or self._fused_source(name) is not None
@@ -213,12 +214,9 @@ class _Weights:
         if source is None:
             raise ModelError(f"{self.model_dir}: tensor {name} is missing")
         stored, module, part = source
-        fused, row = _read_f32(self.index[stored]), 0
-        for other, rows in split_fused(self.architecture, self.config, module):
-            if other == part:
-                return fused[row : row + rows]
-            row += rows
-        raise AssertionError(name)
+        if self._fused is None or self._fused[0] != stored:  # read once for all its parts
+            self._fused = (stored, _read_f32(self.index[stored]))
+        return self._fused[1][split_fused(self.architecture, self.config, module)[part]]
 
     def _fused_source(self, name: str) -> tuple[str, str, str] | None:
         """(stored fused tensor, fused module, part) for a split projection's name:

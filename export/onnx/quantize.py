@@ -399,7 +399,7 @@ def to_fp16(model):
 
     # The RoPE tables are computed in fp32 (Range has no fp16) and cast once where
     # GroupQueryAttention reads them; onnxruntime folds all of it into constants at load.
-    rope = [n.name for n in _all_nodes(model.graph) if n.name.startswith("/rope")]
+    rope = [n.name for g in graphs(model.graph) for n in g.node if n.name.startswith("/rope")]
     model = convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True, node_block_list=rope
     )
@@ -429,13 +429,13 @@ def to_fp16(model):
     return model
 
 
-def _all_nodes(graph):
-    """Every node of ``graph`` and of its subgraphs (``If`` branches)."""
+def graphs(graph):
+    """``graph`` and every subgraph inside it (``If`` branches), depth first."""
+    yield graph
     for node in graph.node:
-        yield node
         for attribute in node.attribute:
-            if attribute.g.node:
-                yield from _all_nodes(attribute.g)
+            if attribute.HasField("g"):
+                yield from graphs(attribute.g)
 
 
 def dynamic_int8(source, destination) -> None:
