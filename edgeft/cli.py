@@ -136,7 +136,7 @@ def _add_allow_pickle(p) -> None:
 
 
 def _run_train(args) -> int:
-    from edgeft.train import TrainSettings, train
+    from edgeft.train import TrainSettings, is_main_process, train
 
     fields = TrainSettings.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
@@ -154,6 +154,8 @@ def _run_train(args) -> int:
         progress=not args.quiet,
         allow_pickle=args.allow_pickle,
     )
+    if not is_main_process():  # under accelerate launch: rank 0 reports for all
+        return 0
     report = result.data
     if report.skipped:
         print(
@@ -219,6 +221,7 @@ def _run_merge(args) -> int:
         base=args.base,
         force=args.force,
         allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
     )
     verdict = "within tolerance" if result.gated else "reported (original base: not gated)"
     print(

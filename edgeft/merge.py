@@ -14,18 +14,33 @@ on, 4-bit for QLoRA) on tokenized eval rows kept by ``edgeft train``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from edgeft._io import atomic_dir, check_output, sha256_file, write_json
 from edgeft.errors import EdgeftError, ModelError, ParityError
-from edgeft.models import DEFAULT_MODEL, resolve_base
-from edgeft.parity import Parity, compare_logits, model_logits
+from edgeft.models import DEFAULT_MODEL, check_not_only_pickled, pickled_weights, resolve_base
+from edgeft.parity import Parity
 from edgeft.provenance import make_record, read_record
+from edgeft.streaming import LoRA, streamed_model, streamed_parity
 from edgeft.train import load_base_model, read_parity_rows
+from edgeft.weights import (
+    DTYPE_NAMES,
+    ShardedWriter,
+    encode,
+    read_f32,
+    read_raw,
+    safetensors_index,
+)
 
 MergeBase = Literal["original", "dequantized"]
 OutDType = Literal["fp32", "bf16", "fp16"]
@@ -37,6 +52,12 @@ OutDType = Literal["fp32", "bf16", "fp16"]
 # every weight to 8/11 mantissa bits, which costs ~1e-3 nats on small models.
 KL_TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}
 TOP1_TOLERANCE = {"fp32": 0.99, "fp16": 0.95, "bf16": 0.90}
+# Top-1 is gated off near-ties (edgeft.parity.top1_off_ties): rounding every weight to a
+# dtype's mantissa moves logits by about that relative step, and where the reference's two
+# best tokens are closer than that either answer is correct. A model with nearly flat
+# distributions (random weights, an early checkpoint) has many such ties: plain top-1
+# agreement fell to 85% on a random-weight SmolLM2-135M merged into bf16, at KL 7e-4.
+ROUNDING_NOISE = {"fp32": 2.0**-20, "fp16": 2.0**-11, "bf16": 2.0**-8}
 
 
 @dataclass
@@ -116,26 +137,18 @@ def lora_scale(config: dict, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _check_fit(model, lora: dict, source: str) -> None:
-    """Raise unless every LoRA pair matches a Linear layer of the base with the right shape."""
-    import torch
-
-    modules = dict(model.named_modules())
+def _check_fit(index: dict, lora: dict, source: str) -> None:
+    """Raise unless every LoRA pair matches a 2-D weight of the base with the right shape."""
     for name, (a, b) in lora.items():
-        module = modules.get(name)
-        if module is None:
+        stored = index.get(f"{name}.weight")
+        if stored is None:
             raise ModelError(
                 f"adapter module {name} does not exist in base model {source}; "
                 "the adapter was trained on another architecture"
             )
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        if len(stored.shape) != 2:
             raise ModelError(f"adapter module {name} is not a Linear layer in {source}")
-        rows, cols = (
-            weight.shape
-            if not isinstance(module, torch.nn.Linear)
-            else (module.out_features, module.in_features)
-        )
+        rows, cols = stored.shape
         if b.shape[0] != rows or a.shape[1] != cols or a.shape[0] != b.shape[1]:
             raise ModelError(
                 f"adapter tensor {name}.lora_A/B shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
@@ -144,24 +157,42 @@ def _check_fit(model, lora: dict, source: str) -> None:
             )
 
 
-def _dequantized_weights(quantized_model, names) -> dict:
-    """fp32 copies of the 4-bit weights the adapter was trained against."""
+def nf4_round_trip(settings: dict, compute_dtype):
+    """The weights a QLoRA adapter was trained against: ``W`` quantized by bitsandbytes as
+    ``edgeft train`` loaded it (``W`` in the compute dtype, 4-bit blocks of 64, the recorded
+    quant type and double quantization), dequantized to fp32."""
     import bitsandbytes.functional as bnbf
     import torch
 
-    modules = dict(quantized_model.named_modules())
-    out = {}
-    for name in names:
-        module = modules[name]
-        weight = module.weight
-        quant_state = getattr(weight, "quant_state", None)
-        if quant_state is None:  # a layer bitsandbytes kept in full precision
-            out[name] = weight.detach().float().cpu()
-        else:
-            out[name] = bnbf.dequantize_4bit(weight.data, quant_state).float().cpu()
-        if out[name].shape != (module.out_features, module.in_features):
-            raise ModelError(f"dequantized {name} has shape {tuple(out[name].shape)}")
-    return {k: v.to(torch.float32) for k, v in out.items()}
+    def round_trip(weight):
+        packed, state = bnbf.quantize_4bit(
+            weight.to(compute_dtype).contiguous(),
+            blocksize=64,
+            compress_statistics=settings["double_quant"],
+            quant_type=settings["quant_type"],
+        )
+        return bnbf.dequantize_4bit(packed, state).to(torch.float32)
+
+    return round_trip
+
+
+def _as_trained_weights(trained: dict):
+    """How the as-trained model sees each base weight, for :func:`streamed_model`: its Linear
+    weights through the NF4/FP4 round trip for QLoRA (every Linear of the decoder layers is
+    4-bit there, adapted or not), rounded to the compute dtype for LoRA."""
+    import torch
+
+    compute_dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
+    if trained["method"] == "qlora":
+        round_trip = nf4_round_trip(trained, compute_dtype)
+
+        def qlora(name, module, values):
+            return round_trip(values) if isinstance(module, torch.nn.Linear) else values
+
+        return qlora
+    if compute_dtype == torch.float32:
+        return None
+    return lambda name, module, values: values.to(compute_dtype).to(torch.float32)
 
 
 def _as_trained_model(adapter: Path, base_path: Path, trained: dict, allow_pickle: bool = False):
@@ -227,6 +258,126 @@ def load_as_trained(adapter: Path):
     return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
 
 
+_DTYPE_NAMES_BACK = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}
+
+
+@contextlib.contextmanager
+def _safetensors_base(path: Path, out: Path, allow_pickle: bool) -> Iterator[Path]:
+    """The base checkpoint as safetensors: itself, or for a pickled base (``--allow-pickle``)
+    a temporary copy beside ``out`` converted tensor by tensor from ``torch.load(...,
+    weights_only=True, mmap=True)``, which refuses anything but tensors and containers."""
+    if any(path.glob("*.safetensors")):
+        yield path
+        return
+    if not allow_pickle:
+        check_not_only_pickled(path)
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.base.", dir=out.parent) as tmp:
+        folder = Path(tmp)
+        tensors: dict = {}
+        for file in pickled_weights(path):
+            tensors.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        layout = []
+        for name, tensor in tensors.items():
+            dtype = _SAFETENSORS_TORCH.get(str(tensor.dtype))
+            if dtype is None:
+                raise ModelError(f"{path}: tensor {name} is {tensor.dtype}, not a float weight")
+            layout.append((name, dtype, tuple(tensor.shape)))
+        writer = ShardedWriter(folder, layout)
+        for name, tensor in tensors.items():
+            writer.write(name, _storage(tensor.contiguous()))
+        writer.close()
+        shutil.copy(path / "config.json", folder / "config.json")
+        del tensors
+        yield folder
+
+
+_SAFETENSORS_TORCH = {
+    f"torch.{v}": k for k, v in {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.items()
+}
+
+
+def _storage(tensor) -> np.ndarray:
+    """A torch tensor's values as the numpy array safetensors stores (BF16 as uint16)."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view("<u2")
+    return tensor.numpy()
+
+
+def _write_merged(
+    index: dict,
+    lora: dict,
+    scales: dict,
+    folder: Path,
+    *,
+    dtype: OutDType,
+    transpose: bool,
+    start,
+    progress: bool,
+) -> None:
+    """Write the merged checkpoint tensor by tensor: ``W' = start(W) + scale · B A`` for each
+    adapted Linear (``start``: the NF4 round trip for ``dequantized``, else ``W`` itself),
+    every other tensor as stored (converted where ``dtype`` differs). One tensor in memory."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out_dtype = DTYPE_NAMES[dtype]
+    adapted = {f"{name}.weight": name for name in lora}
+    order = sorted(index.values(), key=lambda t: (t.file.name, t.offset))
+    writer = ShardedWriter(folder, [(t.name, out_dtype, t.shape) for t in order])
+    for stored in tqdm(order, desc="merging", unit="tensor", disable=not progress):
+        module = adapted.get(stored.name)
+        if module is None:
+            if stored.dtype == out_dtype:
+                writer.write(stored.name, read_raw(stored))
+            else:
+                writer.write(stored.name, encode(read_f32(stored), out_dtype))
+            continue
+        a, b = lora[module]
+        weight = torch.from_numpy(read_f32(stored))
+        base = start(weight) if start is not None else weight
+        delta = (b.float() @ a.float()) * scales[module]
+        merged = base + (delta.T if transpose else delta)
+        if not torch.isfinite(merged).all():
+            raise EdgeftError(
+                f"merged weight {module} has non-finite values; the adapter "
+                "or base weights are corrupt"
+            )
+        writer.write(stored.name, encode(merged.numpy(), out_dtype))
+    writer.close()
+
+
+def _write_configs(work: Path, base_dir: Path, model_config, tokenizer, dtype: OutDType) -> None:
+    """config.json and generation_config.json of the merged checkpoint: the base's, with the
+    saved dtype, the tokenizer's end-of-turn token among the stop ids and a padding id."""
+    import torch
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:  # no generation_config.json: from the model config, as transformers does
+        generation = GenerationConfig.from_model_config(model_config)
+    stop = generation.eos_token_id
+    stop = list(stop) if isinstance(stop, (list, tuple)) else [stop] if stop is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
+        stop.append(tokenizer.eos_token_id)
+    generation.eos_token_id = stop[0] if len(stop) == 1 else stop
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    if not getattr(model_config, "architectures", None):  # as save_pretrained names the class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_config.model_type]]
+    model_config.pad_token_id = generation.pad_token_id
+    model_config.dtype = getattr(torch, _TORCH_DTYPE_NAMES[dtype])
+    model_config.save_pretrained(work)
+    generation.save_pretrained(work)
+
+
 def merge(
     adapter: Path,
     out: Path,
@@ -236,6 +387,7 @@ def merge(
     base: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> MergeResult:
     """Merge a LoRA/QLoRA adapter into full-precision weights and save a plain checkpoint.
 
@@ -258,8 +410,7 @@ def merge(
         ParityError: LoRA or ``dequantized`` merge beyond tolerance.
         EdgeftError: a merged weight is not finite; bad settings.
     """
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     if dtype not in KL_TOLERANCE:
         raise EdgeftError(f"--dtype must be one of fp32, bf16, fp16; got {dtype!r}")
@@ -287,118 +438,95 @@ def merge(
 
     train_dtype_name = trained.get("resolved_compute_dtype", "float32")
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
-    # The merge itself runs in fp32 on the CPU: exact, and no GPU memory needed.
-    full = load_base_model(
-        base_model.path,
-        trained,
-        torch.float32,
-        quantized=False,
-        device="cpu",
-        allow_pickle=allow_pickle,
-    )
+    model_config = AutoConfig.from_pretrained(base_model.path, trust_remote_code=False)
     # Most specific message first: architecture, then shapes, then the exact weights.
     model_type = recorded.get("model_type")
-    if model_type and full.config.model_type != model_type:
+    if model_type and model_config.model_type != model_type:
         raise ModelError(
             f"adapter {adapter} was trained on a {model_type!r} model but base "
-            f"{base_model.path} is {full.config.model_type!r}"
+            f"{base_model.path} is {model_config.model_type!r}"
         )
-    _check_fit(full, lora, str(base_model.path))
-    check_base_weights(base_model, record, adapter)
-
-    as_trained = _as_trained_model(adapter, base_model.path, trained, allow_pickle)
-    reference = model_logits(as_trained, rows)
-    if merge_base == "dequantized":
-        start = _dequantized_weights(as_trained.get_base_model(), lora)
-    else:
-        modules = dict(full.named_modules())
-        start = {name: modules[name].weight.detach().float() for name in lora}
-    del as_trained
-
-    scales = {name: lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
-    modules = dict(full.named_modules())
-    with torch.no_grad():
-        for name, (a, b) in lora.items():
-            delta = (b.float() @ a.float()) * scales[name]
-            if config.get("fan_in_fan_out"):
-                delta = delta.T
-            merged = start[name] + delta
-            if not torch.isfinite(merged).all():
-                raise EdgeftError(
-                    f"merged weight {name} has non-finite values; the adapter "
-                    "or base weights are corrupt"
+    with _safetensors_base(base_model.path, out, allow_pickle) as base_dir:
+        index = safetensors_index(base_dir)
+        _check_fit(index, lora, str(base_model.path))
+        check_base_weights(base_model, record, adapter)
+        scales = {name: lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
+        with atomic_dir(out, force=force) as work:
+            _write_merged(
+                index,
+                lora,
+                scales,
+                work,
+                dtype=dtype,
+                transpose=bool(config.get("fan_in_fan_out")),
+                start=nf4_round_trip(trained, _torch_dtype(_DTYPE_NAMES_BACK[train_dtype_name]))
+                if merge_base == "dequantized"
+                else None,
+                progress=progress,
+            )
+            shutil.copy(base_dir / "config.json", work / "config.json")
+            # The as-trained model (streamed: one layer in memory) against the files written.
+            as_trained = streamed_model(
+                base_dir,
+                weights=_as_trained_weights(trained),
+                lora={
+                    name: LoRA(a.float(), b.float(), scales[name]) for name, (a, b) in lora.items()
+                },
+            )
+            trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
+            coarse = max((trained_in, dtype), key=lambda d: KL_TOLERANCE[d])
+            measured = streamed_parity(
+                as_trained, streamed_model(work), rows, noise=ROUNDING_NOISE[coarse]
+            )
+            parity, off_ties = measured.result(), measured.top1_off_ties()
+            gated = method == "lora" or merge_base == "dequantized"
+            within = parity.mean_kl <= KL_TOLERANCE[coarse] and off_ties >= TOP1_TOLERANCE[coarse]
+            if gated and not within:
+                raise ParityError(
+                    f"merged model differs from the as-trained model: {parity.summary()}, "
+                    f"{off_ties:.2%} off near-ties (tolerance: mean KL ≤ "
+                    f"{KL_TOLERANCE[coarse]}, top-1 off near-ties ≥ "
+                    f"{TOP1_TOLERANCE[coarse]:.0%} for {coarse}); nothing was written"
                 )
-            modules[name].weight.copy_(merged)
-    full = full.to(_torch_dtype(dtype))
-    candidate = model_logits(full.float(), rows)
-    parity = compare_logits(reference, candidate)
-    full = full.to(_torch_dtype(dtype))
-
-    trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
-    coarse = max((trained_in, dtype), key=lambda d: KL_TOLERANCE[d])
-    gated = method == "lora" or merge_base == "dequantized"
-    within = (
-        parity.mean_kl <= KL_TOLERANCE[coarse] and parity.top1_agreement >= TOP1_TOLERANCE[coarse]
-    )
-    if gated and not within:
-        raise ParityError(
-            f"merged model differs from the as-trained model: {parity.summary()} "
-            f"(tolerance: mean KL ≤ {KL_TOLERANCE[coarse]}, top-1 ≥ "
-            f"{TOP1_TOLERANCE[coarse]:.0%} for {coarse})"
-        )
-
-    # Keep the base's generation settings (some models stop on several ids); make sure the
-    # tokenizer's end-of-turn token stops generation and padding has an id.
-    generation = full.generation_config or GenerationConfig()
-    stop = generation.eos_token_id
-    stop = list(stop) if isinstance(stop, (list, tuple)) else [stop] if stop is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-        stop.append(tokenizer.eos_token_id)
-    generation.eos_token_id = stop[0] if len(stop) == 1 else stop
-    if generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id
-    with atomic_dir(out, force=force) as work:
-        full.config.pad_token_id = generation.pad_token_id
-        full.generation_config = generation
-        full.save_pretrained(work, safe_serialization=True)
-        tokenizer.save_pretrained(work)
-        write_json(
-            work / "edgeft.json",
-            make_record(
-                "merge",
-                inputs={
-                    "adapter": {
-                        "path": adapter.resolve(),
-                        "sha256": sha256_file(adapter / "adapter_model.safetensors"),
+            _write_configs(work, base_dir, model_config, tokenizer, dtype)
+            tokenizer.save_pretrained(work)
+            write_json(
+                work / "edgeft.json",
+                make_record(
+                    "merge",
+                    inputs={
+                        "adapter": {
+                            "path": adapter.resolve(),
+                            "sha256": sha256_file(adapter / "adapter_model.safetensors"),
+                        },
+                        "base": {
+                            "name": base_model.name,
+                            "path": base_model.path,
+                            "weights_sha256": base_model.weights_sha256,
+                        },
+                        "train": {
+                            "method": method,
+                            "settings": trained,
+                            "results": record.get("results", {}),
+                        },
                     },
-                    "base": {
-                        "name": base_model.name,
-                        "path": base_model.path,
-                        "weights_sha256": base_model.weights_sha256,
+                    settings={
+                        "merge_base": merge_base,
+                        "dtype": dtype,
+                        "lora_scale": sorted(set(scales.values())),
+                        "modules": len(lora),
                     },
-                    "train": {
-                        "method": method,
-                        "settings": trained,
-                        "results": record.get("results", {}),
+                    results={
+                        "parity_vs_as_trained": {**parity.as_dict(), "top1_off_ties": off_ties},
+                        "gated": gated,
+                        "within_tolerance": within,
+                        "tolerance": {
+                            "mean_kl": KL_TOLERANCE[coarse],
+                            "top1_off_ties": TOP1_TOLERANCE[coarse],
+                        },
                     },
-                },
-                settings={
-                    "merge_base": merge_base,
-                    "dtype": dtype,
-                    "lora_scale": sorted(set(scales.values())),
-                    "modules": len(lora),
-                },
-                results={
-                    "parity_vs_as_trained": parity.as_dict(),
-                    "gated": gated,
-                    "within_tolerance": within,
-                    "tolerance": {
-                        "mean_kl": KL_TOLERANCE[coarse],
-                        "top1_agreement": TOP1_TOLERANCE[coarse],
-                    },
-                },
-            ),
-        )
+                ),
+            )
     return MergeResult(
         out=out, merge_base=merge_base, dtype=dtype, parity=parity, gated=gated, modules=len(lora)
     )

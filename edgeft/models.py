@@ -134,7 +134,7 @@ def weights_sha256(model_dir: Path, *, allow_pickle: bool = False) -> str:
     return sha256_files(files)
 
 
-def _check_not_only_pickled(model_dir: Path) -> None:
+def check_not_only_pickled(model_dir: Path) -> None:
     """Refuse a checkpoint whose only weights are pickles, naming them and the way out."""
     if any(Path(model_dir).glob("*.safetensors")):
         return
@@ -173,7 +173,7 @@ def resolve_base(spec: str | None, *, allow_pickle: bool = False) -> BaseModel:
                 f"model directory, a hub id, or {DEFAULT_MODEL!r}"
             )
         if not allow_pickle:
-            _check_not_only_pickled(local)
+            check_not_only_pickled(local)
         return BaseModel(
             local.resolve(), str(local), weights_sha256(local, allow_pickle=allow_pickle)
         )
@@ -195,7 +195,7 @@ def resolve_base(spec: str | None, *, allow_pickle: bool = False) -> BaseModel:
             "without network access pass a local model directory"
         ) from exc
     if not allow_pickle:
-        _check_not_only_pickled(path)
+        check_not_only_pickled(path)
     return BaseModel(path, spec, weights_sha256(path, allow_pickle=allow_pickle))
 
 

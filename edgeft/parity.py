@@ -35,25 +35,70 @@ class Parity:
         )
 
 
+# Positions compared at once: float64 copies of [positions, vocab] stay small (64 × 128k × 8 B
+# = 64 MiB each) however many positions there are.
+_CHUNK_POSITIONS = 64
+
+
+class ParityAccumulator:
+    """:func:`compare_logits` over logits that arrive in pieces (rows, batches)."""
+
+    def __init__(self, noise: float = 0.0) -> None:
+        self.noise = noise
+        self._kl = 0.0
+        self._agree = 0
+        self._agree_off_ties = 0
+        self._max_diff = 0.0
+        self._positions = 0
+        self._vocab: int | None = None
+
+    def add(self, reference, candidate) -> None:
+        """Add ``[positions, vocab]`` logits of the same positions from both models."""
+        ref_all, cand_all = _float32(reference), _float32(candidate)
+        if ref_all.shape != cand_all.shape or ref_all.ndim != 2:
+            raise ValueError(
+                f"logit shapes differ or are not 2-D: {tuple(ref_all.shape)} vs "
+                f"{tuple(cand_all.shape)}"
+            )
+        if self._vocab is not None and ref_all.shape[1] != self._vocab:
+            raise ValueError(f"vocabulary {ref_all.shape[1]} after {self._vocab}")
+        self._vocab = ref_all.shape[1]
+        for start in range(0, len(ref_all), _CHUNK_POSITIONS):
+            ref = ref_all[start : start + _CHUNK_POSITIONS].astype(np.float64)
+            cand = cand_all[start : start + _CHUNK_POSITIONS].astype(np.float64)
+            log_p, log_q = _log_softmax(ref), _log_softmax(cand)
+            kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).clip(min=0)
+            self._kl += float(kl.sum())
+            self._agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            self._agree_off_ties += round(top1_off_ties(ref, cand, self.noise) * len(ref))
+            self._max_diff = max(self._max_diff, float(np.abs(ref - cand).max()))
+            self._positions += len(ref)
+
+    def top1_off_ties(self) -> float:
+        """:func:`top1_off_ties` over every position added, with this accumulator's noise."""
+        return self._agree_off_ties / max(1, self._positions)
+
+    def result(self) -> Parity:
+        if not self._positions:
+            raise ValueError("no positions to compare")
+        return Parity(
+            max_abs_diff=self._max_diff,
+            mean_kl=self._kl / self._positions,
+            top1_agreement=self._agree / self._positions,
+            positions=self._positions,
+        )
+
+
 def compare_logits(reference, candidate) -> Parity:
     """Compare two ``[positions, vocab]`` logit arrays (numpy arrays or torch tensors).
 
     KL is computed in float64 from log-softmax, so it stays accurate when the distributions
-    are nearly identical. numpy only, so that runtimes without torch can be measured.
+    are nearly identical, a bounded number of positions at a time. numpy only, so that
+    runtimes without torch can be measured.
     """
-    ref, cand = _float64(reference), _float64(candidate)
-    if ref.shape != cand.shape or ref.ndim != 2:
-        raise ValueError(
-            f"logit shapes differ or are not 2-D: {tuple(ref.shape)} vs {tuple(cand.shape)}"
-        )
-    log_p, log_q = _log_softmax(ref), _log_softmax(cand)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).clip(min=0)
-    return Parity(
-        max_abs_diff=float(np.abs(ref - cand).max()),
-        mean_kl=float(kl.mean()),
-        top1_agreement=float((ref.argmax(-1) == cand.argmax(-1)).mean()),
-        positions=int(ref.shape[0]),
-    )
+    accumulator = ParityAccumulator()
+    accumulator.add(reference, candidate)
+    return accumulator.result()
 
 
 def top1_off_ties(reference, candidate, noise: float) -> float:
@@ -65,6 +110,14 @@ def top1_off_ties(reference, candidate, noise: float) -> float:
     tie = 2 * noise * float(np.abs(ref).max())
     chosen = ref[np.arange(len(ref)), picked]
     return float((chosen >= ref.max(-1) - tie).mean())
+
+
+def _float32(logits) -> np.ndarray:
+    """Logits as a numpy array of at least float32 precision (float64 stays float64)."""
+    if hasattr(logits, "detach"):  # a torch tensor
+        logits = logits.detach().float().cpu().numpy()
+    logits = np.asarray(logits)
+    return logits if logits.dtype == np.float64 else logits.astype(np.float32, copy=False)
 
 
 def _float64(logits) -> np.ndarray:

@@ -307,7 +307,7 @@ def train(
 
     on_gpu = torch.cuda.is_available()
     # Under `accelerate launch` every rank runs this function; only rank 0 owns the output.
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     output_dir = (
         atomic_dir(out, force=force, resume=resume, keep_on_error=True)
         if main_process
@@ -351,12 +351,19 @@ def train(
             or None,
             data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         )
-        eval_before = trainer.evaluate()["eval_loss"] if eval_rows and not resume else None
+        eval_before = None
+        if eval_rows and not resume:
+            eval_before = trainer.evaluate()["eval_loss"]
+            # accelerate marks a model it prepared for inference as prepared for good, and
+            # train() would then not wrap it for data parallelism: under `accelerate launch`
+            # every rank would train alone (caught by _rank_report). Unmark it.
+            model.__dict__.pop("_is_accelerate_prepared", None)
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=True if resume else None)
         seconds = time.perf_counter() - start
         eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
-        train_loss = float(output.training_loss)
+        ranks = _rank_report(model, float(output.training_loss))
+        train_loss = sum(r["train_loss"] for r in ranks) / len(ranks)  # every rank's rows
         if not math.isfinite(train_loss):
             raise EdgeftError(f"training loss is {train_loss}; lower --lr or check the data")
         rows_seen = output.global_step * trainer.args.train_batch_size * settings.grad_accum
@@ -406,6 +413,7 @@ def train(
                 },
                 results={
                     "train_loss": train_loss,
+                    "ranks": ranks,
                     "eval_loss_before": eval_before,
                     "eval_loss": eval_after,
                     "steps": output.global_step,
@@ -424,6 +432,44 @@ def train(
             )
             write_json(work / "edgeft.json", record)
     return result
+
+
+def _rank_report(model, train_loss: float) -> list[dict]:
+    """Each process's training loss and a sha256 of the adapter weights it holds, gathered on
+    every rank (one entry without ``accelerate launch``). Data parallel training keeps every
+    replica identical; a rank whose adapter differs from rank 0's fails the run here, before
+    rank 0's copy is written as the result.
+
+    Raises:
+        EdgeftError: the ranks' adapters differ.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    mine = {"train_loss": train_loss, "adapter_sha256": digest.hexdigest()}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [{"rank": 0, **mine}]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    ranks = [{"rank": i, **r} for i, r in enumerate(gathered)]
+    if len({r["adapter_sha256"] for r in ranks}) > 1:
+        raise EdgeftError(
+            "data-parallel ranks ended with different adapter weights ("
+            + ", ".join(f"rank {r['rank']}: {r['adapter_sha256'][:12]}" for r in ranks)
+            + "); the processes did not train in step: check the launch configuration"
+        )
+    return ranks
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch`` / torchrun, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def read_parity_rows(adapter_dir: Path) -> list[list[int]]:

@@ -12,7 +12,8 @@ from edgeft.runtimes.hf import HFTokenizing
 
 
 class TorchSession(HFTokenizing):
-    """A Hugging Face causal LM with an explicit KV cache."""
+    """A Hugging Face causal LM with an explicit KV cache (a streamed one too: only forward
+    passes, see :func:`edgeft.streaming.streamed_model`)."""
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model
@@ -55,6 +56,13 @@ class TorchSession(HFTokenizing):
         self._past, self._next_logits = result.past_key_values, result.logits[0, -1]
         return token
 
+    def close(self) -> None:
+        self._past = self._next_logits = None
+
+
+class LoadedTorchSession(TorchSession):
+    """A fully loaded model: also batched generation through ``generate``."""
+
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ) -> list[list[int]]:
@@ -89,9 +97,6 @@ class TorchSession(HFTokenizing):
             replies.append(row[:cut])
         return replies
 
-    def close(self) -> None:
-        self._past = self._next_logits = None
-
 
 class TorchRuntime:
     name = "torch"
@@ -106,7 +111,11 @@ class TorchRuntime:
 
     def load(self, artifact: Path, *, threads: int) -> TorchSession:
         """Load a Hugging Face checkpoint directory (safetensors only, no remote code), or an
-        ``edgeft train`` adapter directory as trained (the adapter on its 4-bit base)."""
+        ``edgeft train`` adapter directory as trained (the adapter on its 4-bit base).
+
+        A checkpoint whose fp32 weights would take more than a quarter of this machine's
+        memory is streamed layer by layer (:func:`edgeft.streaming.should_stream`): the same
+        logits, memory bounded by one layer, every forward pass reading the weights again."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +125,7 @@ class TorchRuntime:
             from edgeft.merge import load_as_trained
 
             model, tokenizer = load_as_trained(artifact)
-            return TorchSession(model, tokenizer)
+            return LoadedTorchSession(model, tokenizer)
         if not (artifact / "config.json").is_file():
             raise ModelError(
                 f"{artifact} is not a Hugging Face checkpoint (no config.json) or an edgeft "
@@ -131,11 +140,17 @@ class TorchRuntime:
                 f"{artifact} has {found}; edgeft does not unpickle: convert the checkpoint "
                 "to safetensors (save_pretrained(..., safe_serialization=True))"
             )
-        model = AutoModelForCausalLM.from_pretrained(
-            artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
-        return TorchSession(model, tokenizer)
+        from edgeft.streaming import should_stream, streamed_model
+
+        if should_stream(artifact):  # larger than memory comfortably holds: layer by layer
+            session = TorchSession
+            model = streamed_model(artifact)
+        else:
+            session = LoadedTorchSession
+            model = AutoModelForCausalLM.from_pretrained(
+                artifact, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+            ).eval()
+        return session(model, AutoTokenizer.from_pretrained(artifact, trust_remote_code=False))
 
 
 RUNTIME = TorchRuntime()

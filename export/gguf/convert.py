@@ -8,9 +8,7 @@ over, plus the interpreter.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,95 +31,10 @@ from edgeft.architectures import (
 from edgeft.errors import ModelError
 from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
 from edgeft.models import read_export_config
+from edgeft.weights import StoredTensor, read_f32, safetensors_index
 
 OutType = str  # "f32" | "f16" | "bf16"
 OUT_TYPES = ("f32", "f16", "bf16")
-
-# safetensors dtype → (numpy dtype of the stored bytes, converter to float32)
-_SAFETENSORS_DTYPES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    "F32": ("<f4", lambda a: a),
-    "F16": ("<f2", lambda a: a.astype(np.float32)),
-    "BF16": ("<u2", lambda a: (a.astype(np.uint32) << 16).view(np.float32)),
-}
-
-
-@dataclass(frozen=True)
-class _StoredTensor:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    name: str = ""
-
-
-def _safetensors_index(model_dir: Path) -> dict[str, _StoredTensor]:
-    """Name → location of every tensor in the checkpoint's safetensors files (headers only)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickled = [p.name for p in model_dir.glob("*.bin")] + [
-            p.name for p in model_dir.glob("*.pt")
-        ]
-        hint = f" (found {', '.join(pickled)}: edgeft does not unpickle)" if pickled else ""
-        raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
-    from edgeft.inspect import inspect_safetensors
-
-    index: dict[str, _StoredTensor] = {}
-    for path in files:
-        inspect_safetensors(path)  # every field type, offset and length checked against the file
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ModelError(f"{path}: truncated safetensors file")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(size - 8, 100 << 20):
-                raise ModelError(f"{path}: safetensors header length {header_len} is past the end")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ModelError(f"{path}: unreadable safetensors header: {exc}") from exc
-        data_start = 8 + header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            dtype = info["dtype"]
-            if dtype not in _SAFETENSORS_DTYPES:
-                raise ModelError(
-                    f"{path}: tensor {name} is {dtype}; only F32/F16/BF16 weights can be "
-                    "exported (is this checkpoint already quantized?)"
-                )
-            shape = tuple(int(d) for d in info["shape"])
-            itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype][0]).itemsize
-            if (
-                end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
-                or data_start + end > size
-            ):
-                raise ModelError(
-                    f"{path}: tensor {name} has inconsistent size or lies past the end"
-                )
-            index[name] = _StoredTensor(path, dtype, shape, data_start + begin, end - begin, name)
-    return index
-
-
-def _read_f32(stored: _StoredTensor) -> np.ndarray:
-    """One tensor as fp32, checked finite: every exporter reads weights through here.
-
-    Raises:
-        ModelError: the tensor holds NaN or inf (named, with its file).
-    """
-    dtype, to_f32 = _SAFETENSORS_DTYPES[stored.dtype]
-    with open(stored.file, "rb") as f:
-        f.seek(stored.offset)
-        data = np.fromfile(f, dtype=dtype, count=stored.nbytes // np.dtype(dtype).itemsize)
-    data = to_f32(data).reshape(stored.shape)
-    if not np.isfinite(data).all():
-        raise ModelError(
-            f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); the "
-            "checkpoint is corrupt: re-run the stage that wrote it"
-        )
-    return data
 
 
 def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -262,8 +175,8 @@ def rope_tables(spec: ModelSpec) -> dict[str, np.ndarray]:
 
 
 def gguf_tensors(
-    spec: ModelSpec, index: dict[str, _StoredTensor]
-) -> Iterator[tuple[str, _StoredTensor | np.ndarray, Callable[[np.ndarray], np.ndarray]]]:
+    spec: ModelSpec, index: dict[str, StoredTensor]
+) -> Iterator[tuple[str, StoredTensor | np.ndarray, Callable[[np.ndarray], np.ndarray]]]:
     """Yield (llama.cpp name, stored tensor or computed array, transform) for every tensor
     llama.cpp needs.
 
@@ -360,7 +273,7 @@ def _cast(out_type: OutType, data: np.ndarray):
     ), gguf.GGMLQuantizationType.BF16
 
 
-def _lazy(stored: _StoredTensor, transform, out_type: OutType):
+def _lazy(stored: StoredTensor, transform, out_type: OutType):
     """A tensor the GGUF writer reads only when it writes it."""
     import gguf
     from gguf.lazy import LazyNumpyTensor
@@ -376,7 +289,7 @@ def _lazy(stored: _StoredTensor, transform, out_type: OutType):
 
     def load() -> np.ndarray:
         with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
-            data = _cast(out_type, transform(_read_f32(stored)))[0]  # _read_f32: finite input
+            data = _cast(out_type, transform(read_f32(stored)))[0]  # read_f32: finite input
         # Finite fp32 values beyond the target's range become inf: F16 tops out at 65504.
         overflow = (
             not np.isfinite(data).all()
@@ -422,7 +335,7 @@ def convert_checkpoint(
         )
     spec = read_model_spec(model_dir)
     vocab = vocab or read_vocab(spec.model_dir, spec.n_vocab)
-    index = _safetensors_index(spec.model_dir)
+    index = safetensors_index(spec.model_dir)
     tensors = list(gguf_tensors(spec, index))
 
     writer = gguf.GGUFWriter(out_file, spec.architecture.gguf_arch)

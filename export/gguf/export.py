@@ -290,8 +290,11 @@ def export_gguf(
     quantized = [t for t in types if t in QUANTIZED_TYPES]
     with atomic_dir(out, force) as work:
         timings: dict[str, float] = {}
-        # The quantizer reads the most precise file there is; F32 is made for it if needed.
-        source_type = "f32" if quantized or not full else full[0]
+        # The quantizer reads the most precise file there is; one that holds every weight
+        # exactly (the checkpoint's own 16-bit type, else F32) is made for it if needed.
+        source_type = _lossless_type(model) if quantized or not full else full[0]
+        if quantized and source_type not in full and "f32" in full:
+            source_type = "f32"
         for out_type in dict.fromkeys([source_type, *full]):
             start = time.perf_counter()
             say(f"converting {model} to {out_type.upper()}")
@@ -390,6 +393,15 @@ def export_gguf(
         tokenizer=tokenizer,
         notes=notes,
     )
+
+
+def _lossless_type(model_dir: Path) -> str:
+    """The smallest GGUF type that holds every matrix of ``model_dir`` exactly: ``bf16`` or
+    ``f16`` when all are stored so (half the disk and time of F32 on big models), else ``f32``."""
+    from edgeft.weights import safetensors_index
+
+    stored = {t.dtype for t in safetensors_index(model_dir).values() if len(t.shape) >= 2}
+    return {frozenset({"BF16"}): "bf16", frozenset({"F16"}): "f16"}.get(frozenset(stored), "f32")
 
 
 def _requantize(

@@ -155,7 +155,7 @@ def export_gguf_lora(
     from transformers import AutoTokenizer
 
     from edgeft.merge import check_base_weights, read_adapter, recorded_base
-    from edgeft.runtimes.pytorch import TorchSession
+    from edgeft.runtimes.pytorch import LoadedTorchSession
     from edgeft.train import load_base_model
 
     say = progress or (lambda message: None)
@@ -204,7 +204,7 @@ def export_gguf_lora(
         )
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
         reference = Reference(
-            TorchSession(model, tokenizer),
+            LoadedTorchSession(model, tokenizer),
             eval_text or default_eval_text(),
             uniform_context(spec.config),
         )

@@ -259,11 +259,11 @@ SAMPLED = "text sampled from the model"
 def _export_fp32(model: Path, folder: Path, graph: str) -> None:
     """The fp32 decoder: edgeft's fused graph, or optimum-onnx's trace."""
     if graph == "optimum":
-        from edgeft.export.gguf.convert import _read_f32, _safetensors_index
+        from edgeft.weights import read_f32, safetensors_index
 
-        # NaN or inf weights fail here, named; the fused graph reads each through _read_f32.
-        for stored in _safetensors_index(model).values():
-            _read_f32(stored)
+        # NaN or inf weights fail here, named; the fused graph reads each through read_f32.
+        for stored in safetensors_index(model).values():
+            read_f32(stored)
         _optimum_export(model, folder)
         return
     from edgeft.export.onnx.graph import build_fused_graph

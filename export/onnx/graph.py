@@ -46,7 +46,7 @@ from edgeft.architectures import (
     tied_embeddings,
 )
 from edgeft.errors import ModelError
-from edgeft.export.gguf.convert import _read_f32, _safetensors_index
+from edgeft.weights import read_f32, safetensors_index
 
 FUSED_ARCHITECTURES = supported(fused_graph=True)
 OPSET = 17
@@ -198,7 +198,7 @@ class _Weights:
         self.model_dir = model_dir
         self.architecture = architecture
         self.config = config
-        self.index = _safetensors_index(model_dir)
+        self.index = safetensors_index(model_dir)
         self._fused: tuple[str, np.ndarray] | None = None  # the last fused tensor read
 
     def __contains__(self, name: str) -> bool:
@@ -206,7 +206,7 @@ class _Weights:
 
     def __call__(self, name: str) -> np.ndarray:
         if name in self.index:
-            data = _read_f32(self.index[name])
+            data = read_f32(self.index[name])
             if name.endswith("norm.weight") and self.architecture.norm_offset:
                 data = data + np.float32(self.architecture.norm_offset)
             return data
@@ -215,7 +215,7 @@ class _Weights:
             raise ModelError(f"{self.model_dir}: tensor {name} is missing")
         stored, module, part = source
         if self._fused is None or self._fused[0] != stored:  # read once for all its parts
-            self._fused = (stored, _read_f32(self.index[stored]))
+            self._fused = (stored, read_f32(self.index[stored]))
         return self._fused[1][split_fused(self.architecture, self.config, module)[part]]
 
     def _fused_source(self, name: str) -> tuple[str, str, str] | None:

@@ -1,0 +1,340 @@
+"""What each stage costs as models grow: wall time and peak RSS from 135M to 8B parameters.
+
+Random-weight bf16 checkpoints (as released checkpoints are stored) with the published shapes
+of SmolLM2-135M, SmolLM2-360M, Qwen3-0.6B, Llama-3.2-1B, SmolLM2-1.7B, Llama-3.2-3B and
+Llama-3.1-8B, every layer built; the tokenizer is the default model's (SmolLM2's, 49152 tokens)
+inside each vocabulary; embedding tables are drawn wider (:data:`EMBEDDING_STD`) so that
+next-token distributions are peaked as a trained model's are. The checkpoints are written
+tensor by tensor, so building one costs its disk space, not its memory. Every stage runs
+through the CLI in its own process; its peak RSS is that process's (with any process it
+starts, e.g. bench's workers).
+
+Stages, for each shape:
+
+- ``train``: 2 LoRA steps (QLoRA where the fp32 base does not fit this machine), batch 1,
+  64-token rows of the shipped cooking data, gradient checkpointing, learning rate 1e-2 so
+  that two steps move the weights as far as a real fine-tune's many do (at 2e-4 the delta is
+  below bf16's spacing, and merge rightly refuses a bf16 output that lost the adapter);
+- ``merge``: into ``--dtype bf16`` (the checkpoint's own precision: an fp32 8B checkpoint
+  and its GGUF source do not fit this machine's disk beside the base);
+- ``export gguf``: F16, Q8_0 and Q4_K_M (Q4_K_M only from 3B on), each file measured against
+  the checkpoint in PyTorch fp32 (streamed layer by layer above a quarter of this machine's
+  memory) and in llama.cpp;
+- ``export onnx --quant int4`` where asked (``--onnx``).
+
+    python benchmarks/scale.py [--only llama-3.2-1b ...] [--stages train,merge,gguf] [--work DIR]
+
+Results are written after every stage to ``results/scale.{md,json}``; a row keeps what earlier
+runs measured for stages this run did not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import run  # noqa: E402  one CLI stage in its own process
+
+from edgeft.provenance import machine_summary  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+_SMOLLM2 = dict(
+    architecture="llama",
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100_000.0,
+    tie_word_embeddings=True,
+)
+_LLAMA3 = dict(
+    architecture="llama",
+    vocab_size=128256,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_theta=500_000.0,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+SHAPES = {
+    "smollm2-135m": dict(
+        _SMOLLM2,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
+    "smollm2-360m": dict(
+        _SMOLLM2,
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+    ),
+    "qwen3-0.6b": dict(
+        architecture="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-1b": dict(
+        _LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        _SMOLLM2,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rope_theta=130_000.0,
+    ),
+    "llama-3.2-3b": dict(
+        _LLAMA3,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        _LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+}
+STAGES = ("train", "merge", "gguf", "onnx")
+# Embedding and output tables are drawn wider than transformers' 0.02 so that next-token
+# distributions are peaked, as a trained model's are: with 0.02 they are nearly flat, every
+# argmax is a near-tie, and top-1 parity gates measure nothing but rounding.
+EMBEDDING_STD = 0.25
+
+
+def build(name: str, out: Path) -> tuple[Path, int]:
+    """A random-weight bf16 checkpoint of ``name``'s shape, written one tensor at a time, with
+    the default model's tokenizer. Returns the folder and its parameter count."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.models import default_model_dir
+    from edgeft.weights import ShardedWriter, encode
+
+    shape = dict(SHAPES[name])
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = AutoConfig.for_model(
+        shape.pop("architecture"),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+        **shape,
+    )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    params = dict(model.named_parameters())  # tied tables once, under the embedding's name
+    out.mkdir(parents=True)
+    writer = ShardedWriter(out, [(n, "BF16", tuple(p.shape)) for n, p in params.items()])
+    rng = np.random.default_rng(0)
+    for name_, param in params.items():
+        if param.ndim == 1:  # norms: ones, as initialized
+            values = np.ones(param.shape, dtype=np.float32)
+        else:
+            values = rng.standard_normal(param.shape, dtype=np.float32)
+            values *= EMBEDDING_STD if "embed" in name_ or "lm_head" in name_ else 0.02
+        writer.write(name_, encode(values, "BF16"))
+        del values
+    writer.close()
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, sum(p.numel() for p in params.values())
+
+
+def training_data(out: Path) -> Path:
+    """Rows of the shipped cooking data."""
+    from edgeft.demo import dataset_path
+
+    rows = dataset_path("train.jsonl").read_text(encoding="utf-8").splitlines()[:64]
+    out.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return out
+
+
+def fits_fp32(params: int) -> bool:
+    """Whether LoRA's fp32 base, its gradients' activations and the optimizer fit here."""
+    from edgeft.streaming import total_memory_bytes
+
+    return params * 4 * 2.5 < total_memory_bytes()
+
+
+def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
+    log = work / "log.txt"
+    base, params = build(name, work / "base")
+    row.update(params=params, disk_mb=round(sum(f.stat().st_size for f in base.iterdir()) / 1e6))
+    save(row)
+    data = training_data(work / "data.jsonl")
+    method = "lora" if fits_fp32(params) else "qlora"
+    adapter, merged = work / "adapter", work / "merged"
+    if "train" in stages:
+        row["train"] = run(
+            [
+                "train",
+                "--base",
+                base,
+                "--data",
+                data,
+                "--out",
+                adapter,
+                "--method",
+                method,
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "1",
+                "--max-length",
+                "64",
+                "--gradient-checkpointing",
+                "--eval-fraction",
+                "0.05",
+                "--lr",
+                "1e-2",
+            ],
+            log,
+        )
+        row["train"]["method"] = method
+        save(row)
+
+    def ok(stage: str) -> bool:
+        return stage not in row or not row[stage].get("error")
+
+    if "merge" in stages and ok("train"):
+        row["merge"] = run(["merge", "--adapter", adapter, "--out", merged, "--dtype", "bf16"], log)
+        save(row)
+        if params > 5e9:  # disk: the 8B base, merged and BF16 GGUF do not fit 50 GB together
+            shutil.rmtree(base)
+    if "gguf" in stages and ok("merge"):
+        types = "f16,q8_0,q4_k_m" if params < 2.5e9 else "q4_k_m"
+        row["gguf"] = run(
+            ["export", "gguf", "--model", merged, "--out", work / "gguf", "--quant", types], log
+        )
+        row["gguf"]["types"] = types
+        if (work / "gguf" / "edgeft.json").is_file():
+            files = json.loads((work / "gguf" / "edgeft.json").read_text())["results"]["files"]
+            row["gguf"]["files_mb"] = {f["type"]: round(f["bytes"] / 1e6) for f in files}
+        save(row)
+        shutil.rmtree(work / "gguf", ignore_errors=True)
+    if "onnx" in stages and ok("merge"):
+        row["onnx"] = run(
+            ["export", "onnx", "--model", merged, "--out", work / "onnx", "--quant", "int4"], log
+        )
+        save(row)
+    return row
+
+
+_ROWS: dict[str, dict] = {}
+
+
+def save(row: dict) -> None:
+    _ROWS[row["model"]] = row
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "scale.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    rows = {r["model"]: r for r in previous["rows"]}
+    for name, new in _ROWS.items():
+        rows[name] = {**rows.get(name, {}), **new}
+    ordered = [rows[n] for n in SHAPES if n in rows]
+    document = {
+        "machine": machine_summary(),
+        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "rows": ordered,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    (RESULTS / "scale.md").write_text(markdown(document), encoding="utf-8")
+
+
+def markdown(document: dict) -> str:
+    def cell(stage: dict | None) -> str:
+        if not stage:
+            return "–"
+        if stage.get("error"):
+            return f"failed: {stage['error'][:60]}"
+        return f"{stage['seconds']:.0f} s, {stage['peak_rss_mb'] / 1024:.2f} GB"
+
+    lines = [
+        "# Cost of each stage by model size",
+        "",
+        f"Machine: {document['machine']}. Command: `{document['command']}`.",
+        "",
+        "Wall time and peak RSS of each CLI stage in its own process (random-weight bf16 "
+        "checkpoints of the published shapes; see `benchmarks/scale.py`).",
+        "",
+        "| model | parameters | train (2 steps) | merge (bf16) | export gguf | export onnx int4 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in document["rows"]:
+        train = cell(r.get("train"))
+        if r.get("train", {}).get("method") == "qlora":
+            train += " (QLoRA)"
+        gguf = cell(r.get("gguf"))
+        if r.get("gguf", {}).get("types"):
+            gguf += f" ({r['gguf']['types']})"
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e9:.2f} B | {train} | {cell(r.get('merge'))} | "
+            f"{gguf} | {cell(r.get('onnx'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", choices=list(SHAPES), default=None)
+    parser.add_argument("--stages", default="train,merge,gguf")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: tmp)")
+    args = parser.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
+    for name in args.only or list(SHAPES):
+        work = Path(tempfile.mkdtemp(prefix=f"scale-{name}-", dir=args.work))
+        try:
+            print(name, measure(name, work, stages, {"model": name}), flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""A Hugging Face causal LM whose weights stay on disk: memory bounded by one layer.
+
+:func:`streamed_model` builds the model's modules with empty (``meta``) weights and reads
+each decoder layer's weights from the checkpoint into fp32 just before the layer runs, dropping
+them after. The embedding reads only the rows looked up, and the output projection runs over
+the vocabulary in chunks. A forward pass therefore holds one layer in fp32, the activations and
+the logits, whatever the model's size, at the cost of reading the weights again on every pass.
+
+It computes what transformers' own modules compute (the modules are transformers'), so its
+logits equal the fully loaded fp32 model's. Weights can be changed on the way in (``weights``:
+merge's LoRA deltas, QLoRA's NF4 round trip) and LoRA adapters applied unmerged (``lora``),
+which is how merge's parity check measures models larger than memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import ModelError
+from edgeft.parity import ParityAccumulator
+from edgeft.weights import StoredTensor, read_f32, read_row_range, read_rows, safetensors_index
+
+# Vocabulary rows of the output projection materialized at once (16k × 4096 fp32 = 256 MiB).
+HEAD_CHUNK_ROWS = 16384
+# Logits held at once when rows are batched ([rows, length, vocab] fp32).
+LOGITS_BUDGET_BYTES = 256 << 20
+# A checkpoint is measured fully loaded when its fp32 weights take at most this share of
+# the machine's memory, and streamed layer by layer above it (EDGEFT_STREAM=always|never
+# overrides).
+RESIDENT_SHARE = 0.25
+
+# (checkpoint name, module holding it, fp32 values) → the values to use
+WeightHook = Callable[[str, object, object], object]
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """One adapted Linear: ``y = W x + scale · B (A x)``, as peft computes it unmerged."""
+
+    a: object  # torch.Tensor [r, in]
+    b: object  # torch.Tensor [out, r]
+    scale: float
+
+
+def total_memory_bytes() -> int:
+    """This machine's physical memory (cgroup limits aside)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume a small one
+        return 8 << 30
+
+
+def should_stream(model_dir: Path) -> bool:
+    """Whether measuring ``model_dir`` in fp32 should stream its layers: its fp32 weights take
+    more than :data:`RESIDENT_SHARE` of this machine's memory. ``EDGEFT_STREAM=always`` or
+    ``never`` decides instead."""
+    choice = os.environ.get("EDGEFT_STREAM", "auto").lower()
+    if choice in ("always", "never"):
+        return choice == "always"
+    files = list(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return False
+    index = safetensors_index(model_dir)
+    fp32 = sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in index.values())
+    return fp32 > RESIDENT_SHARE * total_memory_bytes()
+
+
+def streamed_model(
+    model_dir: Path,
+    *,
+    weights: WeightHook | None = None,
+    lora: Mapping[str, LoRA] | None = None,
+):
+    """``model_dir``'s causal LM with its weights left on disk until a layer runs.
+
+    Args:
+        model_dir: a checkpoint with ``config.json`` and safetensors weights.
+        weights: called with each weight's checkpoint name, the module that holds it and its
+            fp32 values as it is read;
+            returns the values to use (default: as stored). The embedding table and the
+            output projection are always used as stored.
+        lora: module name → unmerged LoRA applied on top of that Linear's output.
+
+    Returns:
+        A transformers model in eval mode. Forward passes work (with a KV cache too);
+        ``generate`` and ``.device`` do not (its parameters are on the ``meta`` device).
+
+    Raises:
+        ModelError: a weight the model needs is not in the checkpoint, or shapes differ.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    index = safetensors_index(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    modules = dict(model.named_modules())
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    embed_name = _stored_name(index, _module_name(modules, embedding) + ".weight", model_dir)
+    read = _reader(index, modules, weights)
+
+    for name, module in _units(model, (embedding, head)):
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        for full in params:
+            stored = index.get(full)
+            if stored is None:
+                raise ModelError(f"{model_dir}: weight {full} is missing from the checkpoint")
+            expected = tuple(_param(modules, full).shape)
+            if tuple(stored.shape) != expected:
+                raise ModelError(
+                    f"{model_dir}: weight {full} has shape {tuple(stored.shape)}, "
+                    f"the config says {expected}"
+                )
+        module.register_forward_pre_hook(_materialize(modules, params, read))
+        module.register_forward_hook(_release(modules, params))
+
+    embedding.register_forward_pre_hook(_sparse_lookup(index[embed_name]))
+    embedding.register_forward_hook(_drop_weight(embedding))
+    head_name = _module_name(modules, head) + ".weight"
+    stored_head = index.get(head_name) or index[embed_name]  # tied: the embedding's table
+    if tuple(stored_head.shape) != tuple(head.weight.shape):
+        raise ModelError(f"{model_dir}: output projection {stored_head.name} has the wrong shape")
+    head.forward = _chunked_head(head, stored_head)
+
+    for name, adapter in (lora or {}).items():
+        target = modules.get(name)
+        if not isinstance(target, torch.nn.Linear):
+            raise ModelError(f"adapter module {name} is not a Linear layer of {model_dir}")
+        target.register_forward_hook(_lora_hook(adapter))
+    return model
+
+
+def row_batches(rows: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+    """Row indices grouped so each group's ``[rows, length, vocab]`` fp32 logits fit
+    :data:`LOGITS_BUDGET_BYTES` (one row at least), shortest rows first."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        width = len(rows[i])  # the longest so far: rows are sorted
+        if batches and (len(batches[-1]) + 1) * width * vocab * 4 <= LOGITS_BUDGET_BYTES:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def batch_logits(model, rows: Sequence[Sequence[int]], batch: Sequence[int]) -> list:
+    """``[len, vocab]`` fp32 logits of each row of ``batch``, computed in one right-padded
+    forward pass (a streamed model reads its weights once per pass)."""
+    import torch
+
+    width = max(len(rows[i]) for i in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, i in enumerate(batch):
+        ids[j, : len(rows[i])] = torch.tensor(list(rows[i]))
+        mask[j, : len(rows[i])] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return [logits[j, : len(rows[i])] for j, i in enumerate(batch)]
+
+
+def streamed_parity(
+    reference, candidate, rows: Sequence[Sequence[int]], *, noise: float = 0.0
+) -> ParityAccumulator:
+    """Parity of ``candidate`` against ``reference`` on ``rows``, one batch of rows at a
+    time: two batches' logits are held at once, never all rows'. ``noise``: see
+    :func:`edgeft.parity.top1_off_ties`."""
+    accumulator = ParityAccumulator(noise)
+    vocab = reference.get_output_embeddings().weight.shape[0]
+    for batch in row_batches(rows, vocab):
+        expected = batch_logits(reference, rows, batch)
+        for ref, cand in zip(expected, batch_logits(candidate, rows, batch), strict=True):
+            accumulator.add(ref, cand)
+    return accumulator
+
+
+# -- hooks ----------------------------------------------------------------------------------
+
+
+def _reader(index: Mapping[str, StoredTensor], modules, weights: WeightHook | None):
+    import torch
+
+    def read(name: str):
+        values = torch.from_numpy(read_f32(index[name]))
+        return weights(name, modules[_split(name)[0]], values) if weights else values
+
+    return read
+
+
+def _units(model, skip) -> Iterator[tuple[str, object]]:
+    """The modules weights are read for together: each decoder layer, and every other module
+    that holds weights directly (final norm...), except the embedding and output projection."""
+
+    skipped = {id(m) for m in skip}
+    layers = _decoder_layers(model)
+    taken = {id(m) for m in layers.values()}
+    yield from layers.items()
+    for name, module in model.named_modules():
+        if id(module) in skipped or id(module) in taken:
+            continue
+        if any(_inside(name, layer) for layer in layers):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            yield name, module
+
+
+def _inside(name: str, parent: str) -> bool:
+    return name.startswith(parent + ".")
+
+
+def _decoder_layers(model) -> dict[str, object]:
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers"):
+            return {f"{name}.{i}": layer for i, layer in enumerate(module)}
+    raise ModelError(f"{type(model).__name__} has no decoder layer list to stream")
+
+
+def _module_name(modules: Mapping[str, object], target) -> str:
+    return next(name for name, module in modules.items() if module is target)
+
+
+def _stored_name(index, name: str, model_dir: Path) -> str:
+    if name not in index:
+        raise ModelError(f"{model_dir}: weight {name} is missing from the checkpoint")
+    return name
+
+
+def _split(full: str) -> tuple[str, str]:
+    module, _, attr = full.rpartition(".")
+    return module, attr
+
+
+def _param(modules, full: str):
+    module, attr = _split(full)
+    return getattr(modules[module], attr)
+
+
+def _set(modules, full: str, value) -> None:
+    import torch
+
+    module, attr = _split(full)
+    modules[module]._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _materialize(modules, params: Sequence[str], read):
+    def hook(module, args):
+        for full in params:
+            _set(modules, full, read(full))
+
+    return hook
+
+
+def _release(modules, params: Sequence[str]):
+    import torch
+
+    shapes = {full: tuple(_param(modules, full).shape) for full in params}
+
+    def hook(module, args, output):
+        for full, shape in shapes.items():
+            _set(modules, full, torch.empty(shape, device="meta"))
+
+    return hook
+
+
+def _sparse_lookup(stored: StoredTensor):
+    """Before the embedding runs: a table holding only the looked-up rows, ids remapped."""
+    import torch
+
+    def hook(module, args):
+        (ids, *rest) = args
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        values = torch.from_numpy(read_rows(stored, rows.numpy()))
+        module._parameters["weight"] = torch.nn.Parameter(values, requires_grad=False)
+        # padding_idx only shapes gradients; the small table may not reach it
+        module._edgeft_padding_idx, module.padding_idx = module.padding_idx, None
+        return (inverse.reshape(ids.shape), *rest)
+
+    return hook
+
+
+def _drop_weight(embedding):
+    import torch
+
+    shape = tuple(embedding.weight.shape)
+
+    def hook(module, args, output):
+        module._parameters["weight"] = torch.nn.Parameter(
+            torch.empty(shape, device="meta"), requires_grad=False
+        )
+        module.padding_idx = module._edgeft_padding_idx
+
+    return hook
+
+
+def _chunked_head(head, stored: StoredTensor):
+    """The output projection over the vocabulary in :data:`HEAD_CHUNK_ROWS` row chunks."""
+    import torch
+
+    if getattr(head, "bias", None) is not None:
+        raise ModelError(f"output projection {stored.name} has a bias; not supported here")
+
+    def forward(hidden):
+        parts = []
+        for start in range(0, stored.shape[0], HEAD_CHUNK_ROWS):
+            chunk = read_row_range(stored, start, start + HEAD_CHUNK_ROWS)
+            parts.append(torch.nn.functional.linear(hidden, torch.from_numpy(chunk)))
+        return torch.cat(parts, dim=-1)
+
+    return forward
+
+
+def _lora_hook(adapter: LoRA):
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        (x,) = args[:1]
+        return output + adapter.scale * F.linear(F.linear(x, adapter.a), adapter.b)
+
+    return hook

@@ -1,0 +1,271 @@
+"""Checkpoint weights one tensor at a time: the safetensors reader every stage uses, and a
+sharded safetensors writer.
+
+Nothing here maps or loads a whole checkpoint: a tensor is read with one seek and one read
+into memory of its own, so a stage that handles one tensor (or one layer) at a time holds
+that much, whatever the model's size. The headers are checked against the files before any
+tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import ModelError
+
+# safetensors dtype → (numpy dtype of the stored bytes, converter to float32)
+SAFETENSORS_DTYPES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "F32": ("<f4", lambda a: a),
+    "F16": ("<f2", lambda a: a.astype(np.float32)),
+    "BF16": ("<u2", lambda a: (a.astype(np.uint32) << 16).view(np.float32)),
+}
+
+# edgeft's dtype names (merge --dtype) → safetensors'.
+DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+# Largest shard a written checkpoint gets, as transformers' save_pretrained does by default.
+MAX_SHARD_BYTES = 5 * 10**9
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    name: str = ""
+
+
+def safetensors_index(model_dir: Path) -> dict[str, StoredTensor]:
+    """Name → location of every tensor in the checkpoint's safetensors files (headers only).
+
+    Raises:
+        ModelError: no safetensors files (pickles are named and refused), or a header that
+            does not fit its file.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in model_dir.glob("*.bin")] + [
+            p.name for p in model_dir.glob("*.pt")
+        ]
+        hint = f" (found {', '.join(pickled)}: edgeft does not unpickle)" if pickled else ""
+        raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
+    from edgeft.inspect import inspect_safetensors
+
+    index: dict[str, StoredTensor] = {}
+    for path in files:
+        inspect_safetensors(path)  # every field type, offset and length checked against the file
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{path}: truncated safetensors file")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100 << 20):
+                raise ModelError(f"{path}: safetensors header length {header_len} is past the end")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelError(f"{path}: unreadable safetensors header: {exc}") from exc
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = info["dtype"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ModelError(
+                    f"{path}: tensor {name} is {dtype}; only F32/F16/BF16 weights can be "
+                    "read (is this checkpoint already quantized?)"
+                )
+            shape = tuple(int(d) for d in info["shape"])
+            itemsize = np.dtype(SAFETENSORS_DTYPES[dtype][0]).itemsize
+            if (
+                end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize
+                or data_start + end > size
+            ):
+                raise ModelError(
+                    f"{path}: tensor {name} has inconsistent size or lies past the end"
+                )
+            if name in index:
+                raise ModelError(f"{path}: tensor {name} is also in {index[name].file.name}")
+            index[name] = StoredTensor(path, dtype, shape, data_start + begin, end - begin, name)
+    return index
+
+
+def read_raw(stored: StoredTensor) -> np.ndarray:
+    """One tensor's stored values (BF16 as ``uint16``), shaped, without conversion."""
+    dtype = SAFETENSORS_DTYPES[stored.dtype][0]
+    with open(stored.file, "rb") as f:
+        f.seek(stored.offset)
+        data = np.fromfile(f, dtype=dtype, count=stored.nbytes // np.dtype(dtype).itemsize)
+    return data.reshape(stored.shape)
+
+
+def read_f32(stored: StoredTensor) -> np.ndarray:
+    """One tensor as fp32, checked finite: every exporter reads weights through here.
+
+    Raises:
+        ModelError: the tensor holds NaN or inf (named, with its file).
+    """
+    data = SAFETENSORS_DTYPES[stored.dtype][1](read_raw(stored))
+    if not np.isfinite(data).all():
+        raise ModelError(
+            f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); the "
+            "checkpoint is corrupt: re-run the stage that wrote it"
+        )
+    return data
+
+
+def read_rows(stored: StoredTensor, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of a 2-D tensor as fp32: an embedding lookup that reads
+    only the looked-up rows."""
+    dtype, to_f32 = SAFETENSORS_DTYPES[stored.dtype]
+    width = stored.shape[1]
+    row_bytes = width * np.dtype(dtype).itemsize
+    out = np.empty((len(rows), width), dtype=np.float32)
+    with open(stored.file, "rb") as f:
+        for i, row in enumerate(rows.tolist()):
+            f.seek(stored.offset + row * row_bytes)
+            out[i] = to_f32(np.fromfile(f, dtype=dtype, count=width))
+    return out
+
+
+def read_row_range(stored: StoredTensor, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a 2-D tensor as fp32, read in one piece."""
+    dtype, to_f32 = SAFETENSORS_DTYPES[stored.dtype]
+    rows, width = stored.shape
+    start, stop = max(0, start), min(stop, rows)
+    itemsize = np.dtype(dtype).itemsize
+    with open(stored.file, "rb") as f:
+        f.seek(stored.offset + start * width * itemsize)
+        data = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
+    return to_f32(data).reshape(stop - start, width)
+
+
+def encode(values: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 values in safetensors dtype ``dtype`` (BF16 rounded to nearest even, as torch
+    does), as the array whose bytes are stored."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "F32":
+        return values
+    if dtype == "F16":
+        return values.astype("<f2")
+    bits = values.view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out = (rounded >> np.uint32(16)).astype("<u2")
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+class ShardedWriter:
+    """Write a safetensors checkpoint tensor by tensor, split in shards of at most
+    ``max_shard_bytes``, named as transformers names them (``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``).
+
+    Every tensor's name, dtype and shape are declared up front, so each shard's header is
+    written first and the data after it, one tensor at a time, in the declared order.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        layout: Iterable[tuple[str, str, tuple[int, ...]]],
+        *,
+        max_shard_bytes: int | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+        layout = list(layout)
+        shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        n = len(shards)
+        self._names = [
+            SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+        ]
+        self._shards = shards
+        self._plan = [(i, *entry) for i, shard in enumerate(shards) for entry in shard]
+        self._next = 0
+        self._file = None
+        self.total_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
+
+    def write(self, name: str, values: np.ndarray) -> None:
+        """Write the next declared tensor (already in its declared dtype's storage)."""
+        shard, expected, dtype, shape = self._plan[self._next]
+        if name != expected:
+            raise ValueError(f"tensor {name!r} written where {expected!r} was declared")
+        stored = SAFETENSORS_DTYPES[dtype][0]
+        values = np.ascontiguousarray(values)
+        if values.dtype != np.dtype(stored) or tuple(values.shape) != tuple(shape):
+            raise ValueError(
+                f"tensor {name}: {values.dtype}{tuple(values.shape)} where "
+                f"{stored}{tuple(shape)} was declared"
+            )
+        if self._file is None or self._file_shard != shard:
+            self._open(shard)
+        values.tofile(self._file)
+        self._next += 1
+
+    def _open(self, shard: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self._shards[shard]:
+            nbytes = _nbytes(dtype, shape)
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._file = open(self.folder / self._names[shard], "wb")  # noqa: SIM115 closed in close()
+        self._file_shard = shard
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def close(self) -> list[Path]:
+        """Finish the last shard and write the index; returns the shard files."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next != len(self._plan):
+            raise ValueError(f"{len(self._plan) - self._next} declared tensors were not written")
+        if len(self._names) > 1:
+            weight_map = {name: self._names[shard] for shard, name, _, _ in self._plan}
+            (self.folder / INDEX_FILE).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                    indent=2,
+                )
+                + "\n",
+                encoding="utf-8",
+            )
+        return [self.folder / name for name in self._names]
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype][0]).itemsize
