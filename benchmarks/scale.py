@@ -166,7 +166,9 @@ def build(name: str, out: Path) -> tuple[Path, int]:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
-    params = dict(model.named_parameters())  # tied tables once, under the embedding's name
+    params = dict(model.named_parameters())
+    if config.tie_word_embeddings:  # one table, stored under the embedding's name
+        params.pop("lm_head.weight", None)
     out.mkdir(parents=True)
     writer = ShardedWriter(out, [(n, "BF16", tuple(p.shape)) for n, p in params.items()])
     rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from edgeft.weights import (
     ShardedWriter,
     encode,
     read_f32,
-    read_raw,
+    row_chunks,
     safetensors_index,
 )
 
@@ -331,11 +331,11 @@ def _write_merged(
     writer = ShardedWriter(folder, [(t.name, out_dtype, t.shape) for t in order])
     for stored in tqdm(order, desc="merging", unit="tensor", disable=not progress):
         module = adapted.get(stored.name)
-        if module is None:
+        if module is None:  # copied in row chunks: an 8B model's tables are 1 GB each
             if stored.dtype == out_dtype:
-                writer.write(stored.name, read_raw(stored))
+                writer.write(stored.name, row_chunks(stored, raw=True))
             else:
-                writer.write(stored.name, encode(read_f32(stored), out_dtype))
+                writer.write(stored.name, (encode(c, out_dtype) for c in row_chunks(stored)))
             continue
         a, b = lora[module]
         weight = torch.from_numpy(read_f32(stored))

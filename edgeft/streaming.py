@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.architectures import tied_embeddings
 from edgeft.errors import ModelError
 from edgeft.parity import ParityAccumulator
 from edgeft.weights import StoredTensor, read_f32, read_row_range, read_rows, safetensors_index
@@ -127,7 +128,10 @@ def streamed_model(
     embedding.register_forward_pre_hook(_sparse_lookup(index[embed_name]))
     embedding.register_forward_hook(_drop_weight(embedding))
     head_name = _module_name(modules, head) + ".weight"
-    stored_head = index.get(head_name) or index[embed_name]  # tied: the embedding's table
+    # Tied, the output projection is the embedding table even where the checkpoint also
+    # stores an lm_head.weight (transformers ignores it, and so does the GGUF converter).
+    tied = tied_embeddings(config.to_dict()) or head_name not in index
+    stored_head = index[embed_name] if tied else index[head_name]
     if tuple(stored_head.shape) != tuple(head.weight.shape):
         raise ModelError(f"{model_dir}: output projection {stored_head.name} has the wrong shape")
     head.forward = _chunked_head(head, stored_head)

@@ -155,6 +155,34 @@ def read_row_range(stored: StoredTensor, start: int, stop: int) -> np.ndarray:
     return to_f32(data).reshape(stop - start, width)
 
 
+def row_chunks(stored: StoredTensor, max_bytes: int = 64 << 20, *, raw: bool = False):
+    """A tensor in pieces of whole rows (along its first axis) of at most ``max_bytes``
+    stored: fp32 (checked finite) or, with ``raw``, as stored. A 1-D tensor is one piece."""
+    if len(stored.shape) < 2:
+        yield read_raw(stored) if raw else read_f32(stored)
+        return
+    dtype, to_f32 = SAFETENSORS_DTYPES[stored.dtype]
+    row_items = int(np.prod(stored.shape[1:], dtype=np.int64))
+    row_bytes = row_items * np.dtype(dtype).itemsize
+    step = max(1, max_bytes // max(1, row_bytes))
+    with open(stored.file, "rb") as f:
+        f.seek(stored.offset)
+        for start in range(0, stored.shape[0], step):
+            rows = min(step, stored.shape[0] - start)
+            data = np.fromfile(f, dtype=dtype, count=rows * row_items)
+            data = data.reshape(rows, *stored.shape[1:])
+            if raw:
+                yield data
+                continue
+            data = to_f32(data)
+            if not np.isfinite(data).all():
+                raise ModelError(
+                    f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); "
+                    "the checkpoint is corrupt: re-run the stage that wrote it"
+                )
+            yield data
+
+
 def encode(values: np.ndarray, dtype: str) -> np.ndarray:
     """fp32 values in safetensors dtype ``dtype`` (BF16 rounded to nearest even, as torch
     does), as the array whose bytes are stored."""
@@ -210,21 +238,28 @@ class ShardedWriter:
         self._file = None
         self.total_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
 
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Write the next declared tensor (already in its declared dtype's storage)."""
+    def write(self, name: str, values: np.ndarray | Iterable[np.ndarray]) -> None:
+        """Write the next declared tensor, already in its declared dtype's storage: one array
+        of its shape, or consecutive pieces of it (rows of a large table) in order."""
         shard, expected, dtype, shape = self._plan[self._next]
         if name != expected:
             raise ValueError(f"tensor {name!r} written where {expected!r} was declared")
-        stored = SAFETENSORS_DTYPES[dtype][0]
-        values = np.ascontiguousarray(values)
-        if values.dtype != np.dtype(stored) or tuple(values.shape) != tuple(shape):
+        stored = np.dtype(SAFETENSORS_DTYPES[dtype][0])
+        if isinstance(values, np.ndarray) and tuple(values.shape) != tuple(shape):
             raise ValueError(
                 f"tensor {name}: {values.dtype}{tuple(values.shape)} where "
                 f"{stored}{tuple(shape)} was declared"
             )
         if self._file is None or self._file_shard != shard:
             self._open(shard)
-        values.tofile(self._file)
+        written = 0
+        for piece in [values] if isinstance(values, np.ndarray) else values:
+            if piece.dtype != stored:
+                raise ValueError(f"tensor {name}: {piece.dtype} where {stored} was declared")
+            np.ascontiguousarray(piece).tofile(self._file)
+            written += piece.size
+        if written != int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"tensor {name}: {written} values written, {tuple(shape)} declared")
         self._next += 1
 
     def _open(self, shard: int) -> None:

@@ -261,3 +261,42 @@ def test_reference_streams_when_asked_and_measures_the_same(tiny_llama, monkeypa
     assert streamed.eval_ids == loaded.eval_ids
     np.testing.assert_array_equal(streamed.logits, loaded.logits)
     assert streamed.greedy == loaded.greedy
+
+
+def test_tables_are_copied_in_row_chunks(tiny_llama, tmp_path):
+    from edgeft.weights import read_f32, read_raw, row_chunks
+
+    stored = safetensors_index(tiny_llama)["model.embed_tokens.weight"]
+    pieces = list(row_chunks(stored, max_bytes=stored.nbytes // 5, raw=True))
+    assert len(pieces) >= 5
+    np.testing.assert_array_equal(np.concatenate(pieces), read_raw(stored))
+    np.testing.assert_array_equal(
+        np.concatenate(list(row_chunks(stored, max_bytes=1000))), read_f32(stored)
+    )
+    writer = ShardedWriter(tmp_path, [(stored.name, stored.dtype, stored.shape)])
+    writer.write(stored.name, iter(pieces))
+    writer.close()
+    copied = safetensors_index(tmp_path)[stored.name]
+    np.testing.assert_array_equal(read_raw(copied), read_raw(stored))
+    short = ShardedWriter(tmp_path / "x", [(stored.name, stored.dtype, stored.shape)])
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="values written"):
+        short.write(stored.name, iter(pieces[:-1]))
+
+
+def test_tied_head_is_the_embedding_even_when_a_head_is_stored(tiny_llama, tmp_path):
+    """A tied checkpoint that also stores a (different) lm_head.weight: transformers ties the
+    head to the embedding and ignores the stored one, and so does the streamed model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama, folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file(tensors, folder / "model.safetensors")
+    loaded = model_logits(_loaded(folder), [ROWS[1]]).numpy()
+    np.testing.assert_array_equal(loaded, model_logits(_loaded(tiny_llama), [ROWS[1]]).numpy())
+    np.testing.assert_array_equal(batch_logits(streamed_model(folder), ROWS, [1])[0], loaded)

@@ -32,6 +32,7 @@ from edgeft.fidelity import (
     default_eval_text,
     measure,
 )
+from edgeft.isolate import in_child, peak_rss_mb
 from edgeft.models import weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
@@ -63,6 +64,8 @@ class FileReport:
     top1_off_ties: float  # the gate's top-1: near-ties within F16 KV rounding agree
     gated: bool
     tensor_types: dict[str, int] = field(default_factory=dict)
+    # llama.cpp's process measuring this file: what running it at the eval context costs
+    runtime_peak_rss_mb: int | None = None
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "parity": self.parity.as_dict()}
@@ -202,7 +205,9 @@ def _measured_report(
     path: Path, out_type: str, reference: Reference, threads: int, seconds: float, *, gated: bool
 ) -> tuple[FileReport, str | None]:
     """Measure one written file; return its report and a k-quant fallback note, if any."""
-    result = measure_file(path, reference, threads)
+    result, runtime_rss = in_child(
+        measure_file, path, reference, threads, what=f"measuring {path.name} in llama.cpp"
+    )
     tensor_types, fallback = _k_quant_fallbacks(path, out_type)
     report = FileReport(
         file=path.name,
@@ -216,6 +221,7 @@ def _measured_report(
         top1_off_ties=result.top1_off_ties,
         gated=gated,
         tensor_types=tensor_types,
+        runtime_peak_rss_mb=runtime_rss,
     )
     return report, fallback
 
@@ -382,6 +388,8 @@ def export_gguf(
                     "tokenizer": {"model": vocab.model, "pre": vocab.pre, **tokenizer},
                     "files": [r.as_dict() for r in reports],
                     "notes": notes,
+                    # this process's own; each file's llama.cpp process: runtime_peak_rss_mb
+                    "peak_rss_mb": peak_rss_mb(),
                 },
             ),
         )
@@ -483,6 +491,8 @@ def _requantize(
                     "reference_perplexity": reference.perplexity,
                     "files": [r.as_dict() for r in reports],
                     "notes": notes,
+                    # this process's own; each file's llama.cpp process: runtime_peak_rss_mb
+                    "peak_rss_mb": peak_rss_mb(),
                 },
             ),
         )
