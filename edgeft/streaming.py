@@ -195,8 +195,11 @@ def streamed_parity(
 def _reader(index: Mapping[str, StoredTensor], modules, weights: WeightHook | None):
     import torch
 
+    checked: set[str] = set()  # each weight is checked finite on its first read only
+
     def read(name: str):
-        values = torch.from_numpy(read_f32(index[name]))
+        values = torch.from_numpy(read_f32(index[name], check=name not in checked))
+        checked.add(name)
         return weights(name, modules[_split(name)[0]], values) if weights else values
 
     return read

@@ -127,10 +127,26 @@ def resolve_compute_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def sharded_launch() -> str | None:
+    """``"fsdp"`` or ``"deepspeed"`` when ``accelerate launch`` shards the model over the
+    processes (its config says so through the environment), else None: one whole copy per
+    process."""
+    for name, variable in (
+        ("fsdp", "ACCELERATE_USE_FSDP"),
+        ("deepspeed", "ACCELERATE_USE_DEEPSPEED"),
+    ):
+        if os.environ.get(variable, "false").lower() == "true":
+            return name
+    return None
+
+
 def _device_map():
-    """One whole model copy per process: data parallel under ``accelerate launch``."""
+    """One whole model copy per process: data parallel under ``accelerate launch``; none when
+    FSDP or DeepSpeed place the shards themselves."""
     import torch
 
+    if sharded_launch():
+        return None
     if torch.cuda.is_available():
         from accelerate import PartialState
 
@@ -139,7 +155,13 @@ def _device_map():
 
 
 def bnb_config(settings: dict, compute_dtype):
-    """The bitsandbytes 4-bit config of a QLoRA run (also used by merge to rebuild it)."""
+    """The bitsandbytes 4-bit config of a QLoRA run (also used by merge to rebuild it).
+
+    Under FSDP the packed 4-bit weights are stored in the compute dtype (``quant_storage``):
+    FSDP shards a layer's tensors as one flat buffer of a single dtype. The stored bits, and
+    what they dequantize to, are the same either way.
+    """
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -147,6 +169,7 @@ def bnb_config(settings: dict, compute_dtype):
         bnb_4bit_quant_type=settings["quant_type"],
         bnb_4bit_use_double_quant=settings["double_quant"],
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if sharded_launch() == "fsdp" else torch.uint8,
     )
 
 
@@ -382,8 +405,13 @@ def train(
             eval_rows=len(eval_rows),
             settings=settings,
         )
-        if main_process:
+        if sharded_launch():  # every rank takes part in gathering the shards; rank 0 writes
+            trainer.save_model(str(work))
+            if main_process:  # Trainer pickles its arguments beside the adapter: not ours
+                (work / "training_args.bin").unlink(missing_ok=True)
+        elif main_process:
             model.save_pretrained(work, safe_serialization=True)
+        if main_process:
             tokenizer.save_pretrained(work)
             write_json(
                 work / PARITY_ROWS_FILE,
@@ -409,6 +437,12 @@ def train(
                     "resolved_compute_dtype": str(compute_dtype).removeprefix("torch."),
                     "device": "cuda" if on_gpu else "cpu",
                     "world_size": trainer.args.world_size,
+                    "sharded": sharded_launch(),
+                    "quant_storage": str(
+                        bnb_config(asdict(settings), compute_dtype).bnb_4bit_quant_storage
+                    ).removeprefix("torch.")
+                    if settings.method == "qlora"
+                    else None,
                     "allow_pickle": allow_pickle,
                 },
                 results={
@@ -455,10 +489,12 @@ def _rank_report(model, train_loss: float) -> list[dict]:
     mine = {"train_loss": train_loss, "adapter_sha256": digest.hexdigest()}
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [{"rank": 0, **mine}]
+    if sharded_launch():  # each rank holds a shard: losses only, the digests cannot agree
+        mine.pop("adapter_sha256")
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     ranks = [{"rank": i, **r} for i, r in enumerate(gathered)]
-    if len({r["adapter_sha256"] for r in ranks}) > 1:
+    if len({r.get("adapter_sha256") for r in ranks}) > 1:
         raise EdgeftError(
             "data-parallel ranks ended with different adapter weights ("
             + ", ".join(f"rank {r['rank']}: {r['adapter_sha256'][:12]}" for r in ranks)

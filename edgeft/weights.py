@@ -114,14 +114,15 @@ def read_raw(stored: StoredTensor) -> np.ndarray:
     return data.reshape(stored.shape)
 
 
-def read_f32(stored: StoredTensor) -> np.ndarray:
-    """One tensor as fp32, checked finite: every exporter reads weights through here.
+def read_f32(stored: StoredTensor, *, check: bool = True) -> np.ndarray:
+    """One tensor as fp32, checked finite: every exporter reads weights through here
+    (``check=False`` only to read again what was checked before).
 
     Raises:
         ModelError: the tensor holds NaN or inf (named, with its file).
     """
     data = SAFETENSORS_DTYPES[stored.dtype][1](read_raw(stored))
-    if not np.isfinite(data).all():
+    if check and not np.isfinite(data).all():
         raise ModelError(
             f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); the "
             "checkpoint is corrupt: re-run the stage that wrote it"
