@@ -412,8 +412,16 @@ def _add_export(sub, parser_class) -> None:
     o.add_argument(
         "--max-length",
         type=int,
-        help="onnxruntime-genai's context in genai_config.json (default: the model's); genai "
-        "allocates its whole KV cache up front, so a shorter one saves memory on phones",
+        help="onnxruntime-genai's context in genai_config.json (default: the model's, at most "
+        "4096, llama.cpp's default context); genai allocates its whole KV cache up front, so a "
+        "shorter one saves memory on phones",
+    )
+    o.add_argument(
+        "--kv-cache",
+        choices=["fp16", "fp32"],
+        default=q.kv_cache,
+        help="KV cache type of the int8 and int4 folders (default %(default)s: half the memory, "
+        "attention still in fp32)",
     )
     o.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
     o.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -493,6 +501,7 @@ def _run_export_onnx(args) -> int:
     from edgeft.export.onnx import QuantSettings, export_onnx
 
     settings = QuantSettings(
+        kv_cache=args.kv_cache,
         block_size=args.block_size,
         symmetric=args.symmetric,
         accuracy_level=args.accuracy_level,

@@ -547,3 +547,58 @@ def test_tuned_norms_need_their_initializers():
         set_norm_weights(model, {"model.layers.0.input_layernorm.weight": np.ones(4, np.float32)})
     with pytest.raises(EdgeftError, match="of shape \\[8\\]"):
         set_norm_weights(model, {"model.norm.weight": np.ones(8, np.float32)})
+
+
+def _cache_types(folder) -> set[int]:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    values = [*graph.input, *graph.output]
+    return {
+        v.type.tensor_type.elem_type
+        for v in values
+        if v.name.startswith(("past_key_values.", "present."))
+    }
+
+
+def test_quantized_folders_keep_an_fp16_kv_cache(onnx_export):
+    """Half the memory onnxruntime-genai allocates for its context: int8 and int4 keep K and V
+    in fp16 (attention still in fp32); the fp32 folder, checked at fp32 tolerance, keeps fp32.
+    Both runtimes ran every folder (the export's measurement), genai's greedy answer with it."""
+    from onnx import TensorProto
+
+    assert _cache_types(onnx_export.out / "fp32") == {TensorProto.FLOAT}
+    for quant in ("int8", "int4"):
+        assert _cache_types(onnx_export.out / quant) == {TensorProto.FLOAT16}, quant
+    record = json.loads((onnx_export.out / "edgeft.json").read_text())
+    assert record["settings"]["quantization"]["kv_cache"] == "fp16"
+    int4 = next(f for f in record["results"]["folders"] if f["type"] == "int4")
+    assert int4["genai_greedy_identical"]
+
+
+def test_fp16_kv_cache_only_where_attention_owns_it():
+    """A cache that another operator reads (optimum's trace concatenates it) stays as it is."""
+    from onnx import TensorProto, helper
+
+    from edgeft.export.onnx.quantize import half_kv_cache
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, None)
+    new = helper.make_tensor_value_info("k", TensorProto.FLOAT, None)
+    present = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, None)
+    concat = helper.make_node("Concat", [past.name, "k"], [present.name], axis=2)
+    model = helper.make_model(helper.make_graph([concat], "g", [past, new], [present]))
+    assert half_kv_cache(model) is False
+    assert _elem_types(model) == {TensorProto.FLOAT}
+
+
+def _elem_types(model) -> set[int]:
+    return {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+
+
+def test_default_genai_context_is_llama_cpps(tiny_tokenizer_dir, tmp_path):
+    """A long-context model's folder gets onnxruntime-genai's context capped at 4096 (what
+    llama.cpp sessions get by default), not its trained 32k: genai allocates it up front."""
+    long = tiny_model("llama", tiny_tokenizer_dir, tmp_path / "m", max_position_embeddings=32768)
+    export_onnx(long, tmp_path / "out", ("int4",), eval_text=SHORT_EVAL)
+    genai = json.loads((tmp_path / "out" / "int4" / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == genai["search"]["max_length"] == 4096

@@ -33,6 +33,7 @@ from edgeft.export.onnx.quantize import (
     dynamic_int8,
     fold_transposed_weights,
     graphs,
+    half_kv_cache,
     pack_qkv,
     quantize_embeddings,
     quantize_weights,
@@ -43,6 +44,7 @@ from edgeft.models import read_export_config, weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import generate, get_runtime
+from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +365,8 @@ def _make_folder(
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         pack_qkv(model)
+        if settings.kv_cache == "fp16":
+            half_kv_cache(model)  # the fused graph's; optimum's trace keeps fp32
         check_finite_initializers(model, folder)
         _save(model, folder)
     _companions(fp32, folder)
@@ -415,6 +419,9 @@ def _measure_folder(folder: Path, quant: str, reference: Reference, threads: int
 
 # The export's own genai check (a chat prompt, then a greedy answer) needs this much context.
 MIN_GENAI_LENGTH = 128
+# Default onnxruntime-genai context: llama.cpp sessions' default (MAX_DEFAULT_CTX). A phone
+# chat rarely needs more, and genai pays for the whole context in memory when it loads.
+DEFAULT_LENGTH = MAX_DEFAULT_CTX
 
 
 def export_onnx(
@@ -443,9 +450,11 @@ def export_onnx(
         graph: ``fused`` (edgeft's graph with onnxruntime's fused attention and norms, the
             fast one) or ``optimum`` (optimum-onnx's trace of the PyTorch model).
         ort_format: also write ``model.ort`` and ``required_operators.config``.
-        max_length: onnxruntime-genai's context (``genai_config.json``); default the model's.
-            genai allocates the whole KV cache for it up front when the cache is shared (the
-            fused graph): for SmolLM2-135M in fp32, 46 KB a position, 377 MB at 8192.
+        max_length: onnxruntime-genai's context (``genai_config.json``); default the model's,
+            at most :data:`DEFAULT_LENGTH` (llama.cpp sessions' default context). genai
+            allocates the whole KV cache for it up front when the cache is shared (the fused
+            graph): for SmolLM2-135M, 46 KB a position in fp32 (377 MB at 8192), 23 KB in the
+            int8/int4 folders' fp16 cache (94 MB at 4096).
 
     Raises:
         ModelError: unsupported or quantized checkpoint, or a folder a runtime cannot load.
@@ -473,6 +482,9 @@ def export_onnx(
             f"--max-length must be between {MIN_GENAI_LENGTH} and the model's context "
             f"({trained_length}); got {max_length}"
         )
+    # onnxruntime-genai allocates the KV cache for its whole context up front: the default is
+    # the context llama.cpp sessions get (MAX_DEFAULT_CTX), so the two run at the same one.
+    context = max_length or min(int(trained_length or DEFAULT_LENGTH), DEFAULT_LENGTH)
     source_sha256 = weights_sha256(model)
 
     with atomic_dir(out, force) as work:
@@ -514,7 +526,7 @@ def export_onnx(
         for quant in types:
             folder = work / quant
             check_external_data(folder)
-            write_genai_config(folder, share_buffer=graph == "fused", context_length=max_length)
+            write_genai_config(folder, share_buffer=graph == "fused", context_length=context)
             if ort_format:
                 say(f"converting {quant} to the ORT format")
                 _ort_format(folder)
@@ -597,7 +609,7 @@ def export_onnx(
                     "types": types,
                     "quantization": asdict(settings),
                     "ort_format": ort_format,
-                    "max_length": max_length,
+                    "max_length": context,
                     "threads": threads,
                     "calibration": calibrated_on,
                     "eval_tokens": len(reference.eval_ids),

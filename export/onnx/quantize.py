@@ -21,6 +21,7 @@ from edgeft.errors import EdgeftError
 
 ONNX_TYPES = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 PRECISIONS = ("fp32", "int8", "int4")
+KV_CACHE_TYPES = ("fp16", "fp32")
 BLOCK_SIZES = (16, 32, 64, 128)
 # MatMulNBits accuracy_level: the precision its CPU kernel computes in. 0 (unset) and 1 keep
 # fp32 activations; 4 quantizes activations to int8 per block (faster, less accurate).
@@ -74,6 +75,12 @@ class QuantSettings:
             blocks of 64 and down_proj in 128, 16k tokens took mean KL on a prose cooking
             text from 0.117 to 0.109 and held-out chat answers from 0.076 to 0.078, for about
             5 more minutes of export at 2 threads (benchmarks/README.md).
+        kv_cache: the KV cache's type in the int8 and int4 folders (fused graph):
+            ``fp16`` halves the cache onnxruntime-genai allocates up front for its whole
+            context, with attention still computed in fp32 (GroupQueryAttention reads and
+            writes the fp16 cache itself); K and V are rounded to fp16 as llama.cpp's default
+            cache does. ``fp32`` keeps the fp32 folder's cache. The fp32 folder always keeps
+            fp32: it is checked against PyTorch at fp32 tolerance.
     """
 
     block_size: int = 32
@@ -86,6 +93,7 @@ class QuantSettings:
     module_blocks: tuple[tuple[str, int], ...] = ()
     norm_epochs: int = 1
     sampled_tokens: int = 0
+    kv_cache: str = "fp16"
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
@@ -108,6 +116,10 @@ class QuantSettings:
         if self.algorithm not in ALGORITHMS:
             raise EdgeftError(
                 f"--algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}"
+            )
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise EdgeftError(
+                f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}; got {self.kv_cache!r}"
             )
         if not 0 <= self.norm_epochs <= MAX_NORM_EPOCHS:
             raise EdgeftError(
@@ -390,6 +402,32 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
         ensure_contrib_opset(model)
     _drop_unused_initializers(model)
     return done
+
+
+def half_kv_cache(model) -> bool:
+    """Declare the graph's KV cache (``past_key_values.*`` in, ``present.*`` out) fp16 where
+    GroupQueryAttention alone reads and writes it: the operator then keeps the cache in fp16
+    and computes attention in the graph's fp32. Returns False, changing nothing, for a graph
+    whose cache other operators touch (optimum's trace concatenates it)."""
+    from onnx import TensorProto
+
+    readers: dict[str, set[str]] = {}
+    writers: dict[str, str] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+        for name in node.output:
+            writers[name] = node.op_type
+    past = [v for v in model.graph.input if v.name.startswith("past_key_values.")]
+    present = [v for v in model.graph.output if v.name.startswith("present.")]
+    attention = "GroupQueryAttention"
+    if not past or any(readers.get(v.name) != {attention} for v in past):
+        return False
+    if any(writers.get(v.name) != attention for v in present):
+        return False
+    for value in past + present:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return True
 
 
 def to_fp16(model):
