@@ -254,8 +254,12 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
         )
         row["gguf"]["types"] = types
         if (work / "gguf" / "edgeft.json").is_file():
-            files = json.loads((work / "gguf" / "edgeft.json").read_text())["results"]["files"]
+            results = json.loads((work / "gguf" / "edgeft.json").read_text())["results"]
+            files = results["files"]
             row["gguf"]["files_mb"] = {f["type"]: round(f["bytes"] / 1e6) for f in files}
+            # the export's own process, and llama.cpp's measuring each file (the file's cost)
+            row["gguf"]["export_rss_mb"] = results.get("peak_rss_mb")
+            row["gguf"]["runtime_rss_mb"] = {f["type"]: f.get("runtime_peak_rss_mb") for f in files}
         save(row)
         shutil.rmtree(work / "gguf", ignore_errors=True)
     if "onnx" in stages and ok("merge"):
@@ -285,6 +289,48 @@ def save(row: dict) -> None:
     }
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     (RESULTS / "scale.md").write_text(markdown(document), encoding="utf-8")
+    plot(document, RESULTS / "scale.png")
+
+
+def plot(document: dict, path: Path) -> None:
+    """Seconds and peak RSS of each stage against parameters, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stage, label in (("train", "train, 2 steps"), ("merge", "merge"), ("gguf", "export gguf")):
+        points = [
+            (r["params"], r[stage])
+            for r in document["rows"]
+            if r.get(stage) and not r[stage].get("error")
+        ]
+        if not points:
+            continue
+        params = [p / 1e9 for p, _ in points]
+        time_axis.plot(params, [s["seconds"] for _, s in points], "o-", label=label)
+        memory_axis.plot(params, [s["peak_rss_mb"] / 1024 for _, s in points], "o-", label=label)
+        if stage == "gguf":
+            own = [(p / 1e9, s.get("export_rss_mb")) for p, s in points if s.get("export_rss_mb")]
+            if own:
+                memory_axis.plot(
+                    [p for p, _ in own],
+                    [m / 1024 for _, m in own],
+                    "o--",
+                    label="export gguf, own process",
+                )
+    for axis, ylabel in ((time_axis, "seconds"), (memory_axis, "peak RSS, GB")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("parameters, billions")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Cost of each stage by model size ({document['machine']})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def markdown(document: dict) -> str:
@@ -301,7 +347,12 @@ def markdown(document: dict) -> str:
         f"Machine: {document['machine']}. Command: `{document['command']}`.",
         "",
         "Wall time and peak RSS of each CLI stage in its own process (random-weight bf16 "
-        "checkpoints of the published shapes; see `benchmarks/scale.py`).",
+        "checkpoints of the published shapes; see `benchmarks/scale.py`). The GGUF export's "
+        "peak is that of its process tree: the export itself (streaming) and the llama.cpp "
+        "process measuring the largest file (which holds the file: what running it costs) "
+        "are given after it.",
+        "",
+        "![time and memory by model size](scale.png)",
         "",
         "| model | parameters | train (2 steps) | merge (bf16) | export gguf | export onnx int4 |",
         "|---|---|---|---|---|---|",
@@ -313,6 +364,10 @@ def markdown(document: dict) -> str:
         gguf = cell(r.get("gguf"))
         if r.get("gguf", {}).get("types"):
             gguf += f" ({r['gguf']['types']})"
+        own = r.get("gguf", {}).get("export_rss_mb")
+        if own:
+            runtime = max(v for v in r["gguf"].get("runtime_rss_mb", {}).values() if v)
+            gguf += f"; export {own / 1024:.2f} GB, llama.cpp {runtime / 1024:.2f} GB"
         lines.append(
             f"| {r['model']} | {r['params'] / 1e9:.2f} B | {train} | {cell(r.get('merge'))} | "
             f"{gguf} | {cell(r.get('onnx'))} |"

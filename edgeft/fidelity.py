@@ -22,6 +22,10 @@ from edgeft.parity import (
 
 EVAL_MAX_TOKENS = 512
 GREEDY_TOKENS = 32
+# A streamed reference (a checkpoint larger than memory comfortably holds) reads every weight
+# again for each generated token: its greedy answer is cut to this many tokens (an 8B model's
+# 32 would be half an hour of reading on 2 cores), still enough to see an early divergence.
+STREAMED_GREEDY_TOKENS = 8
 GREEDY_PROMPT = "Give me three tips for cooking rice well."
 
 
@@ -42,7 +46,9 @@ class Reference:
     greedy answer to a chat prompt. The session is closed once this is built.
 
     ``context_length`` (the model's, or :func:`edgeft.architectures.uniform_context`) bounds
-    the eval tokens (:func:`eval_budget`) and the context candidates are loaded with.
+    the eval tokens (:func:`eval_budget`) and the context candidates are loaded with. A
+    streamed session's greedy answer is :data:`STREAMED_GREEDY_TOKENS` long
+    (``greedy_tokens``); candidates are measured over as many.
     """
 
     def __init__(self, session, eval_text: str, context_length: int | None = None) -> None:
@@ -59,7 +65,9 @@ class Reference:
                 self.prompt_ids = session.tokenize(GREEDY_PROMPT, chat=True)
             except (ModelError, ValueError):  # no chat template: continue the eval text
                 self.prompt_ids = self.eval_ids[:32]
-            self.greedy = generate(session, self.prompt_ids, GREEDY_TOKENS)
+            streamed = getattr(session, "streamed", False)
+            self.greedy_tokens = STREAMED_GREEDY_TOKENS if streamed else GREEDY_TOKENS
+            self.greedy = generate(session, self.prompt_ids, self.greedy_tokens)
         finally:
             session.close()
 
@@ -88,7 +96,7 @@ def measure(session, reference: Reference, *, noise: float = 0.0) -> Measurement
     from edgeft.runtimes import generate
 
     logits = session.logits(reference.eval_ids)
-    greedy = generate(session, reference.prompt_ids, GREEDY_TOKENS)
+    greedy = generate(session, reference.prompt_ids, reference.greedy_tokens)
     return Measurement(
         parity=compare_logits(reference.logits, logits),
         perplexity=perplexity(logits, reference.eval_ids),

@@ -476,7 +476,11 @@ def merge(
             trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
             coarse = max((trained_in, dtype), key=lambda d: KL_TOLERANCE[d])
             measured = streamed_parity(
-                as_trained, streamed_model(work), rows, noise=ROUNDING_NOISE[coarse]
+                as_trained,
+                streamed_model(work),
+                rows,
+                noise=ROUNDING_NOISE[coarse],
+                progress=progress,
             )
             parity, off_ties = measured.result(), measured.top1_off_ties()
             gated = method == "lora" or merge_base == "dequantized"

@@ -14,6 +14,7 @@ which is how merge's parity check measures models larger than memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,33 @@ def streamed_model(
     return model
 
 
+@contextlib.contextmanager
+def layer_progress(model, description: str, enabled: bool = True) -> Iterator[None]:
+    """A progress bar over the decoder layers of every forward pass of ``model`` while the
+    block runs (a streamed pass over a big model takes minutes)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    layers = list(_decoder_layers(model).values())
+    bar = tqdm(total=0, desc=description, unit="layer")
+
+    def tick(module, args):
+        if bar.n % len(layers) == 0:
+            bar.total += len(layers)
+            bar.refresh()
+        bar.update(1)
+
+    handles = [layer.register_forward_pre_hook(tick) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+
+
 def row_batches(rows: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
     """Row indices grouped so each group's ``[rows, length, vocab]`` fp32 logits fit
     :data:`LOGITS_BUDGET_BYTES` (one row at least), shortest rows first."""
@@ -175,7 +203,12 @@ def batch_logits(model, rows: Sequence[Sequence[int]], batch: Sequence[int]) -> 
 
 
 def streamed_parity(
-    reference, candidate, rows: Sequence[Sequence[int]], *, noise: float = 0.0
+    reference,
+    candidate,
+    rows: Sequence[Sequence[int]],
+    *,
+    noise: float = 0.0,
+    progress: bool = False,
 ) -> ParityAccumulator:
     """Parity of ``candidate`` against ``reference`` on ``rows``, one batch of rows at a
     time: two batches' logits are held at once, never all rows'. ``noise``: see
@@ -183,8 +216,11 @@ def streamed_parity(
     accumulator = ParityAccumulator(noise)
     vocab = reference.get_output_embeddings().weight.shape[0]
     for batch in row_batches(rows, vocab):
-        expected = batch_logits(reference, rows, batch)
-        for ref, cand in zip(expected, batch_logits(candidate, rows, batch), strict=True):
+        with layer_progress(reference, "parity: reference", progress):
+            expected = batch_logits(reference, rows, batch)
+        with layer_progress(candidate, "parity: candidate", progress):
+            computed = batch_logits(candidate, rows, batch)
+        for ref, cand in zip(expected, computed, strict=True):
             accumulator.add(ref, cand)
     return accumulator
 

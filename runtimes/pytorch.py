@@ -15,6 +15,8 @@ class TorchSession(HFTokenizing):
     """A Hugging Face causal LM with an explicit KV cache (a streamed one too: only forward
     passes, see :func:`edgeft.streaming.streamed_model`)."""
 
+    streamed = False  # weights read layer by layer on every forward pass
+
     def __init__(self, model, tokenizer) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -58,6 +60,12 @@ class TorchSession(HFTokenizing):
 
     def close(self) -> None:
         self._past = self._next_logits = None
+
+
+class StreamedTorchSession(TorchSession):
+    """A model streamed from disk (:func:`edgeft.streaming.streamed_model`)."""
+
+    streamed = True
 
 
 class LoadedTorchSession(TorchSession):
@@ -143,7 +151,7 @@ class TorchRuntime:
         from edgeft.streaming import should_stream, streamed_model
 
         if should_stream(artifact):  # larger than memory comfortably holds: layer by layer
-            session = TorchSession
+            session = StreamedTorchSession
             model = streamed_model(artifact)
         else:
             session = LoadedTorchSession

@@ -498,6 +498,7 @@ def _artifact_row(artifact, result, profile, machine, references, budgets, remot
         "quant": artifact.quant,
         "sha256": artifact.sha256(),
         "size_bytes": artifact.size_bytes,
+        "context": result.get("n_ctx"),
         "status": result["status"],
         "error": result.get("error"),
         "latency": result.get("latency"),

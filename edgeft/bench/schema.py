@@ -28,6 +28,7 @@ A results file is one JSON object::
       "path": str, "runtime": str, "format": "gguf" | "onnx" | "hf" | "adapter",
       "quant": str | null,               # "q4_k_m", "int4", "fp32", ...
       "sha256": str, "size_bytes": int,  # of the model file(s), tokenizer excluded
+      "context": int | null,             # tokens the session was loaded for (its KV cache)
       "status": "ok" | "failed", "error": str | null,
       "latency": null | {
         "load_s": float,

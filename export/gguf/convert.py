@@ -315,6 +315,7 @@ def convert_checkpoint(
     name: str | None = None,
     metadata: dict[str, str] | None = None,
     vocab: GGUFVocab | None = None,
+    progress: bool = False,
 ) -> tuple[ModelSpec, GGUFVocab]:
     """Write ``model_dir`` as one GGUF file of ``out_type`` at ``out_file``.
 
@@ -323,6 +324,7 @@ def convert_checkpoint(
     Args:
         metadata: extra string keys (``edgeft.*`` provenance) written into the file.
         vocab: tokenizer metadata already read by :func:`read_vocab`.
+        progress: show a progress bar over the bytes written.
 
     Raises:
         ModelError: see :func:`read_model_spec`, :func:`read_vocab` and :func:`gguf_tensors`.
@@ -362,7 +364,7 @@ def convert_checkpoint(
             writer.add_tensor(gguf_name, tensor, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
     finally:
         writer.close()
     return spec, vocab

@@ -26,7 +26,6 @@ from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
 from edgeft.fidelity import (
     F16_KV_NOISE,
     GREEDY_PROMPT,
-    GREEDY_TOKENS,
     Measurement,
     Reference,
     default_eval_text,
@@ -311,6 +310,7 @@ def export_gguf(
                 name=name,
                 metadata=metadata,
                 vocab=vocab,
+                progress=progress is not None,
             )
             timings[out_type] = time.perf_counter() - start
         source = work / f"model-{source_type}.gguf"
@@ -378,7 +378,7 @@ def export_gguf(
                     "quantized_from": source_type,
                     "eval_tokens": len(reference.eval_ids),
                     "greedy_prompt": GREEDY_PROMPT,
-                    "greedy_tokens": GREEDY_TOKENS,
+                    "greedy_tokens": reference.greedy_tokens,
                     "tolerance": FULL_PRECISION_TOLERANCE,
                     "gguf_metadata": metadata,
                 },

@@ -1,0 +1,169 @@
+"""Memory on the phone: ONNX int4 against llama.cpp Q4_K_M at the same context.
+
+onnxruntime-genai allocates its KV cache for the whole context when it loads a folder; llama.cpp
+does too, in F16. For the default model (SmolLM2-135M-Instruct) and a random-weight Llama-3.2-1B
+shape, this exports GGUF Q4_K_M and two ONNX int4 folders, one with the int8/int4 folders'
+default fp16 KV cache and one with ``--kv-cache fp32`` (the cache they had before), all at the
+4096-token context both runtimes now default to, and runs ``edgeft bench`` on the three in one
+run (2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process,
+decode and prefill speed.
+
+    python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR]
+
+Writes ``results/phone_memory.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import run  # noqa: E402  one CLI stage in its own process
+
+from edgeft.provenance import machine_summary  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("smollm2-135m", "llama-3.2-1b")
+
+
+def checkpoint(name: str, work: Path) -> Path:
+    if name == "smollm2-135m":
+        from edgeft.models import default_model_dir
+
+        return default_model_dir()
+    from scale import build
+
+    return build(name, work / "base")[0]
+
+
+def measure(name: str, work: Path) -> dict:
+    log = work / "log.txt"
+    model = checkpoint(name, work)
+    row: dict = {"model": name}
+    row["gguf_export"] = run(
+        ["export", "gguf", "--model", model, "--out", work / "gguf", "--quant", "q4_k_m"], log
+    )
+    for kv in ("fp16", "fp32"):
+        row[f"onnx_export_{kv}"] = run(
+            [
+                "export",
+                "onnx",
+                "--model",
+                model,
+                "--out",
+                work / f"onnx-{kv}",
+                "--quant",
+                "int4",
+                "--kv-cache",
+                kv,
+            ],
+            log,
+        )
+    row["bench"] = run(
+        [
+            "bench",
+            work / "gguf" / "model-q4_k_m.gguf",
+            work / "onnx-fp16" / "int4",
+            work / "onnx-fp32" / "int4",
+            "--out",
+            work / "bench",
+            "--depths",
+            "0,2048",
+            "--repeats",
+            "5",
+            "--threads",
+            "2",
+        ],
+        log,
+    )
+    results = json.loads((work / "bench" / "results.json").read_text())
+    row["artifacts"] = [
+        {
+            "name": a["name"],
+            "runtime": a.get("runtime"),
+            "size_mb": round(a["size_bytes"] / 1e6, 1) if a.get("size_bytes") else None,
+            "n_ctx": a.get("context"),
+            "peak_rss_mb": (a.get("latency") or {}).get("peak_rss_mb"),
+            "prefill_tok_s": _median((a.get("latency") or {}).get("prefill_tok_s")),
+            "decode_tok_s": {
+                str(d["depth"]): _median(d.get("tok_s"))
+                for d in (a.get("latency") or {}).get("decode", [])
+            },
+            "error": a.get("error"),
+        }
+        for a in results["artifacts"]
+    ]
+    shutil.copy(work / "bench" / "results.json", RESULTS / f"phone_memory-{name}-bench.json")
+    return row
+
+
+def _median(stat) -> float | None:
+    if isinstance(stat, dict):
+        return stat.get("median")
+    return stat
+
+
+def markdown(document: dict) -> str:
+    lines = [
+        "# ONNX int4 against llama.cpp Q4_K_M at the same context",
+        "",
+        f"Machine: {document['machine']}. Command: `{document['command']}`.",
+        "",
+        "Peak RSS of each artifact's bench process (load, prefill, decode at depths 0 and "
+        "2048, perplexity), context 4096 in both runtimes; 2 threads, medians of 5 runs.",
+        "",
+        "| model | artifact | size MB | context | peak RSS MB | vs Q4_K_M | prefill tok/s | "
+        "decode tok/s (depth 0 / 2048) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in document["rows"]:
+        artifacts = row.get("artifacts", [])
+        gguf = next((a for a in artifacts if a["runtime"] == "llama.cpp"), None)
+        for a in artifacts:
+            ratio = (
+                f"{a['peak_rss_mb'] / gguf['peak_rss_mb']:.2f}×"
+                if gguf and a.get("peak_rss_mb") and gguf.get("peak_rss_mb")
+                else "–"
+            )
+            decode = " / ".join(
+                f"{v:.1f}" if v else "–" for v in a.get("decode_tok_s", {}).values()
+            )
+            prefill = f"{a['prefill_tok_s']:.0f}" if a.get("prefill_tok_s") else "–"
+            lines.append(
+                f"| {row['model']} | {a['name']} ({a['runtime']}) | {a['size_mb']} | "
+                f"{a['n_ctx']} | {a['peak_rss_mb']} | {ratio} | {prefill} | {decode} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", choices=MODELS, default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    path = RESULTS / "phone_memory.json"
+    rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    for name in args.only or MODELS:
+        work = Path(tempfile.mkdtemp(prefix=f"phone-{name}-", dir=args.work))
+        try:
+            rows[name] = measure(name, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        document = {
+            "machine": machine_summary(),
+            "command": "python benchmarks/phone_memory.py " + " ".join(sys.argv[1:]),
+            "rows": [rows[n] for n in MODELS if n in rows],
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        (RESULTS / "phone_memory.md").write_text(markdown(document), encoding="utf-8")
+        print(markdown(document), flush=True)
+
+
+if __name__ == "__main__":
+    main()
