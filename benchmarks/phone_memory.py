@@ -1,8 +1,8 @@
 """Memory on the phone: ONNX int4 against llama.cpp Q4_K_M at the same context.
 
 onnxruntime-genai allocates its KV cache for the whole context when it loads a folder; llama.cpp
-does too, in F16. For the default model (SmolLM2-135M-Instruct) and a random-weight Llama-3.2-1B
-shape, this exports GGUF Q4_K_M and two ONNX int4 folders, one with the int8/int4 folders'
+does too, in F16. For the demo's fine-tuned SmolLM2-135M-Instruct (``edgeft-demo/merged``; the
+default model where the demo has not run) and a random-weight Llama-3.2-1B shape, this exports GGUF Q4_K_M and two ONNX int4 folders, one with the int8/int4 folders'
 default fp16 KV cache and one with ``--kv-cache fp32`` (the cache they had before), all at the
 4096-token context both runtimes now default to, and runs ``edgeft bench`` on the three in one
 run (2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process,
@@ -33,7 +33,10 @@ MODELS = ("smollm2-135m", "llama-3.2-1b")
 
 
 def checkpoint(name: str, work: Path) -> Path:
-    if name == "smollm2-135m":
+    if name == "smollm2-135m":  # the demo's fine-tuned model if `edgeft demo` ran here
+        demo = ROOT / "edgeft-demo" / "merged"
+        if (demo / "edgeft.json").is_file():
+            return demo
         from edgeft.models import default_model_dir
 
         return default_model_dir()

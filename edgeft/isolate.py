@@ -19,7 +19,18 @@ from edgeft.errors import EdgeftError
 
 
 def peak_rss_mb() -> int | None:
-    """This process's peak resident memory so far, in MB (None where unknown)."""
+    """This process's peak resident memory so far, in MB (None where unknown).
+
+    Linux's high-water mark of this process's own memory (``VmHWM``): ``ru_maxrss`` would
+    also count the parent's peak at the moment this process was started.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not a POSIX system
