@@ -12,33 +12,32 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
 
 
-def peak_rss_mb() -> int | None:
-    """This process's peak resident memory so far, in MB (None where unknown).
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (10**6 bytes; None where unknown).
 
-    Linux's high-water mark of this process's own memory (``VmHWM``): ``ru_maxrss`` would
-    also count the parent's peak at the moment this process was started.
+    Linux's ``VmHWM`` belongs to the address space, which exec replaces; ``ru_maxrss``
+    survives exec and so starts at the parent's size when it started this process.
     """
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024)
-    except OSError:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
         pass
     try:
         import resource
     except ImportError:  # not a POSIX system
         return None
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10))
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
 def _call(function: Callable, args: tuple, kwargs: dict) -> tuple[Any, int | None]:

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from edgeft.bench.stats import summary, token_percentiles
+from edgeft.isolate import peak_rss_mb
 
 _WARMUP_TOKENS = 8
 
@@ -38,22 +39,6 @@ def _rss_mb() -> float:
         return pages * resource.getpagesize() / 1e6
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process's own memory, in MB.
-
-    Linux's VmHWM belongs to the address space, which exec replaces; ``ru_maxrss`` survives
-    exec and so starts at the parent's size when it forked the worker.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
 def _tiled(tokens: list[int], n: int) -> list[int]:
@@ -211,7 +196,7 @@ def run(spec: dict) -> dict:
                 out["latency"]["load_s"] = load_s
                 # Before the accuracy pass, whose [tokens, vocab] logit arrays are the harness's
                 # own working memory, not the model's.
-                out["latency"]["peak_rss_mb"] = _peak_rss_mb()
+                out["latency"]["peak_rss_mb"] = peak_rss_mb()
                 out["latency"]["base_rss_mb"] = base_rss
             if accuracy:
                 out["accuracy"], out["eval_ids"] = measure_accuracy(session, accuracy, notes)

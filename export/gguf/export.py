@@ -64,7 +64,7 @@ class FileReport:
     gated: bool
     tensor_types: dict[str, int] = field(default_factory=dict)
     # llama.cpp's process measuring this file: what running it at the eval context costs
-    runtime_peak_rss_mb: int | None = None
+    runtime_peak_rss_mb: float | None = None
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "parity": self.parity.as_dict()}
