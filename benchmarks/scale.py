@@ -204,7 +204,11 @@ def fits_fp32(params: int) -> bool:
 
 def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     log = work / "log.txt"
-    base, params = build(name, work / "base")
+    # In a process of its own: Linux carries a process's peak RSS into the processes it starts
+    # (ru_maxrss survives exec), so building here would set every stage's figure below.
+    from edgeft.isolate import in_child
+
+    (base, params), _ = in_child(build, name, work / "base", what=f"building {name}")
     row.update(params=params, disk_mb=round(sum(f.stat().st_size for f in base.iterdir()) / 1e6))
     save(row)
     data = training_data(work / "data.jsonl")
