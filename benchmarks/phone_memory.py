@@ -3,11 +3,10 @@
 onnxruntime-genai allocates its KV cache for the whole context when it loads a folder; llama.cpp
 does too, in F16. For the demo's fine-tuned SmolLM2-135M-Instruct (``edgeft-demo/merged``; the
 default model where the demo has not run) and a random-weight Llama-3.2-1B shape, this exports
-GGUF Q4_K_M and ONNX int4 (with the int8/int4 folders' default fp16 KV cache), makes a copy of
-the int4 folder with its cache declared fp32 again (``--kv-cache fp32``'s graph: the same
-weights, the cache they had before), all at the 4096-token context both runtimes now default
-to, and runs ``edgeft bench`` on the three in one run (2 threads, decode from depths 0 and
-2048, 5 repeats): peak RSS of each artifact's process, decode and prefill speed.
+GGUF Q4_K_M and ONNX int4 (fp32 KV cache, the default), makes a copy of the int4 folder with
+its cache declared fp16 (``--kv-cache fp16``'s graph: the same weights), all at the 4096-token
+context both runtimes now default to, and runs ``edgeft bench`` on the three in one run
+(2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process, decode and prefill speed.
 
     python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR]
 
@@ -56,9 +55,9 @@ def measure(name: str, work: Path) -> dict:
         ["export", "gguf", "--model", model, "--out", work / "gguf", "--quant", "q4_k_m"], log
     )
     row["onnx_export"] = run(
-        ["export", "onnx", "--model", model, "--out", work / "onnx-fp16", "--quant", "int4"], log
+        ["export", "onnx", "--model", model, "--out", work / "onnx-fp32", "--quant", "int4"], log
     )
-    fp32_cache(work / "onnx-fp16" / "int4", work / "onnx-fp32" / "int4")
+    fp16_cache(work / "onnx-fp32" / "int4", work / "onnx-fp16" / "int4")
     row["bench"] = run(
         [
             "bench",
@@ -97,17 +96,17 @@ def measure(name: str, work: Path) -> dict:
     return row
 
 
-def fp32_cache(folder: Path, out: Path) -> None:
-    """``folder`` with its KV cache declared fp32 again (``--kv-cache fp32``'s graph): the same
+def fp16_cache(folder: Path, out: Path) -> None:
+    """``folder`` with its KV cache declared fp16 (``--kv-cache fp16``'s graph): the same
     weights, so the two folders differ in the cache alone."""
     import onnx
-    from onnx import TensorProto
+
+    from edgeft.export.onnx.quantize import half_kv_cache
 
     shutil.copytree(folder, out)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    for value in [*model.graph.input, *model.graph.output]:
-        if value.name.startswith(("past_key_values.", "present.")):
-            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    if not half_kv_cache(model):
+        raise SystemExit(f"{folder}: the KV cache is not GroupQueryAttention's alone")
     onnx.save(model, str(out / "model.onnx"))
 
 

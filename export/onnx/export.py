@@ -453,8 +453,8 @@ def export_onnx(
         max_length: onnxruntime-genai's context (``genai_config.json``); default the model's,
             at most :data:`DEFAULT_LENGTH` (llama.cpp sessions' default context). genai
             allocates the whole KV cache for it up front when the cache is shared (the fused
-            graph): for SmolLM2-135M, 46 KB a position in fp32 (377 MB at 8192), 23 KB in the
-            int8/int4 folders' fp16 cache (94 MB at 4096).
+            graph): for SmolLM2-135M, 46 KB a position in fp32 (377 MB at 8192, 189 MB at
+            4096).
 
     Raises:
         ModelError: unsupported or quantized checkpoint, or a folder a runtime cannot load.
