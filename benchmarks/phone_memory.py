@@ -6,7 +6,8 @@ default model where the demo has not run) and a random-weight Llama-3.2-1B shape
 GGUF Q4_K_M and ONNX int4 (fp32 KV cache, the default), makes a copy of the int4 folder with
 its cache declared fp16 (``--kv-cache fp16``'s graph: the same weights), all at the 4096-token
 context both runtimes now default to, and runs ``edgeft bench`` on the three in one run
-(2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process, decode and prefill speed.
+(2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process,
+decode and prefill speed.
 
     python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR]
 
