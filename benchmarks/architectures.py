@@ -164,7 +164,8 @@ def run(args: list[str], log: Path) -> dict:
         )
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    result = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    # MB = 10**6 bytes, as bench reports them (ru_maxrss is in KiB on Linux)
+    result = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss * 1024 / 1e6)}
     if os.waitstatus_to_exitcode(status) != 0:  # recorded: the row says what failed
         errors = [line for line in log.read_text().splitlines() if "error" in line]
         result["error"] = errors[-1].strip() if errors else f"exit {status}"

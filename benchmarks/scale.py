@@ -314,13 +314,13 @@ def plot(document: dict, path: Path) -> None:
             continue
         params = [p / 1e9 for p, _ in points]
         time_axis.plot(params, [s["seconds"] for _, s in points], "o-", label=label)
-        memory_axis.plot(params, [s["peak_rss_mb"] / 1024 for _, s in points], "o-", label=label)
+        memory_axis.plot(params, [s["peak_rss_mb"] / 1000 for _, s in points], "o-", label=label)
         if stage == "gguf":
             own = [(p / 1e9, s.get("export_rss_mb")) for p, s in points if s.get("export_rss_mb")]
             if own:
                 memory_axis.plot(
                     [p for p, _ in own],
-                    [m / 1024 for _, m in own],
+                    [m / 1000 for _, m in own],
                     "o--",
                     label="export gguf, own process",
                 )
@@ -343,7 +343,7 @@ def markdown(document: dict) -> str:
             return "–"
         if stage.get("error"):
             return f"failed: {stage['error'][:60]}"
-        return f"{stage['seconds']:.0f} s, {stage['peak_rss_mb'] / 1024:.2f} GB"
+        return f"{stage['seconds']:.0f} s, {stage['peak_rss_mb'] / 1000:.2f} GB"
 
     lines = [
         "# Cost of each stage by model size",
@@ -371,7 +371,7 @@ def markdown(document: dict) -> str:
         own = r.get("gguf", {}).get("export_rss_mb")
         if own:
             runtime = max(v for v in r["gguf"].get("runtime_rss_mb", {}).values() if v)
-            gguf += f"; export {own / 1024:.2f} GB, llama.cpp {runtime / 1024:.2f} GB"
+            gguf += f"; export {own / 1000:.2f} GB, llama.cpp {runtime / 1000:.2f} GB"
         lines.append(
             f"| {r['model']} | {r['params'] / 1e9:.2f} B | {train} | {cell(r.get('merge'))} | "
             f"{gguf} | {cell(r.get('onnx'))} |"
