@@ -258,9 +258,6 @@ def load_as_trained(adapter: Path):
     return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
 
 
-_DTYPE_NAMES_BACK = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}
-
-
 @contextlib.contextmanager
 def _safetensors_base(path: Path, out: Path, allow_pickle: bool) -> Iterator[Path]:
     """The base checkpoint as safetensors: itself, or for a pickled base (``--allow-pickle``)
@@ -437,6 +434,7 @@ def merge(
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
 
     train_dtype_name = trained.get("resolved_compute_dtype", "float32")
+    trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     model_config = AutoConfig.from_pretrained(base_model.path, trust_remote_code=False)
     # Most specific message first: architecture, then shapes, then the exact weights.
@@ -459,7 +457,7 @@ def merge(
                 work,
                 dtype=dtype,
                 transpose=bool(config.get("fan_in_fan_out")),
-                start=nf4_round_trip(trained, _torch_dtype(_DTYPE_NAMES_BACK[train_dtype_name]))
+                start=nf4_round_trip(trained, _torch_dtype(trained_in))
                 if merge_base == "dequantized"
                 else None,
                 progress=progress,
@@ -473,7 +471,6 @@ def merge(
                     name: LoRA(a.float(), b.float(), scales[name]) for name, (a, b) in lora.items()
                 },
             )
-            trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
             coarse = max((trained_in, dtype), key=lambda d: KL_TOLERANCE[d])
             measured = streamed_parity(
                 as_trained,

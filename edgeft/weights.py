@@ -144,16 +144,27 @@ def read_rows(stored: StoredTensor, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_row_range(stored: StoredTensor, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a 2-D tensor as fp32, read in one piece."""
+def read_row_range(
+    stored: StoredTensor, start: int, stop: int, *, raw: bool = False, check: bool = False
+) -> np.ndarray:
+    """Rows ``start:stop`` (along the first axis) of a tensor, read in one piece: fp32, or
+    with ``raw`` as stored; ``check`` refuses non-finite values as :func:`read_f32` does."""
     dtype, to_f32 = SAFETENSORS_DTYPES[stored.dtype]
-    rows, width = stored.shape
-    start, stop = max(0, start), min(stop, rows)
-    itemsize = np.dtype(dtype).itemsize
+    row_items = int(np.prod(stored.shape[1:], dtype=np.int64))
+    start, stop = max(0, start), min(stop, stored.shape[0])
     with open(stored.file, "rb") as f:
-        f.seek(stored.offset + start * width * itemsize)
-        data = np.fromfile(f, dtype=dtype, count=(stop - start) * width)
-    return to_f32(data).reshape(stop - start, width)
+        f.seek(stored.offset + start * row_items * np.dtype(dtype).itemsize)
+        data = np.fromfile(f, dtype=dtype, count=(stop - start) * row_items)
+    data = data.reshape(stop - start, *stored.shape[1:])
+    if raw:
+        return data
+    data = to_f32(data)
+    if check and not np.isfinite(data).all():
+        raise ModelError(
+            f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); the "
+            "checkpoint is corrupt: re-run the stage that wrote it"
+        )
+    return data
 
 
 def row_chunks(stored: StoredTensor, max_bytes: int = 64 << 20, *, raw: bool = False):
@@ -162,26 +173,10 @@ def row_chunks(stored: StoredTensor, max_bytes: int = 64 << 20, *, raw: bool = F
     if len(stored.shape) < 2:
         yield read_raw(stored) if raw else read_f32(stored)
         return
-    dtype, to_f32 = SAFETENSORS_DTYPES[stored.dtype]
-    row_items = int(np.prod(stored.shape[1:], dtype=np.int64))
-    row_bytes = row_items * np.dtype(dtype).itemsize
+    row_bytes = stored.nbytes // max(1, stored.shape[0])
     step = max(1, max_bytes // max(1, row_bytes))
-    with open(stored.file, "rb") as f:
-        f.seek(stored.offset)
-        for start in range(0, stored.shape[0], step):
-            rows = min(step, stored.shape[0] - start)
-            data = np.fromfile(f, dtype=dtype, count=rows * row_items)
-            data = data.reshape(rows, *stored.shape[1:])
-            if raw:
-                yield data
-                continue
-            data = to_f32(data)
-            if not np.isfinite(data).all():
-                raise ModelError(
-                    f"{stored.file}: tensor {stored.name} has non-finite values (NaN or inf); "
-                    "the checkpoint is corrupt: re-run the stage that wrote it"
-                )
-            yield data
+    for start in range(0, stored.shape[0], step):
+        yield read_row_range(stored, start, start + step, raw=raw, check=not raw)
 
 
 def encode(values: np.ndarray, dtype: str) -> np.ndarray:
