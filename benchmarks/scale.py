@@ -384,6 +384,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SHAPES), default=None)
     parser.add_argument("--stages", default="train,merge,gguf")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: tmp)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep each model's checkpoints (to rerun a stage)"
+    )
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     if unknown := set(stages) - set(STAGES):
@@ -393,7 +396,8 @@ def main() -> None:
         try:
             print(name, measure(name, work, stages, {"model": name}), flush=True)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     os.sync()
 
 

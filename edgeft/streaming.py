@@ -123,8 +123,10 @@ def streamed_model(
                     f"{model_dir}: weight {full} has shape {tuple(stored.shape)}, "
                     f"the config says {expected}"
                 )
-        module.register_forward_pre_hook(_materialize(modules, params, read))
-        module.register_forward_hook(_release(modules, params))
+        materialize, release = _materialize(modules, params, read), _release(modules, params)
+        module.register_forward_pre_hook(materialize)
+        module.register_forward_hook(release)
+        module._edgeft_stream = (materialize, release)
 
     embedding.register_forward_pre_hook(_sparse_lookup(index[embed_name]))
     embedding.register_forward_hook(_drop_weight(embedding))
@@ -170,6 +172,77 @@ def layer_progress(model, description: str, enabled: bool = True) -> Iterator[No
         for handle in handles:
             handle.remove()
         bar.close()
+
+
+@contextlib.contextmanager
+def held(module) -> Iterator[object]:
+    """A streamed decoder layer (or other weight-holding unit) with its weights read once for
+    the whole block: calls inside it neither read nor drop them, and changes made to them (a
+    quantizer rounding them in place) last until the block ends. A module of a fully loaded
+    model is yielded as it is."""
+    stream = getattr(module, "_edgeft_stream", None)
+    if stream is None:
+        yield module
+        return
+    materialize, release = stream
+    materialize(module, ())
+    module._edgeft_held = True
+    try:
+        yield module
+    finally:
+        module._edgeft_held = False
+        release(module, (), None)
+
+
+class _Captured(Exception):
+    """Raised by the last decoder layer's stand-in once every layer's inputs are recorded."""
+
+
+def decoder_inputs(model, chunks: Sequence[Sequence[int]]) -> tuple[list, list[list[dict]]]:
+    """What the decoder layers of ``model`` receive for each chunk of token ids, without
+    running them: the first layer's hidden states per chunk, and each layer's keyword
+    arguments per chunk (attention masks and rotary tables, which differ between sliding and
+    full-attention layers).
+
+    Every layer is swapped for a stand-in that records its call, so no layer's weights are read
+    and no layer is computed; the last one stops the forward pass.
+
+    Returns:
+        ``(hidden [1, len, hidden] per chunk, kwargs[layer][chunk])``.
+    """
+    import torch
+
+    _, layers = _layer_list(model)
+    first: list = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, index: int, layer) -> None:
+            super().__init__()
+            self.index = index
+            self.attention_type = getattr(layer, "attention_type", None)
+
+        def forward(self, hidden, *args, **kw):
+            kw.pop("hidden_states", None)
+            kwargs[self.index].append(kw)
+            if self.index == 0:
+                first.append(hidden)
+            if self.index == len(layers) - 1:
+                raise _Captured
+            return hidden
+
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = StandIn(i, layer)
+    try:
+        with torch.inference_mode():
+            for chunk in chunks:
+                with contextlib.suppress(_Captured):
+                    model(input_ids=torch.tensor([list(chunk)]), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return first, kwargs
 
 
 def row_batches(rows: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
@@ -262,13 +335,19 @@ def _inside(name: str, parent: str) -> bool:
     return name.startswith(parent + ".")
 
 
-def _decoder_layers(model) -> dict[str, object]:
+def _layer_list(model) -> tuple[str, object]:
+    """The name of ``model``'s decoder layers' ``ModuleList``, and the list."""
     import torch
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.endswith("layers"):
-            return {f"{name}.{i}": layer for i, layer in enumerate(module)}
+            return name, module
     raise ModelError(f"{type(model).__name__} has no decoder layer list to stream")
+
+
+def _decoder_layers(model) -> dict[str, object]:
+    name, layers = _layer_list(model)
+    return {f"{name}.{i}": layer for i, layer in enumerate(layers)}
 
 
 def _module_name(modules: Mapping[str, object], target) -> str:
@@ -300,6 +379,8 @@ def _set(modules, full: str, value) -> None:
 
 def _materialize(modules, params: Sequence[str], read):
     def hook(module, args):
+        if getattr(module, "_edgeft_held", False):
+            return
         for full in params:
             _set(modules, full, read(full))
 
@@ -312,6 +393,8 @@ def _release(modules, params: Sequence[str]):
     shapes = {full: tuple(_param(modules, full).shape) for full in params}
 
     def hook(module, args, output):
+        if getattr(module, "_edgeft_held", False):
+            return
         for full, shape in shapes.items():
             _set(modules, full, torch.empty(shape, device="meta"))
 

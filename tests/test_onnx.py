@@ -499,13 +499,13 @@ def test_calibration_data_is_joined_by_sampled_text(tiny_llama, tmp_path, monkey
     from edgeft.export.onnx import gptq
 
     seen = []
-    calibrated_weights = gptq.calibrated_weights
 
-    def spy(model_dir, texts, bits, settings, sampled=()):
-        seen.append(sampled)
-        return calibrated_weights(model_dir, texts, bits, settings, sampled)
+    class Spy(gptq.Calibration):
+        def __init__(self, model_dir, texts, bits, settings, sampled=(), **kwargs):
+            seen.append(sampled)
+            super().__init__(model_dir, texts, bits, settings, sampled, **kwargs)
 
-    monkeypatch.setattr(gptq, "calibrated_weights", spy)
+    monkeypatch.setattr(gptq, "Calibration", Spy)
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(" ".join(CORPUS * 4), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -608,3 +608,83 @@ def test_default_genai_context_is_llama_cpps(tiny_tokenizer_dir, tmp_path):
     export_onnx(long, tmp_path / "out", ("int4",), eval_text=SHORT_EVAL)
     genai = json.loads((tmp_path / "out" / "int4" / "genai_config.json").read_text())
     assert genai["model"]["context_length"] == genai["search"]["max_length"] == 4096
+
+
+def _logits(folder, text=SHORT_EVAL):
+    session = get_runtime("onnxruntime").load(folder, threads=1)
+    try:
+        return session.logits(session.tokenize(text))
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    ("quant", "settings"),
+    [
+        ("int8", QuantSettings()),
+        ("int4", QuantSettings(algorithm="rtn")),
+        ("int4", QuantSettings(norm_epochs=0)),
+        ("int4", QuantSettings(norm_epochs=0, symmetric=True, int8_modules=("k_proj", "v_proj"))),
+    ],
+    ids=["int8", "int4-rtn", "int4-gptq", "int4-gptq-symmetric-q4"],
+)
+def test_folders_written_directly_equal_the_graph_passes(quant, settings, tiny_llama, tmp_path):
+    """The fused graph's int8/int4 folders, quantized tensor by tensor as they are written,
+    compute what the passes over a whole fp32 graph make of it: the same codes, packing and
+    shared table (q at 4 bits with k, v at 8: k|v packed and joined to q)."""
+    import onnx
+
+    import edgeft.export.onnx.export as export
+    from edgeft.export.onnx.gptq import Calibration
+
+    made = []
+
+    def calibrate(bits):
+        made.append(Calibration(tiny_llama, CORPUS, bits, settings))
+        return made[-1]
+
+    export._write_fused(tiny_llama, tmp_path / "fp32")
+    calibration = calibrate if quant == "int4" and settings.algorithm == "gptq" else None
+    export._make_folder(quant, tmp_path / "fp32", tmp_path / "passes", settings, calibration)
+    export._write_quantized(
+        tiny_llama, tmp_path / "direct", quant, settings, calibration, progress=False
+    )
+    ops = {}
+    for way in ("passes", "direct"):
+        graph = onnx.load(str(tmp_path / way / "model.onnx"))
+        ops[way] = sorted(n.op_type for n in graph.graph.node)
+    assert ops["direct"] == ops["passes"]
+    assert "MatMul" not in ops["direct"] and "GatherBlockQuantized" in ops["direct"]
+    np.testing.assert_array_equal(_logits(tmp_path / "direct"), _logits(tmp_path / "passes"))
+    if calibration is not None:  # GPTQ reaches every 4-bit matrix in both, the layers' too
+        four_bit = {m for m, bits in made[-1].bits.items() if bits == 4}
+        assert len(made) == 2 and len(four_bit) > 1
+        assert all(set(c.results) == four_bit for c in made)
+
+
+def test_streamed_calibration_equals_the_loaded_one(tiny_llama):
+    """GPTQ on a model streamed layer by layer gives the codes it gives on the model loaded
+    whole, and holds no layer's weights between layers."""
+    from edgeft.export.onnx.gptq import Calibration
+
+    settings = QuantSettings(norm_epochs=1)
+    bits = {
+        f"model.layers.{i}.{kind}": 4
+        for i in range(2)
+        for kind in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    } | {"lm_head": 4}
+    loaded = Calibration(tiny_llama, CORPUS, bits, settings, resident=True)
+    streamed = Calibration(tiny_llama, CORPUS, bits, settings, resident=False)
+    for index in range(len(streamed.layers)):
+        found = streamed.layer(index)
+        assert set(found) == {m for m in bits if m.startswith(f"model.layers.{index}.")}
+        assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    streamed.head()
+    expected, norms = loaded.run()
+    assert set(streamed.results) == set(expected) and norms
+    for module, (codes, scales, zero) in expected.items():
+        got = streamed.results[module]
+        np.testing.assert_array_equal(got[0], codes, err_msg=module)
+        np.testing.assert_allclose(got[1], scales, rtol=1e-6, err_msg=module)
+        np.testing.assert_array_equal(got[2], zero, err_msg=module)
+    assert streamed.tuned_norms() == {}  # tuning needs the whole model: not when streamed

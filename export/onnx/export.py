@@ -45,6 +45,7 @@ from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import generate, get_runtime
 from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
+from edgeft.streaming import should_stream
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ FP32_MAX_KL = 1e-5
 FP16_MAX_KL = 5e-3
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-# Graphs above this size keep their weights in DATA_FILE (protobuf cannot exceed 2 GiB).
+# Graphs above this size keep their weights in DATA_FILE (protobuf cannot exceed 2 GiB): every
+# tensor of EXTERNAL_MIN_BYTES or more.
 EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_MIN_BYTES = 1024
 # Files an app needs beside the graph, copied from the optimum export.
 COMPANION_FILES = (
     "config.json",
@@ -156,7 +159,7 @@ def _save(model, folder: Path) -> None:
         save_as_external_data=weights > EXTERNAL_DATA_BYTES,
         all_tensors_to_one_file=True,
         location=DATA_FILE,
-        size_threshold=1024,
+        size_threshold=EXTERNAL_MIN_BYTES,
     )
 
 
@@ -220,7 +223,8 @@ def check_finite_initializers(model, where: Path) -> None:
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
     for tensor in model.graph.initializer:
-        if tensor.data_type not in floats:
+        # external tensors were checked as they were written (graph.ExternalData)
+        if tensor.data_type not in floats or tensor.data_location == TensorProto.EXTERNAL:
             continue
         values = numpy_helper.to_array(tensor).astype(np.float32, copy=False)
         if not np.isfinite(values).all():
@@ -256,6 +260,7 @@ def _op_counts(folder: Path) -> dict[str, int]:
 
 GRAPHS = ("fused", "optimum")
 SAMPLED = "text sampled from the model"
+SHIPPED = "a shipped mixed-domain text"
 
 
 def _export_fp32(model: Path, folder: Path, graph: str) -> None:
@@ -268,10 +273,34 @@ def _export_fp32(model: Path, folder: Path, graph: str) -> None:
             read_f32(stored)
         _optimum_export(model, folder)
         return
-    from edgeft.export.onnx.graph import build_fused_graph
+    _write_fused(model, folder)
 
-    _save(build_fused_graph(model), folder)
+
+def _write_fused(model: Path, folder: Path, matmuls=None, *, progress: bool = False):
+    """Build the fused graph of ``model`` into ``folder``, its weights written to the data
+    file as they are made; a graph whose weights total at most :data:`EXTERNAL_DATA_BYTES`
+    is then saved as one file. Returns the graph (large weights external, not loaded)."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from edgeft.export.onnx.graph import ExternalData, build_fused_graph
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / DATA_FILE
+    graph = build_fused_graph(model, matmuls=matmuls, data=data, progress=progress)
+    check_finite_initializers(graph, folder)
+    inline = [t for t in graph.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    if data.stat().st_size + sum(len(t.raw_data) for t in inline) <= EXTERNAL_DATA_BYTES:
+        load_external_data_for_model(graph, str(folder))
+        data.unlink()
+    else:  # the graph's own mid-sized tensors join the large ones
+        with ExternalData(data, append=True) as sink:
+            for tensor in inline:
+                if len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                    tensor.CopyFrom(sink.tensor(tensor.name, numpy_helper.to_array(tensor)))
+    (folder / MODEL_FILE).write_bytes(graph.SerializeToString())
     _companions(model, folder)
+    return graph
 
 
 def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str], str]:
@@ -296,7 +325,7 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
                 calibration = Path(data["path"])
         except (ModelError, KeyError, TypeError):
             calibration = None
-    if calibration is None:
+    if calibration is None and not should_stream(model):
         from edgeft.export.onnx.gptq import sampled_texts
 
         logger.info(
@@ -306,8 +335,9 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         texts = sampled_texts(model)
         if texts:
             return texts, SAMPLED
+    if calibration is None:  # sampling needs the model loaded whole
         text = resources.files("edgeft").joinpath("assets/eval/calibration.txt").read_text("utf-8")
-        return [text], "a shipped mixed-domain text"
+        return [text], SHIPPED
     calibration = Path(calibration)
     if calibration.suffix == ".jsonl":
         from transformers import AutoTokenizer
@@ -338,8 +368,9 @@ def _passes(count: int) -> str:
 def _make_folder(
     quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrate=None
 ) -> None:
-    """Write the ``quant`` folder from the fp32 export. ``calibrate(bits by module)`` returns
-    GPTQ's 4-bit weights by module and the tuned norm weights, for the int4 folder."""
+    """Write the ``quant`` folder from the fp32 export (optimum's trace, or the types the
+    fused graph has no direct writer for). ``calibrate(bits by module)`` returns the
+    :class:`~edgeft.export.onnx.gptq.Calibration` of the int4 folder."""
     if quant == "fp16":
         model = to_fp16(_load(fp32))
         check_finite_initializers(model, folder)
@@ -355,7 +386,7 @@ def _make_folder(
         if quant == "int4" and calibrate is not None:
             from edgeft.export.onnx.gptq import gptq_matmuls, module_bits, set_norm_weights
 
-            results, norms = calibrate(module_bits(plan))
+            results, norms = calibrate(module_bits(plan)).run()
             gptq_matmuls(model, results, settings.accuracy_level, symmetric=settings.symmetric)
             config = json.loads((fp32 / "config.json").read_text(encoding="utf-8"))
             set_norm_weights(model, norms, architecture_of(config).norm_offset)
@@ -370,6 +401,28 @@ def _make_folder(
         check_finite_initializers(model, folder)
         _save(model, folder)
     _companions(fp32, folder)
+
+
+def _write_quantized(
+    model: Path, folder: Path, quant: str, settings: QuantSettings, calibrate, *, progress: bool
+) -> None:
+    """The fused graph's ``int8`` or ``int4`` folder, quantized as it is written
+    (:mod:`edgeft.export.onnx.nbits`); ``calibrate(bits by module)`` returns the int4 folder's
+    :class:`~edgeft.export.onnx.gptq.Calibration`."""
+    from edgeft.architectures import PROJECTIONS
+    from edgeft.export.onnx.nbits import QuantizedMatmuls
+
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    matmuls = QuantizedMatmuls(quant, settings)
+    if calibrate is not None:
+        modules = [
+            f"model.layers.{i}.{projection}"
+            for i in range(config["num_hidden_layers"])
+            for projection in PROJECTIONS
+        ]
+        plan = matmuls.plan([*modules, "lm_head"])
+        matmuls.calibration = calibrate({module: bits for module, bits in plan.items() if bits})
+    _write_fused(model, folder, matmuls, progress=progress)
 
 
 def _ort_format(folder: Path) -> None:
@@ -489,18 +542,23 @@ def export_onnx(
 
     with atomic_dir(out, force) as work:
         fp32 = work / "fp32" if "fp32" in types else work / ".fp32"
+        # The fused graph's int8 and int4 folders are written straight from the checkpoint;
+        # the other types are passes over the fp32 graph, which they then need.
+        direct = ("int8", "int4") if graph == "fused" else ()
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
-        _export_fp32(model, fp32, graph)
-        timings["fp32"] = time.perf_counter() - start
-        calibrate, calibrated_on = None, None
+        if any(quant not in direct for quant in types):
+            start = time.perf_counter()
+            say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
+            _export_fp32(model, fp32, graph)
+            timings["fp32"] = time.perf_counter() - start
+        calibrate, calibrated_on, streamed = None, None, should_stream(model)
+        calibrations: list = []
         if "int4" in types and calibrated:
-            from edgeft.export.onnx.gptq import calibrated_weights
+            from edgeft.export.onnx.gptq import Calibration
 
             texts, calibrated_on = calibration_texts(model, calibration)
             sampled = []
-            if settings.sampled_tokens and calibrated_on != SAMPLED:
+            if settings.sampled_tokens and calibrated_on != SAMPLED and not streamed:
                 from edgeft.export.onnx.gptq import sampled_texts
 
                 say(f"sampling {settings.sampled_tokens} tokens of calibration text from {model}")
@@ -508,18 +566,29 @@ def export_onnx(
                 if sampled:
                     calibrated_on += f", plus {settings.sampled_tokens} tokens of {SAMPLED}"
 
-            def calibrate(bits: dict[str, int]) -> tuple[dict, dict]:
+            def calibrate(bits: dict[str, int]) -> Calibration:
                 say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
-                if settings.norm_epochs:
+                if settings.norm_epochs and not streamed:
                     say(f"then tuning the norm weights: {_passes(settings.norm_epochs)} over it")
-                return calibrated_weights(model, texts, bits, settings, sampled)
+                calibrations.append(Calibration(model, texts, bits, settings, sampled))
+                return calibrations[-1]
 
         for quant in types:
             if quant == "fp32":
                 continue
             start = time.perf_counter()
             say(f"writing the {quant} folder")
-            _make_folder(quant, fp32, work / quant, settings, calibrate)
+            if quant in direct:
+                _write_quantized(
+                    model,
+                    work / quant,
+                    quant,
+                    settings,
+                    calibrate if quant == "int4" else None,
+                    progress=progress is not None,
+                )
+            else:
+                _make_folder(quant, fp32, work / quant, settings, calibrate)
             timings[quant] = time.perf_counter() - start
         from edgeft.export.onnx.genai import write_genai_config
 
@@ -565,13 +634,24 @@ def export_onnx(
                 f"(checkpoint {reference.perplexity:.3f})"
             )
             _gate(report, model)
-        if "fp32" not in types:
+        if "fp32" not in types and fp32.exists():
             shutil.rmtree(fp32)
 
         notes = [f"int4 calibrated (GPTQ) on {calibrated_on}"] if calibrated_on else []
         if untuned and "int4" in types:
             notes.append("int4 norm weights as trained: norm tuning needs the fused graph")
-        if calibrated_on and settings.norm_epochs:
+        if calibrations and not calibrations[-1].resident:
+            notes.append(
+                f"int4 calibrated on {calibrations[-1].calibrated_tokens} tokens, streamed "
+                "layer by layer (the model's fp32 weights exceed a quarter of this machine's "
+                "memory): the token budget shrinks with the model's size"
+            )
+            if settings.norm_epochs:
+                notes.append(
+                    "int4 norm weights as trained: norm tuning backpropagates through the "
+                    "whole model, which does not fit in memory here"
+                )
+        elif calibrated_on and settings.norm_epochs:
             notes.append(
                 f"int4 norm weights tuned to the checkpoint: {_passes(settings.norm_epochs)} "
                 "over the calibration text"
@@ -612,6 +692,9 @@ def export_onnx(
                     "max_length": context,
                     "threads": threads,
                     "calibration": calibrated_on,
+                    "calibration_tokens": (
+                        calibrations[-1].calibrated_tokens if calibrations else None
+                    ),
                     "eval_tokens": len(reference.eval_ids),
                     "fp32_tolerance": {"max_abs_diff": FP32_MAX_ABS_DIFF, "mean_kl": FP32_MAX_KL},
                 },

@@ -12,7 +12,6 @@ float, to the checkpoint's next-token distribution on the same calibration text.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +32,6 @@ DAMPING = 0.01
 # bits, simulated in PyTorch: mean KL 0.136 → 0.125 at 0.1, 0.134 at 1.0).
 TIED_HEAD_DAMPING = 0.1
 COLUMN_BLOCK = 128
-
-
-class _Captured(Exception):
-    """Raised by the hook that records the first decoder layer's inputs, to stop the forward."""
 
 
 def _calibration_ids(
@@ -102,94 +97,206 @@ def sampled_texts(model_dir: Path, tokens: int = CALIBRATION_MAX_TOKENS) -> list
     return texts
 
 
-def calibrated_weights(
-    model_dir: Path,
-    texts: Sequence[str],
-    bits: dict[str, int],
-    settings,
-    sampled: Sequence[str] = (),
-) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
-    """Quantize a checkpoint's Linear weights layer by layer on calibration text.
+# GPTQ's cost is about a forward pass over its calibration tokens (twice: statistics, then
+# the rounded layer's outputs), so it grows with parameters × tokens. Above this product
+# (16k tokens of a 400M model) the tokens shrink with the model, down to
+# MIN_CALIBRATION_TOKENS: calibration time stays about flat per parameter.
+CALIBRATION_TOKEN_PARAMS = CALIBRATION_MAX_TOKENS * 400_000_000
+MIN_CALIBRATION_TOKENS = 2048
+
+
+def calibration_budget(params: int) -> int:
+    """Calibration tokens for a model of ``params`` parameters (whole chunks)."""
+    tokens = CALIBRATION_TOKEN_PARAMS // max(params, 1)
+    tokens = max(MIN_CALIBRATION_TOKENS, min(CALIBRATION_MAX_TOKENS, tokens))
+    return tokens // CHUNK_TOKENS * CHUNK_TOKENS
+
+
+class Calibration:
+    """Sequential GPTQ over a checkpoint, one decoder layer at a time and in order.
 
     Each decoder layer sees the activations of the layers before it *as quantized*, so later
-    layers compensate for earlier rounding (sequential GPTQ). Modules planned at 4 bits get
-    GPTQ; those at 8 bits are rounded to nearest (their error is small) so later layers see
-    them as they will be.
+    layers compensate for earlier rounding. Modules planned at 4 bits get GPTQ; those at 8
+    bits are rounded to nearest (their error is small) so later layers see them as they will
+    be. A model that fits (:func:`~edgeft.streaming.should_stream`) is loaded whole, and its
+    norm weights can then be tuned (:meth:`tuned_norms`); a larger one is streamed: one
+    layer's fp32 weights are held at a time, and its calibration tokens shrink with its size
+    (:func:`calibration_budget`).
 
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
         settings: the :class:`~edgeft.export.onnx.quantize.QuantSettings` (block sizes).
         sampled: text sampled from the checkpoint (:func:`sampled_texts`), calibrated on
-            after ``texts`` (which are capped at :data:`CALIBRATION_MAX_TOKENS` tokens), up to
+            after ``texts`` (which are capped at the token budget), up to
             ``settings.sampled_tokens`` tokens.
-
-    Returns:
-        ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules, and
-        the RMSNorm weights by parameter name as :func:`tune_norms` left them (empty with
-        ``settings.norm_epochs`` 0).
+        resident: load the model whole (default: unless it should stream).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from edgeft.export.onnx.quantize import _block_quantize, mixed_block_size, mixed_symmetric
+    def __init__(
+        self,
+        model_dir: Path,
+        texts: Sequence[str],
+        bits: dict[str, int],
+        settings,
+        sampled: Sequence[str] = (),
+        *,
+        resident: bool | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    def block_size(name: str, bits: int = 4) -> int:
+        from edgeft.streaming import decoder_inputs, should_stream, streamed_model
+        from edgeft.weights import safetensors_index
+
+        self.model_dir = Path(model_dir)
+        self.bits = bits
+        self.settings = settings
+        self.resident = not should_stream(self.model_dir) if resident is None else resident
+        index = safetensors_index(self.model_dir)
+        params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in index.values())
+        self.tokens = CALIBRATION_MAX_TOKENS if self.resident else calibration_budget(params)
+        self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
+        if sampled:
+            self.chunks += _calibration_ids(self.model_dir, sampled, settings.sampled_tokens)
+        if self.resident:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+            ).eval()
+        else:
+            self.model = streamed_model(self.model_dir)
+        config = self.model.config.to_dict()
+        self.config = config
+        self.architecture = architecture_of(config, self.model_dir / "config.json")
+        self.layers = self.model.model.layers
+        self.inputs, self.layer_kwargs = decoder_inputs(self.model, self.chunks)
+        self.done = 0
+        self.results: dict[str, tuple] = {}
+
+    @property
+    def calibrated_tokens(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def _block_size(self, name: str, bits: int = 4) -> int:
         """The block size of module ``name`` (``model.layers.0.mlp.up_proj``) at ``bits``."""
-        return mixed_block_size(bits, settings, name.rsplit(".", 1)[-1])
+        from edgeft.export.onnx.quantize import mixed_block_size
 
-    chunks = _calibration_ids(model_dir, texts)
-    if sampled:
-        chunks += _calibration_ids(model_dir, sampled, settings.sampled_tokens)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    ).eval()
-    architecture = architecture_of(model.config.to_dict(), model_dir / "config.json")
-    layers = model.model.layers
-    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    # Each layer's keyword arguments (masks, rotary tables) for each chunk: they differ by layer
-    # where layers differ (sliding or full attention, their own rotary base).
-    inputs: list[torch.Tensor] = []
-    layer_kwargs: list[list[dict]] = [[] for _ in layers]
+        return mixed_block_size(bits, self.settings, name.rsplit(".", 1)[-1])
 
-    def capture(index):
-        def record(_module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs.pop("hidden_states", None)
-            layer_kwargs[index].append(kwargs)
-            if index == 0:
-                inputs.append(hidden)
-            if index == len(layers) - 1:
-                raise _Captured
+    def _parts(self, prefix: str, name: str) -> list[tuple[str, slice]]:
+        """The graph's modules a torch Linear holds, with their rows (Phi-3's qkv_proj is q,
+        k and v)."""
+        if not any(f.module == name for f in self.architecture.fused):
+            return [(f"{prefix}.{name}", slice(None))]
+        group = name.split(".")[0]
+        rows = split_fused(self.architecture, self.config, name)
+        return [(f"{prefix}.{group}.{part}", part_rows) for part, part_rows in rows.items()]
 
-        return record
+    def layer(self, index: int) -> dict[str, tuple]:
+        """Quantize decoder layer ``index`` (layers go in order) and return its 4-bit modules'
+        ``(codes [N, K] uint8, scales, zero points)`` by graph module name."""
+        import torch
 
-    handles = [
-        layer.register_forward_pre_hook(capture(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    with torch.inference_mode():
-        for chunk in chunks:
-            with contextlib.suppress(_Captured):
-                model(input_ids=torch.tensor([chunk]), use_cache=False)
-    for handle in handles:
-        handle.remove()
+        from edgeft.streaming import held
 
-    def dequantized(codes, scales, zero):
-        rows, cols = codes.shape
-        block = cols // scales.shape[1]
-        blocks = codes.reshape(rows, cols // block, block).astype(np.float32)
-        return torch.tensor(((blocks - zero[..., None]) * scales[..., None]).reshape(rows, cols))
+        if index != self.done:
+            raise EdgeftError(f"GPTQ quantizes layers in order: layer {self.done} is next")
+        prefix = f"model.layers.{index}"
+        with held(self.layers[index]) as layer:
+            modules = {}
+            for name, module in layer.named_modules():
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                parts = self._parts(prefix, name)
+                if all(
+                    part in self.bits and module.in_features % self._block_size(part) == 0
+                    for part, _ in parts
+                ):
+                    modules[f"{prefix}.{name}"] = (module, parts)
+            kwargs = self.layer_kwargs[index]
 
-    results: dict[str, tuple] = {}
+            def run_layer():
+                return [layer(x, **k) for x, k in zip(self.inputs, kwargs, strict=True)]
 
-    def quantize_modules(modules: dict, run) -> None:
-        """Collect H for ``modules`` over ``run()``, then quantize them in place.
+            found = self._quantize(modules, run_layer)
+            with torch.inference_mode():
+                outputs = run_layer()
+        self.inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
+        self.layer_kwargs[index] = []
+        self.done += 1
+        return found
+
+    def head(self) -> dict[str, tuple]:
+        """Quantize the output projection (after every layer) when it is planned at 4 bits."""
+        import torch
+
+        from edgeft.streaming import held
+
+        if self.done != len(self.layers):
+            raise EdgeftError("GPTQ quantizes the output projection after every layer")
+        head = self.model.lm_head
+        if "lm_head" not in self.bits or head.in_features % self._block_size("lm_head"):
+            return {}
+        norm = self.model.model.norm
+        if not self.resident:  # a stand-in Linear holding the stored (or tied) table
+            head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+            head.weight.data = torch.from_numpy(self._stored_head())
+        with held(norm):
+
+            def run_head():
+                return [head(norm(hidden)) for hidden in self.inputs]
+
+            return self._quantize({"lm_head": (head, [("lm_head", slice(None))])}, run_head)
+
+    def _stored_head(self) -> np.ndarray:
+        from edgeft.architectures import tied_embeddings
+        from edgeft.weights import read_f32, safetensors_index
+
+        index = safetensors_index(self.model_dir)
+        tied = tied_embeddings(self.config) or "lm_head.weight" not in index
+        return read_f32(index["model.embed_tokens.weight" if tied else "lm_head.weight"])
+
+    def _tied(self) -> bool:
+        from edgeft.architectures import tied_embeddings
+
+        return bool(tied_embeddings(self.config))
+
+    def tuned_norms(self) -> dict[str, np.ndarray]:
+        """The RMSNorm weights tuned by :func:`tune_norms` after every matrix is rounded;
+        empty without norm epochs or when the model is streamed (tuning backpropagates
+        through the whole model, which must then fit)."""
+        if not self.settings.norm_epochs or not self.resident:
+            return {}
+        return tune_norms(self.model_dir, self.model, self.chunks, self.settings.norm_epochs)
+
+    def run(self) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+        """Every layer and the output projection at once.
+
+        Returns:
+            ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules, and
+            :meth:`tuned_norms`.
+        """
+        for index in range(self.done, len(self.layers)):
+            self.layer(index)
+        self.head()
+        return self.results, self.tuned_norms()
+
+    def _quantize(self, modules: dict, run) -> dict[str, tuple]:
+        """Collect H = XᵀX for the 4-bit ``modules`` over ``run()``, then quantize them in
+        place (the torch weights become what the graph will hold).
 
         ``modules``: name → (Linear, [(part name, rows)]): a fused weight (Phi-3's qkv_proj)
         is quantized part by part with the one Hessian of its input (GPTQ treats rows
         independently), each part at its own bits, as the graph holds them."""
-        sums = {name: 0 for name in modules}
-        counts = dict.fromkeys(modules, 0)
+        import torch
+
+        from edgeft.export.onnx.quantize import _block_quantize, mixed_symmetric
+
+        settings = self.settings
+        wanted = {
+            n for n, (_, parts) in modules.items() if any(self.bits[p] == 4 for p, _ in parts)
+        }
+        sums = dict.fromkeys(wanted, 0)
+        counts = dict.fromkeys(wanted, 0)
 
         def hook(name):
             def record(_module, args, _output):
@@ -199,75 +306,53 @@ def calibrated_weights(
 
             return record
 
-        handles = [m.register_forward_hook(hook(n)) for n, (m, _) in modules.items()]
-        with torch.inference_mode():
-            run()
-        for h in handles:
-            h.remove()
+        handles = [modules[n][0].register_forward_hook(hook(n)) for n in wanted]
+        try:
+            if wanted:
+                with torch.inference_mode():
+                    run()
+        finally:
+            for h in handles:
+                h.remove()
+        found: dict[str, tuple] = {}
         for name, (module, parts) in modules.items():
             weight = module.weight.detach().numpy()
             quantized = []
-            hessian = (sums[name] / counts[name]).float() if counts[name] else None
+            hessian = (sums[name] / counts[name]).float() if counts.get(name) else None
             for part, rows in parts:
                 rows_weight = weight[rows]
-                if bits[part] == 4 and hessian is not None:
-                    damping = TIED_HEAD_DAMPING if part == "lm_head" and tied else DAMPING
-                    results[part] = gptq(
+                if self.bits[part] == 4 and hessian is not None:
+                    tied_head = part == "lm_head" and self._tied()
+                    found[part] = gptq(
                         rows_weight,
                         hessian,
                         4,
-                        block_size(part),
-                        damping,
+                        self._block_size(part),
+                        TIED_HEAD_DAMPING if tied_head else DAMPING,
                         symmetric=settings.symmetric,
                     )
-                    quantized.append(dequantized(*results[part]))
+                    quantized.append(_dequantized(*found[part]))
                 else:
-                    eight = block_size(part, 8)
+                    eight = self._block_size(part, 8)
                     if rows_weight.shape[1] % eight:
                         eight = settings.block_size
                     symmetric = mixed_symmetric(8, settings)
                     quantized.append(
-                        dequantized(*_block_quantize(rows_weight, 8, eight, symmetric=symmetric))
+                        _dequantized(*_block_quantize(rows_weight, 8, eight, symmetric=symmetric))
                     )
             with torch.no_grad():
                 module.weight.copy_(torch.cat(quantized))
+        self.results.update(found)
+        return found
 
-    def parts_of(prefix: str, name: str) -> list[tuple[str, slice]]:
-        """The graph's modules a torch Linear holds, with their rows."""
-        if not any(f.module == name for f in architecture.fused):
-            return [(f"{prefix}.{name}", slice(None))]
-        group = name.split(".")[0]
-        rows = split_fused(architecture, model.config.to_dict(), name)
-        return [(f"{prefix}.{group}.{part}", part_rows) for part, part_rows in rows.items()]
 
-    for index, layer in enumerate(layers):
-        prefix = f"model.layers.{index}"
-        modules = {}
-        for name, module in layer.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            parts = parts_of(prefix, name)
-            if all(
-                part in bits and module.in_features % block_size(part) == 0 for part, _ in parts
-            ):
-                modules[f"{prefix}.{name}"] = (module, parts)
+def _dequantized(codes, scales, zero):
+    import torch
 
-        def run_layer(layer=layer, inputs=inputs, kwargs=layer_kwargs[index]):
-            return [layer(hidden, **k) for hidden, k in zip(inputs, kwargs, strict=True)]
-
-        quantize_modules(modules, run_layer)
-        with torch.inference_mode():
-            outputs = run_layer()
-        inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
-    if "lm_head" in bits and model.lm_head.in_features % block_size("lm_head") == 0:
-        head = {"lm_head": (model.lm_head, [("lm_head", slice(None))])}
-
-        def run_head():
-            return [model.lm_head(model.model.norm(hidden)) for hidden in inputs]
-
-        quantize_modules(head, run_head)
-    epochs = settings.norm_epochs
-    return results, tune_norms(model_dir, model, chunks, epochs) if epochs else {}
+    rows, cols = codes.shape
+    block = cols // scales.shape[1]
+    blocks = codes.reshape(rows, cols // block, block).astype(np.float32)
+    return torch.tensor(((blocks - zero[..., None]) * scales[..., None]).reshape(rows, cols))
 
 
 # Adam's step for the RMSNorm weights, decayed to 0 over the passes (cosine). On SmolLM2-135M's
@@ -463,11 +548,17 @@ def gptq(
 
 
 def _torch_module_name(node_name: str) -> str | None:
-    """``/model/layers.3/mlp/down_proj/MatMul`` → ``model.layers.3.mlp.down_proj``."""
+    """``/model/layers.3/mlp/down_proj/MatMul`` (optimum's trace) or
+    ``/model/layers.3/down_proj/MatMul`` (the fused graph) → ``model.layers.3.mlp.down_proj``."""
+    from edgeft.architectures import PROJECTIONS
+
     if node_name.startswith("/lm_head/"):
         return "lm_head"
-    match = re.fullmatch(r"/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul", node_name)
-    return f"model.layers.{match[1]}.{match[2]}.{match[3]}" if match else None
+    match = re.fullmatch(r"/model/layers\.(\d+)/(?:self_attn/|mlp/)?(\w+_proj)/MatMul", node_name)
+    paths = {path.split(".")[1]: path for path in PROJECTIONS}
+    if match is None or match[2] not in paths:
+        return None
+    return f"model.layers.{match[1]}.{paths[match[2]]}"
 
 
 def module_bits(plan: dict[str, int]) -> dict[str, int]:

@@ -50,20 +50,83 @@ from edgeft.weights import read_f32, safetensors_index
 
 FUSED_ARCHITECTURES = supported(fused_graph=True)
 OPSET = 17
+# Initializers from this size up go to the external data file as they are made; smaller ones
+# (norm weights, shapes, rotary frequencies) stay in the graph, where they can be replaced.
+INLINE_MAX_BYTES = 1 << 16
+# Offsets of large tensors in the data file are multiples of this (a memory page on every
+# system onnxruntime maps files on), small ones of 64 bytes.
+PAGE_ALIGN = 1 << 16
+PAGE_ALIGN_FROM = 1 << 20
+
+
+class ExternalData:
+    """The graph's weights file, written tensor by tensor as the graph is built: the model is
+    never held whole, in memory or in a protobuf message (which cannot exceed 2 GiB)."""
+
+    def __init__(self, path: Path, *, append: bool = False) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "ab" if append else "wb")  # noqa: SIM115  see close()
+        self.bytes = self._file.tell()
+
+    def tensor(self, name: str, array: np.ndarray):
+        """Append ``array`` and return the ``TensorProto`` that points at it.
+
+        Raises:
+            ModelError: a float tensor holds NaN or inf (named).
+        """
+        from onnx import TensorProto, helper
+
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ModelError(
+                f"tensor {name} has non-finite values (NaN or inf); nothing was written"
+            )
+        align = PAGE_ALIGN if array.nbytes >= PAGE_ALIGN_FROM else 64
+        offset = -(-self.bytes // align) * align
+        if offset > self.bytes:
+            self._file.write(b"\0" * (offset - self.bytes))
+        data = np.ascontiguousarray(array)
+        self._file.write(data.tobytes())
+        self.bytes = offset + data.nbytes
+        tensor = TensorProto(
+            name=name, dims=list(data.shape), data_type=helper.np_dtype_to_tensor_dtype(data.dtype)
+        )
+        for key, value in (
+            ("location", self.path.name),
+            ("offset", offset),
+            ("length", data.nbytes),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ExternalData:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Builder:
-    """Collects nodes and initializers; names are unique by construction."""
+    """Collects nodes and initializers; names are unique by construction. With ``data``,
+    large initializers are written there as they come."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: ExternalData | None = None) -> None:
         self.nodes: list = []
         self.initializers: list = []
+        self.data = data
         self._count = 0
 
     def weight(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self.data is not None and array.nbytes >= INLINE_MAX_BYTES:
+            self.initializers.append(self.data.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def node(
@@ -190,6 +253,37 @@ def _rope_key(layer: LayerAttention) -> tuple:
     return (layer.rope_theta, json.dumps(layer.rope_scaling, sort_keys=True))
 
 
+class FloatMatmuls:
+    """How the fp32 graph holds its weights: ``MatMul`` with the weight stored transposed
+    ``[in, out]`` (as optimum stores it) and a ``Gather`` on the embedding table. Quantized
+    folders write theirs through another such object (:mod:`edgeft.export.onnx.nbits`)."""
+
+    def linear(self, g: _Builder, module: str, weight, x: str, name: str) -> str:
+        """``x @ W^T`` for module ``module``; ``weight()`` reads ``W`` ``[out, in]``."""
+        w = g.weight(f"{module}.weight_transposed", weight().T)
+        (y,) = g.node("MatMul", [x, w], name=f"{name}/MatMul")
+        return y
+
+    def packed_qkv(self, g: _Builder, modules: list, x: str, name: str) -> str | None:
+        """q|k|v as one packed output for GroupQueryAttention, or None (fp32: separate)."""
+        return None
+
+    def embedding(self, g: _Builder, table, ids: str, tied: bool) -> str:
+        """The rows of the embedding table (``table()`` reads it) for ``ids``."""
+        embed = g.weight("model.embed_tokens.weight", table())
+        (hidden,) = g.node("Gather", [embed, ids], name="/model/embed_tokens/Gather")
+        return hidden
+
+    def head(self, g: _Builder, module: str, weight, x: str, output: str) -> str:
+        """The output projection ``module`` (``lm_head``, or the tied table)."""
+        w = g.weight(f"{module}.weight_transposed", weight().T)
+        (logits,) = g.node("MatMul", [x, w], [output], name="/lm_head/MatMul")
+        return logits
+
+    def finish(self, model) -> None:
+        """After the graph is built (the quantized folders' norm weights are set here)."""
+
+
 class _Weights:
     """The checkpoint's tensors as the graph needs them: fp32, fused projections split, norm
     weights with the architecture's offset folded in."""
@@ -232,11 +326,21 @@ class _Weights:
         return None
 
 
-def build_fused_graph(model_dir: Path):
-    """The fp32 fused decoder of ``model_dir`` as an ``onnx.ModelProto``.
+def build_fused_graph(
+    model_dir: Path, *, matmuls=None, data: Path | None = None, progress: bool = False
+):
+    """The fused decoder of ``model_dir`` as an ``onnx.ModelProto``, its weights read one
+    tensor at a time.
+
+    Args:
+        matmuls: how weights are stored (:class:`FloatMatmuls`, the fp32 graph, by default).
+        data: write large initializers to this file as they are made (the returned graph
+            points at it: save it next to it); without it they are held in the graph.
+        progress: show a progress bar over the decoder layers.
 
     Raises:
-        ModelError: an architecture or config this graph does not cover.
+        ModelError: an architecture or config this graph does not cover, or a non-finite
+            weight.
     """
     from onnx import TensorProto, helper
 
@@ -252,17 +356,65 @@ def build_fused_graph(model_dir: Path):
     act = activation(config, path)
     layers = layer_attention(architecture, config, path)
     tensor = _Weights(model_dir, architecture, config)
-
     n_layers = config["num_hidden_layers"]
+    shape = attention_shape(config)
+    n_kv, head_dim = shape.kv_heads, shape.head_dim
+
+    matmuls = matmuls or FloatMatmuls()
+    sink = ExternalData(data) if data is not None else None
+    try:
+        g = _Builder(sink)
+        _build(g, config, architecture, act, layers, tensor, matmuls, progress)
+    finally:
+        if sink is not None:
+            sink.close()
+    cache = ["batch_size", n_kv, "past_sequence_length", head_dim]
+    present_shape = ["batch_size", n_kv, "total_sequence_length", head_dim]
+    inputs = [
+        helper.make_tensor_value_info(
+            "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
+        ),
+        helper.make_tensor_value_info(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        ),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", config["vocab_size"]]
+        )
+    ]
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", TensorProto.FLOAT, present_shape
+                )
+            )
+    graph = helper.make_graph(g.nodes, "edgeft-decoder", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="edgeft",
+    )
+    matmuls.finish(model)
+    return model
+
+
+def _build(g: _Builder, config, architecture, act, layers, tensor, matmuls, progress) -> None:
+    """Nodes and initializers of the fused decoder into ``g``."""
+    from onnx import TensorProto
+
     shape = attention_shape(config)
     n_heads, n_kv, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     eps = float(config.get("rms_norm_eps", 1e-6))
     tied = tied_embeddings(config) or "lm_head.weight" not in tensor
     scale = float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5
-
-    g = _Builder()
     ropes = _rope_tables(g, config, layers)
-    embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight"))
 
     # Sequence bookkeeping for GroupQueryAttention, from the attention mask.
     g.weight("/axes_1", np.array([1], np.int64))
@@ -274,17 +426,22 @@ def build_fused_graph(model_dir: Path):
     (total,) = g.node("Gather", [mask_shape, "/one"], axis=0)
     g.node("Cast", [total], ["total_sequence_length"], to=TensorProto.INT32)
 
-    (hidden_states,) = g.node("Gather", [embed, "input_ids"], name="/model/embed_tokens/Gather")
+    table = partial(tensor, "model.embed_tokens.weight")
+    hidden_states = matmuls.embedding(g, table, "input_ids", tied)
     if architecture.embed_scale:
         factor = g.weight("/model/embed_scale", np.array(config["hidden_size"] ** 0.5, np.float32))
         (hidden_states,) = g.node("Mul", [hidden_states, factor], name="/model/embed_scale/Mul")
     residual = None
-    present = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(layers), desc="writing the graph", unit="layer")
     for i, layer in enumerate(layers):
         prefix, name = f"model.layers.{i}", f"/model/layers.{i}"
 
         norm = partial(_norm, g, tensor, prefix, name, eps=eps)
-        linear = partial(_layer_linear, g, tensor, prefix, name)
+        linear = partial(_layer_linear, g, tensor, matmuls, prefix, name)
         if residual is None:
             x, residual = norm(hidden_states, "input_layernorm"), hidden_states
         else:
@@ -294,7 +451,19 @@ def build_fused_graph(model_dir: Path):
             x, residual = _skip_norm(
                 g, hidden_states, residual, weight, f"{name}/input_layernorm", eps
             )
-        q, k, v = (linear(f"self_attn.{kind}", x) for kind in ("q_proj", "k_proj", "v_proj"))
+        kinds = ("q_proj", "k_proj", "v_proj")
+        packed = None
+        biased = any(f"{prefix}.self_attn.{kind}.bias" in tensor for kind in kinds)
+        if not architecture.qk_norm and not biased:  # GroupQueryAttention reads q|k|v packed
+            modules = [
+                (f"{prefix}.self_attn.{kind}", partial(tensor, f"{prefix}.self_attn.{kind}.weight"))
+                for kind in kinds
+            ]
+            packed = matmuls.packed_qkv(g, modules, x, f"{name}/self_attn")
+        if packed is not None:
+            q, k, v = packed, "", ""
+        else:
+            q, k, v = (linear(f"self_attn.{kind}", x) for kind in kinds)
         if architecture.qk_norm:
             q = _head_norm(g, tensor, f"{prefix}.self_attn.q_norm", q, n_heads, head_dim, eps)
             k = _head_norm(g, tensor, f"{prefix}.self_attn.k_norm", k, n_kv, head_dim, eps)
@@ -326,7 +495,6 @@ def build_fused_graph(model_dir: Path):
             domain="com.microsoft",
             **attention,
         )
-        present += [key, value]
         attn_out = linear("self_attn.o_proj", attn)
         if architecture.sandwich_norms:
             attn_out = norm(attn_out, "post_attention_layernorm")
@@ -345,56 +513,22 @@ def build_fused_graph(model_dir: Path):
         hidden_states = linear("mlp.down_proj", act_out)
         if architecture.sandwich_norms:
             hidden_states = norm(hidden_states, "post_feedforward_layernorm")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     final = g.weight("model.norm.weight", tensor("model.norm.weight"))
     x, _ = _skip_norm(g, hidden_states, residual, final, "/model/norm", eps, keep_sum=False)
-    head = (
-        g.weight("model.embed_tokens.weight_transposed", tensor("model.embed_tokens.weight").T)
-        if tied
-        else g.weight("lm_head.weight_transposed", tensor("lm_head.weight").T)
-    )
+    head = "model.embed_tokens" if tied else "lm_head"
     cap = config.get("final_logit_softcapping")
-    (logits,) = g.node(
-        "MatMul", [x, head], ["/lm_head/output_0" if cap else "logits"], name="/lm_head/MatMul"
+    logits = matmuls.head(
+        g, head, partial(tensor, f"{head}.weight"), x, "/lm_head/output_0" if cap else "logits"
     )
     if cap:  # logits = cap · tanh(logits / cap)
         cap_value = g.weight("/lm_head/softcap", np.array(cap, np.float32))
         (scaled,) = g.node("Div", [logits, cap_value], name="/lm_head/softcap/Div")
         (squashed,) = g.node("Tanh", [scaled], name="/lm_head/softcap/Tanh")
         g.node("Mul", [squashed, cap_value], ["logits"], name="/lm_head/softcap/Mul")
-
-    cache = ["batch_size", n_kv, "past_sequence_length", head_dim]
-    present_shape = ["batch_size", n_kv, "total_sequence_length", head_dim]
-    inputs = [
-        helper.make_tensor_value_info(
-            "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
-        ),
-        helper.make_tensor_value_info(
-            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
-        ),
-    ]
-    outputs = [
-        helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", config["vocab_size"]]
-        )
-    ]
-    for i in range(n_layers):
-        for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", TensorProto.FLOAT, cache
-                )
-            )
-            outputs.append(
-                helper.make_tensor_value_info(
-                    f"present.{i}.{kind}", TensorProto.FLOAT, present_shape
-                )
-            )
-    graph = helper.make_graph(g.nodes, "edgeft-decoder", inputs, outputs, g.initializers)
-    return helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="edgeft",
-    )
 
 
 def _norm(g: _Builder, tensor, prefix: str, name: str, x: str, kind: str, *, eps: float) -> str:
@@ -406,10 +540,10 @@ def _norm(g: _Builder, tensor, prefix: str, name: str, x: str, kind: str, *, eps
     return y
 
 
-def _layer_linear(g: _Builder, tensor, prefix: str, name: str, module: str, x: str) -> str:
+def _layer_linear(g: _Builder, tensor, matmuls, prefix: str, name: str, module: str, x: str) -> str:
     """Projection ``{prefix}.{module}`` (``self_attn.q_proj``) of ``x``, its node named
     ``{name}/q_proj/MatMul`` as the quantizers expect."""
-    return _linear(g, tensor, f"{prefix}.{module}", x, f"{name}/{module.split('.')[1]}")
+    return _linear(g, tensor, matmuls, f"{prefix}.{module}", x, f"{name}/{module.split('.')[1]}")
 
 
 def _head_norm(g: _Builder, tensor, prefix: str, x: str, heads: int, head_dim: int, eps) -> str:
@@ -427,10 +561,9 @@ def _head_norm(g: _Builder, tensor, prefix: str, x: str, heads: int, head_dim: i
     return y
 
 
-def _linear(g: _Builder, tensor: _Weights, prefix: str, x: str, name: str) -> str:
-    """``x @ W^T (+ b)`` with the weight stored transposed, as optimum stores it."""
-    weight = g.weight(f"{prefix}.weight_transposed", tensor(f"{prefix}.weight").T)
-    (y,) = g.node("MatMul", [x, weight], name=f"{name}/MatMul")
+def _linear(g: _Builder, tensor: _Weights, matmuls, prefix: str, x: str, name: str) -> str:
+    """``x @ W^T (+ b)``, the weight as ``matmuls`` stores it."""
+    y = matmuls.linear(g, prefix, partial(tensor, f"{prefix}.weight"), x, name)
     if f"{prefix}.bias" in tensor:
         bias = g.weight(f"{prefix}.bias", tensor(f"{prefix}.bias"))
         (y,) = g.node("Add", [y, bias], name=f"{name}/Add")
