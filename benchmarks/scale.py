@@ -208,9 +208,17 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     # (ru_maxrss survives exec), so building here would set every stage's figure below.
     from edgeft.isolate import in_child
 
-    (base, params), _ = in_child(build, name, work / "base", what=f"building {name}")
-    row.update(params=params, disk_mb=round(sum(f.stat().st_size for f in base.iterdir()) / 1e6))
-    save(row)
+    base = work / "base"
+    if base.is_dir():  # a kept folder (--keep, then --reuse): the stages asked for run again
+        from edgeft.weights import safetensors_index
+
+        params = sum(int(np.prod(t.shape)) for t in safetensors_index(base).values())
+    else:
+        (base, params), _ = in_child(build, name, base, what=f"building {name}")
+        row.update(
+            params=params, disk_mb=round(sum(f.stat().st_size for f in base.iterdir()) / 1e6)
+        )
+        save(row)
     data = training_data(work / "data.jsonl")
     method = "lora" if fits_fp32(params) else "qlora"
     adapter, merged = work / "adapter", work / "merged"
@@ -267,10 +275,22 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
         save(row)
         shutil.rmtree(work / "gguf", ignore_errors=True)
     if "onnx" in stages and ok("merge"):
+        shutil.rmtree(work / "onnx", ignore_errors=True)
         row["onnx"] = run(
             ["export", "onnx", "--model", merged, "--out", work / "onnx", "--quant", "int4"], log
         )
+        if (work / "onnx" / "edgeft.json").is_file():
+            record = json.loads((work / "onnx" / "edgeft.json").read_text())
+            (folder,) = record["results"]["folders"]
+            row["onnx"].update(
+                types="int4",
+                file_mb=round(folder["bytes"] / 1e6),
+                mean_kl=folder["parity"]["mean_kl"],
+                calibration_tokens=record["settings"]["calibration_tokens"],
+                notes=record["results"]["notes"],
+            )
         save(row)
+        shutil.rmtree(work / "onnx", ignore_errors=True)
     return row
 
 
@@ -387,16 +407,25 @@ def main() -> None:
     parser.add_argument(
         "--keep", action="store_true", help="keep each model's checkpoints (to rerun a stage)"
     )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a folder --keep left (one model): run --stages on its checkpoints",
+    )
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     if unknown := set(stages) - set(STAGES):
         parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
-    for name in args.only or list(SHAPES):
-        work = Path(tempfile.mkdtemp(prefix=f"scale-{name}-", dir=args.work))
+    names = args.only or list(SHAPES)
+    if args.reuse and len(names) != 1:
+        parser.error("--reuse takes one model (--only NAME)")
+    for name in names:
+        work = args.reuse or Path(tempfile.mkdtemp(prefix=f"scale-{name}-", dir=args.work))
         try:
             print(name, measure(name, work, stages, {"model": name}), flush=True)
         finally:
-            if not args.keep:
+            if not (args.keep or args.reuse):
                 shutil.rmtree(work, ignore_errors=True)
     os.sync()
 

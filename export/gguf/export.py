@@ -321,7 +321,10 @@ def export_gguf(
             timings[quant] = time.perf_counter() - start
 
         say("checking llama.cpp's token ids against the Hugging Face tokenizer")
-        tokenizer = _check_tokenizer(model, source, vocab, threads)
+        # in a process of its own: the chat template's check loads the whole file
+        tokenizer, _ = in_child(
+            _check_tokenizer, model, source, vocab, threads, what="checking llama.cpp's tokenizer"
+        )
         say("measuring every file against the checkpoint in PyTorch")
         reference = Reference(
             get_runtime("torch").load(model, threads=threads),

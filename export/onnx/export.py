@@ -40,6 +40,7 @@ from edgeft.export.onnx.quantize import (
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
+from edgeft.isolate import in_child, peak_rss_mb
 from edgeft.models import read_export_config, weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
@@ -89,6 +90,8 @@ class FolderReport:
     genai_greedy_identical: bool
     gated: bool
     ops: dict[str, int] = field(default_factory=dict)
+    # the peak RSS of the process that ran it in onnxruntime, then onnxruntime-genai
+    runtime_peak_rss_mb: float | None = None
 
     def as_dict(self) -> dict:
         return {**asdict(self), "parity": self.parity.as_dict()}
@@ -609,7 +612,20 @@ def export_onnx(
         reports = []
         for quant in types:
             folder = work / quant
-            result, genai_same = _measure_folder(folder, quant, reference, threads)
+            if streamed:  # a big model: in a process of its own, whose peak is the folder's cost
+                (result, genai_same), runtime_rss = in_child(
+                    _measure_folder,
+                    folder,
+                    quant,
+                    reference,
+                    threads,
+                    what=f"measuring the {quant} folder in onnxruntime",
+                )
+            else:  # small: no process start per folder
+                (result, genai_same), runtime_rss = (
+                    _measure_folder(folder, quant, reference, threads),
+                    None,
+                )
             files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
             report = FolderReport(
                 folder=quant,
@@ -627,6 +643,7 @@ def export_onnx(
                 genai_greedy_identical=genai_same,
                 gated=quant in ("fp32", "fp16"),
                 ops=_op_counts(folder),
+                runtime_peak_rss_mb=runtime_rss,
             )
             reports.append(report)
             say(
@@ -657,7 +674,16 @@ def export_onnx(
                 "over the calibration text"
             )
         say("checking onnxruntime-genai's tokenizer against the Hugging Face tokenizer")
-        tokenizer = _check_genai_tokenizer(work / types[0], model, threads)
+        if streamed:  # onnxruntime-genai loads the whole folder to tokenize
+            tokenizer, _ = in_child(
+                _check_genai_tokenizer,
+                work / types[0],
+                model,
+                threads,
+                what="checking onnxruntime-genai's tokenizer",
+            )
+        else:
+            tokenizer = _check_genai_tokenizer(work / types[0], model, threads)
         if tokenizer["mismatches"]:
             first = tokenizer["mismatches"][0]
             notes.append(
@@ -704,6 +730,8 @@ def export_onnx(
                     "folders": [r.as_dict() for r in reports],
                     "genai_tokenizer": tokenizer,
                     "notes": notes,
+                    # this process's own; each folder's runtime process: runtime_peak_rss_mb
+                    "peak_rss_mb": peak_rss_mb(),
                 },
             ),
         )

@@ -170,7 +170,8 @@ class Calibration:
         self.layers = self.model.model.layers
         self.inputs, self.layer_kwargs = decoder_inputs(self.model, self.chunks)
         self.done = 0
-        self.results: dict[str, tuple] = {}
+        self.results: dict[str, tuple] = {}  # every layer's, when run() collects them
+        self._keep_results = False
 
     @property
     def calibrated_tokens(self) -> int:
@@ -238,14 +239,19 @@ class Calibration:
             return {}
         norm = self.model.model.norm
         if not self.resident:  # a stand-in Linear holding the stored (or tied) table
-            head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
-            head.weight.data = torch.from_numpy(self._stored_head())
+            head = torch.nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            head.weight = torch.nn.Parameter(torch.from_numpy(self._stored_head()), False)
+        # H needs the head's inputs only: a tap sees them, and no logits are computed
+        tap = _Tap()
         with held(norm):
 
             def run_head():
-                return [head(norm(hidden)) for hidden in self.inputs]
+                for hidden in self.inputs:
+                    tap(norm(hidden))
 
-            return self._quantize({"lm_head": (head, [("lm_head", slice(None))])}, run_head)
+            modules = {"lm_head": (head, [("lm_head", slice(None))])}
+            # streamed, nothing runs the rounded head after: it is not written back
+            return self._quantize(modules, run_head, taps={"lm_head": tap}, keep=self.resident)
 
     def _stored_head(self) -> np.ndarray:
         from edgeft.architectures import tied_embeddings
@@ -275,12 +281,13 @@ class Calibration:
             ``{module: (codes [N, K] uint8, scales, zero points)}`` for the 4-bit modules, and
             :meth:`tuned_norms`.
         """
+        self._keep_results = True
         for index in range(self.done, len(self.layers)):
             self.layer(index)
         self.head()
         return self.results, self.tuned_norms()
 
-    def _quantize(self, modules: dict, run) -> dict[str, tuple]:
+    def _quantize(self, modules: dict, run, *, taps=None, keep: bool = True) -> dict[str, tuple]:
         """Collect H = XᵀX for the 4-bit ``modules`` over ``run()``, then quantize them in
         place (the torch weights become what the graph will hold).
 
@@ -306,7 +313,8 @@ class Calibration:
 
             return record
 
-        handles = [modules[n][0].register_forward_hook(hook(n)) for n in wanted]
+        taps = taps or {}
+        handles = [taps.get(n, modules[n][0]).register_forward_hook(hook(n)) for n in wanted]
         try:
             if wanted:
                 with torch.inference_mode():
@@ -331,8 +339,9 @@ class Calibration:
                         TIED_HEAD_DAMPING if tied_head else DAMPING,
                         symmetric=settings.symmetric,
                     )
-                    quantized.append(_dequantized(*found[part]))
-                else:
+                    if keep:
+                        quantized.append(_dequantized(*found[part]))
+                elif keep:
                     eight = self._block_size(part, 8)
                     if rows_weight.shape[1] % eight:
                         eight = settings.block_size
@@ -340,10 +349,28 @@ class Calibration:
                     quantized.append(
                         _dequantized(*_block_quantize(rows_weight, 8, eight, symmetric=symmetric))
                     )
-            with torch.no_grad():
-                module.weight.copy_(torch.cat(quantized))
-        self.results.update(found)
+            if keep:
+                with torch.no_grad():
+                    module.weight.copy_(torch.cat(quantized))
+            del quantized
+        if self._keep_results:
+            self.results.update(found)
         return found
+
+
+class _Tap:
+    """A module that computes nothing: forward hooks on it see what it is called with."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._module = torch.nn.Identity()
+
+    def register_forward_hook(self, hook):
+        return self._module.register_forward_hook(hook)
+
+    def __call__(self, x) -> None:
+        self._module(x)
 
 
 def _dequantized(codes, scales, zero):
@@ -506,7 +533,7 @@ def gptq(
     """
     import torch
 
-    w = torch.tensor(weight, dtype=torch.float32).clone()
+    w = torch.tensor(weight, dtype=torch.float32)  # a copy
     rows, cols = w.shape
     top = (1 << bits) - 1
     h = hessian.clone().float()
