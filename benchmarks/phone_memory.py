@@ -3,11 +3,12 @@
 onnxruntime-genai allocates its KV cache for the whole context when it loads a folder; llama.cpp
 does too, in F16. For the demo's fine-tuned SmolLM2-135M-Instruct (``edgeft-demo/merged``; the
 default model where the demo has not run) and a random-weight Llama-3.2-1B shape, this exports
-GGUF Q4_K_M and ONNX int4 (fp32 KV cache, the default), makes a copy of the int4 folder with
-its cache declared fp16 (``--kv-cache fp16``'s graph: the same weights), all at the 4096-token
-context both runtimes now default to, and runs ``edgeft bench`` on the three in one run
-(2 threads, decode from depths 0 and 2048, 5 repeats): peak RSS of each artifact's process,
-decode and prefill speed.
+GGUF Q4_K_M and ONNX int4 (fp32 KV cache), makes a copy of the int4 folder with its cache in
+int8 (``--kv-cache int8``'s graph: the same weights, per-channel scales measured on the
+calibration text), all at the 4096-token context both runtimes default to, and runs ``edgeft
+bench`` on the three in one run (2 threads, decode from depths 0 and 2048, 5 repeats, the
+checkpoint as reference): peak RSS of each artifact's process, decode and prefill speed, mean
+KL against the checkpoint.
 
     python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR]
 
@@ -58,13 +59,15 @@ def measure(name: str, work: Path) -> dict:
     row["onnx_export"] = run(
         ["export", "onnx", "--model", model, "--out", work / "onnx-fp32", "--quant", "int4"], log
     )
-    fp16_cache(work / "onnx-fp32" / "int4", work / "onnx-fp16" / "int4")
+    int8_cache(model, work / "onnx-fp32" / "int4", work / "onnx-int8kv" / "int4")
     row["bench"] = run(
         [
             "bench",
             work / "gguf" / "model-q4_k_m.gguf",
-            work / "onnx-fp16" / "int4",
+            work / "onnx-int8kv" / "int4",
             work / "onnx-fp32" / "int4",
+            "--reference",
+            model,
             "--out",
             work / "bench",
             "--depths",
@@ -84,6 +87,9 @@ def measure(name: str, work: Path) -> dict:
             "size_mb": round(a["size_bytes"] / 1e6, 1) if a.get("size_bytes") else None,
             "n_ctx": a.get("context"),
             "peak_rss_mb": (a.get("latency") or {}).get("peak_rss_mb"),
+            "mean_kl": next(iter((a.get("accuracy") or {}).get("vs", {}).values()), {}).get(
+                "mean_kl"
+            ),
             "prefill_tok_s": _median((a.get("latency") or {}).get("prefill_tok_s")),
             "decode_tok_s": {
                 str(d["depth"]): _median(d.get("tok_s"))
@@ -97,18 +103,22 @@ def measure(name: str, work: Path) -> dict:
     return row
 
 
-def fp16_cache(folder: Path, out: Path) -> None:
-    """``folder`` with its KV cache declared fp16 (``--kv-cache fp16``'s graph): the same
-    weights, so the two folders differ in the cache alone."""
+def int8_cache(model: Path, folder: Path, out: Path) -> None:
+    """``folder`` with its KV cache int8 (``--kv-cache int8``'s graph, scales measured on the
+    calibration text the export used): the same weights, so the folders differ in the cache
+    alone."""
     import onnx
 
-    from edgeft.export.onnx.quantize import half_kv_cache
+    from edgeft.export.onnx.export import calibration_texts
+    from edgeft.export.onnx.gptq import kv_cache_scales
+    from edgeft.export.onnx.quantize import int8_kv_cache
 
     shutil.copytree(folder, out)
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    if not half_kv_cache(model):
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    scales = kv_cache_scales(model, calibration_texts(model, None)[0])
+    if not int8_kv_cache(graph, scales):
         raise SystemExit(f"{folder}: the KV cache is not GroupQueryAttention's alone")
-    onnx.save(model, str(out / "model.onnx"))
+    onnx.save(graph, str(out / "model.onnx"))
 
 
 def _median(stat) -> float | None:
@@ -127,8 +137,8 @@ def markdown(document: dict) -> str:
         "2048, perplexity), context 4096 in both runtimes; 2 threads, medians of 5 runs.",
         "",
         "| model | artifact | size MB | context | peak RSS MB | vs Q4_K_M | prefill tok/s | "
-        "decode tok/s (depth 0 / 2048) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "decode tok/s (depth 0 / 2048) | mean KL vs checkpoint |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in document["rows"]:
         artifacts = row.get("artifacts", [])
@@ -143,9 +153,11 @@ def markdown(document: dict) -> str:
                 f"{v:.1f}" if v else "–" for v in a.get("decode_tok_s", {}).values()
             )
             prefill = f"{a['prefill_tok_s']:.0f}" if a.get("prefill_tok_s") else "–"
+            kl = f"{a['mean_kl']:.4f}" if a.get("mean_kl") is not None else "–"
+            rss = f"{a['peak_rss_mb']:.0f}" if a.get("peak_rss_mb") else "–"
             lines.append(
                 f"| {row['model']} | {a['name']} ({a['runtime']}) | {a['size_mb']} | "
-                f"{a['n_ctx']} | {a['peak_rss_mb']} | {ratio} | {prefill} | {decode} |"
+                f"{a['n_ctx']} | {rss} | {ratio} | {prefill} | {decode} | {kl} |"
             )
     return "\n".join(lines) + "\n"
 

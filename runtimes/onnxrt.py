@@ -26,7 +26,7 @@ from edgeft.runtimes.hf import HFTokenizing, eos_token_ids, load_tokenizer, read
 MODEL_FILE = "model.onnx"
 
 _CACHE_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 # Positions a shared cache buffer holds at first; it doubles when full, up to the context.
 _MIN_CAPACITY = 256
 

@@ -28,6 +28,11 @@ from edgeft.errors import EdgeftError, ModelError
 from edgeft.runtimes import generate
 
 GENAI_CONFIG = "genai_config.json"
+# A prompt is fed in pieces of this many tokens, as llama.cpp's default batch feeds it: in one
+# piece, onnxruntime-genai computes logits and attention scores for every prompt position at
+# once (SmolLM2-135M at 2048 prompt tokens peaked at 925 MB against 556 MB in 512-token pieces,
+# with the same greedy answer).
+PREFILL_CHUNK = 512
 
 
 class GenaiSession:
@@ -80,9 +85,10 @@ class GenaiSession:
         return logits[0].astype(np.float32, copy=False)
 
     def prefill(self, token_ids: Sequence[int]) -> None:
-        """Start a new generator on the prompt; the next :meth:`decode_one` continues it."""
+        """Start a new generator on the prompt, fed :data:`PREFILL_CHUNK` tokens at a time;
+        the next :meth:`decode_one` continues it."""
         self._generator = self._last = None
-        self._generator = self._generator_for(self._checked(token_ids))
+        self._generator = self._generator_for(self._checked(token_ids), chunk=PREFILL_CHUNK)
 
     def decode_one(self) -> int:
         """Greedy next token, extending the sequence by one position.
@@ -128,8 +134,9 @@ class GenaiSession:
             )
         return ids
 
-    def _generator_for(self, ids: list[int]):
-        """A greedy generator that has run ``ids`` (logits computed, nothing picked yet)."""
+    def _generator_for(self, ids: list[int], chunk: int | None = None):
+        """A greedy generator that has run ``ids`` (logits computed, nothing picked yet), in
+        ``chunk``-token pieces when given (the logits are then the last piece's)."""
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
@@ -140,7 +147,10 @@ class GenaiSession:
             min_length=min(len(ids) + self.min_new_tokens, self.n_ctx),
         )
         generator = og.Generator(self.model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        ids = np.asarray(ids, dtype=np.int32)
+        step = chunk or len(ids)
+        for start in range(0, len(ids), step):
+            generator.append_tokens(ids[start : start + step])
         return generator
 
 

@@ -34,6 +34,7 @@ from edgeft.export.onnx.quantize import (
     fold_transposed_weights,
     graphs,
     half_kv_cache,
+    int8_kv_cache,
     pack_qkv,
     quantize_embeddings,
     quantize_weights,
@@ -59,9 +60,11 @@ FP32_MAX_KL = 1e-5
 FP16_MAX_KL = 5e-3
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-# Graphs above this size keep their weights in DATA_FILE (protobuf cannot exceed 2 GiB): every
-# tensor of EXTERNAL_MIN_BYTES or more.
-EXTERNAL_DATA_BYTES = 1 << 30
+# Graphs above this size keep their weights in DATA_FILE, every tensor of EXTERNAL_MIN_BYTES or
+# more. Protobuf cannot hold 2 GiB, and onnxruntime loads external weights tensor by tensor
+# instead of parsing them out of one buffer: on SmolLM2-135M's int4 folder, onnxruntime-genai
+# held 177 MB after loading against 231 MB from one file. So every folder has its data file.
+EXTERNAL_DATA_BYTES = 0
 EXTERNAL_MIN_BYTES = 1024
 # Files an app needs beside the graph, copied from the optimum export.
 COMPANION_FILES = (
@@ -369,7 +372,12 @@ def _passes(count: int) -> str:
 
 
 def _make_folder(
-    quant: str, fp32: Path, folder: Path, settings: QuantSettings, calibrate=None
+    quant: str,
+    fp32: Path,
+    folder: Path,
+    settings: QuantSettings,
+    calibrate=None,
+    kv_scales=None,
 ) -> None:
     """Write the ``quant`` folder from the fp32 export (optimum's trace, or the types the
     fused graph has no direct writer for). ``calibrate(bits by module)`` returns the
@@ -401,13 +409,22 @@ def _make_folder(
         pack_qkv(model)
         if settings.kv_cache == "fp16":
             half_kv_cache(model)  # the fused graph's; optimum's trace keeps fp32
+        elif settings.kv_cache == "int8":
+            int8_kv_cache(model, kv_scales)
         check_finite_initializers(model, folder)
         _save(model, folder)
     _companions(fp32, folder)
 
 
 def _write_quantized(
-    model: Path, folder: Path, quant: str, settings: QuantSettings, calibrate, *, progress: bool
+    model: Path,
+    folder: Path,
+    quant: str,
+    settings: QuantSettings,
+    calibrate,
+    *,
+    progress: bool,
+    kv_scales=None,
 ) -> None:
     """The fused graph's ``int8`` or ``int4`` folder, quantized as it is written
     (:mod:`edgeft.export.onnx.nbits`); ``calibrate(bits by module)`` returns the int4 folder's
@@ -416,7 +433,7 @@ def _write_quantized(
     from edgeft.export.onnx.nbits import QuantizedMatmuls
 
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    matmuls = QuantizedMatmuls(quant, settings)
+    matmuls = QuantizedMatmuls(quant, settings, kv_scales=kv_scales)
     if calibrate is not None:
         modules = [
             f"model.layers.{i}.{projection}"
@@ -576,6 +593,13 @@ def export_onnx(
                 calibrations.append(Calibration(model, texts, bits, settings, sampled))
                 return calibrations[-1]
 
+        kv_scales = None
+        if settings.kv_cache == "int8" and {"int8", "int4"} & set(types):
+            from edgeft.export.onnx.gptq import kv_cache_scales
+
+            say("measuring the KV cache's range on the calibration text, for its int8 scales")
+            kv_texts = texts if calibrate is not None else calibration_texts(model, calibration)[0]
+            kv_scales = kv_cache_scales(model, kv_texts)
         for quant in types:
             if quant == "fp32":
                 continue
@@ -589,9 +613,10 @@ def export_onnx(
                     settings,
                     calibrate if quant == "int4" else None,
                     progress=progress is not None,
+                    kv_scales=kv_scales,
                 )
             else:
-                _make_folder(quant, fp32, work / quant, settings, calibrate)
+                _make_folder(quant, fp32, work / quant, settings, calibrate, kv_scales)
             timings[quant] = time.perf_counter() - start
         from edgeft.export.onnx.genai import write_genai_config
 

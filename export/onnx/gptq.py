@@ -651,3 +651,92 @@ def gptq_matmuls(model, results: dict, accuracy_level: int, symmetric: bool = Fa
         ensure_contrib_opset(model)
     _drop_unused_initializers(model)
     return done
+
+
+# KV-cache ranges: tokens of calibration text run through the checkpoint, and the margin over
+# the largest magnitude seen that the int8 scale leaves for other text (clipping a key costs
+# more than a coarser step).
+KV_CALIBRATION_TOKENS = 4096
+KV_RANGE_MARGIN = 1.25
+
+
+def kv_cache_scales(model_dir: Path, texts: Sequence[str]) -> dict[int, tuple]:
+    """Per-layer, per-channel scales for an int8 KV cache: ``{layer: (k_scale, v_scale)}``,
+    each ``[1, kv_heads, 1, head_dim]`` float32 as GroupQueryAttention reads them.
+
+    Keys are measured as the cache holds them, after their norm (Qwen3, Gemma 3) and rotary
+    embedding: a rotated channel is bounded by the norm of the pair it rotates with, at every
+    position. Runs the checkpoint layer by layer over the text (streamed when it should
+    stream), so its memory is bounded like :class:`Calibration`'s.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.architectures import attention_shape, layer_attention, rotary_dim
+    from edgeft.streaming import decoder_inputs, held, should_stream, streamed_model
+
+    model_dir = Path(model_dir)
+    chunks = _calibration_ids(model_dir, texts, KV_CALIBRATION_TOKENS)
+    if should_stream(model_dir):
+        model = streamed_model(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        ).eval()
+    config = model.config.to_dict()
+    shape = attention_shape(config)
+    rotated = rotary_dim(config)
+    architecture = architecture_of(config, model_dir / "config.json")
+    ropes = [
+        layer.rope for layer in layer_attention(architecture, config, model_dir / "config.json")
+    ]
+    inputs, layer_kwargs = decoder_inputs(model, chunks)
+    scales: dict[int, tuple] = {}
+    for index, layer in enumerate(model.model.layers):
+        peaks = {"k": torch.zeros(shape.kv_heads, shape.head_dim), "v": None}
+        peaks["v"] = peaks["k"].clone()
+        attention = layer.self_attn
+
+        def record(kind, peaks=peaks, columns=slice(None)):
+            def hook(_module, _args, output):
+                values = output.detach()[..., columns]
+                values = values.reshape(-1, shape.kv_heads, shape.head_dim).abs()
+                peaks[kind] = torch.maximum(peaks[kind], values.amax(dim=0))
+
+            return hook
+
+        if hasattr(attention, "qkv_proj"):  # Phi-3: k and v are rows of one projection
+            rows = split_fused(architecture, config, "self_attn.qkv_proj")
+            sources = {"k": (attention.qkv_proj, rows["k_proj"])}
+            sources["v"] = (attention.qkv_proj, rows["v_proj"])
+        else:
+            sources = {"k": (attention.k_proj, slice(None)), "v": (attention.v_proj, slice(None))}
+        if getattr(attention, "k_norm", None) is not None:  # keys as normed (Qwen3, Gemma 3)
+            sources["k"] = (attention.k_norm, slice(None))
+        handles = [
+            module.register_forward_hook(record(kind, columns=columns))
+            for kind, (module, columns) in sources.items()
+        ]
+        with held(layer), torch.inference_mode():
+            outputs = [layer(x, **k) for x, k in zip(inputs, layer_kwargs[index], strict=True)]
+        for handle in handles:
+            handle.remove()
+        inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
+        key = peaks["k"]
+        if ropes[index] and rotated:  # a rotated pair (i, i + rotated/2) shares its norm
+            half = rotated // 2
+            pair = torch.sqrt(key[:, :half] ** 2 + key[:, half:rotated] ** 2)
+            key = key.clone()
+            key[:, :half] = pair
+            key[:, half:rotated] = pair
+        scales[index] = tuple(
+            _int8_scale(peak).reshape(1, shape.kv_heads, 1, shape.head_dim)
+            for peak in (key, peaks["v"])
+        )
+    return scales
+
+
+def _int8_scale(peak) -> np.ndarray:
+    scale = (peak.numpy().astype(np.float32) * KV_RANGE_MARGIN) / 127
+    scale[scale == 0] = 1.0
+    return scale

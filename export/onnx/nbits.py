@@ -91,12 +91,18 @@ class QuantizedMatmuls:
             bits by module kind, :func:`mixed_block_size`, :func:`mixed_symmetric`).
         calibration: a :class:`~edgeft.export.onnx.gptq.Calibration` whose 4-bit codes replace
             round to nearest (int4), asked layer by layer in order.
+        kv_scales: per-layer int8 KV-cache scales
+            (:func:`~edgeft.export.onnx.gptq.kv_cache_scales`), for ``settings.kv_cache``
+            ``int8``.
     """
 
-    def __init__(self, quant: str, settings: QuantSettings, calibration=None) -> None:
+    def __init__(
+        self, quant: str, settings: QuantSettings, calibration=None, kv_scales=None
+    ) -> None:
         self.quant = quant
         self.settings = settings
         self.calibration = calibration
+        self.kv_scales = kv_scales  # for an int8 KV cache
         self._layer: tuple[int, dict] | None = None
         self._shared: tuple[str, Layout] | None = None  # the tied table's codes, by the head
 
@@ -221,7 +227,7 @@ class QuantizedMatmuls:
     def finish(self, model) -> None:
         """The calibration's tuned norm weights (if any) into the graph, and the KV cache in
         the settings' type."""
-        from edgeft.export.onnx.quantize import half_kv_cache
+        from edgeft.export.onnx.quantize import half_kv_cache, int8_kv_cache
 
         if self.calibration is not None:
             from edgeft.export.onnx.gptq import set_norm_weights
@@ -230,6 +236,8 @@ class QuantizedMatmuls:
             set_norm_weights(model, norms, self.calibration.architecture.norm_offset)
         if self.settings.kv_cache == "fp16":
             half_kv_cache(model)
+        elif self.settings.kv_cache == "int8":
+            int8_kv_cache(model, self.kv_scales)
 
     # -- helpers -----------------------------------------------------------------------------
 

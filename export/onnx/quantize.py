@@ -21,7 +21,7 @@ from edgeft.errors import EdgeftError
 
 ONNX_TYPES = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 PRECISIONS = ("fp32", "int8", "int4")
-KV_CACHE_TYPES = ("fp16", "fp32")
+KV_CACHE_TYPES = ("fp16", "fp32", "int8")
 BLOCK_SIZES = (16, 32, 64, 128)
 # MatMulNBits accuracy_level: the precision its CPU kernel computes in. 0 (unset) and 1 keep
 # fp32 activations; 4 quantizes activations to int8 per block (faster, less accurate).
@@ -75,12 +75,14 @@ class QuantSettings:
             blocks of 64 and down_proj in 128, 16k tokens took mean KL on a prose cooking
             text from 0.117 to 0.109 and held-out chat answers from 0.076 to 0.078, for about
             5 more minutes of export at 2 threads (benchmarks/README.md).
-        kv_cache: the KV cache's type in the int8 and int4 folders (fused graph). ``fp16``
-            declares the cache fp16 and GroupQueryAttention keeps it so, computing attention
-            in fp32. Measured on x86 (onnxruntime 1.32, SmolLM2-135M int4 at a 4096-token
-            context, benchmarks/results/phone_memory.md) it costs more than it saves: peak RSS
-            1245 MB against 1004 MB with fp32, decode 4.4 against 24.6 tok/s, so ``fp32`` is
-            the default; ``fp16`` is there for devices whose runtime handles it natively.
+        kv_cache: the KV cache's type in the int8 and int4 folders (fused graph). ``int8``:
+            GroupQueryAttention stores K and V in int8 with per-layer, per-channel scales
+            measured on the calibration text (:func:`~edgeft.export.onnx.gptq.kv_cache_scales`)
+            and computes attention in fp32: a quarter of the fp32 cache. ``fp16`` declares the
+            cache fp16; measured on x86 (onnxruntime 1.32, SmolLM2-135M int4 at a 4096-token
+            context, benchmarks/results/phone_memory.md) it cost more than it saved: peak RSS
+            1245 MB against 1004 MB with fp32, decode 4.4 against 24.6 tok/s; it is there for
+            devices whose runtime handles it natively.
     """
 
     block_size: int = 32
@@ -411,6 +413,55 @@ def half_kv_cache(model) -> bool:
     whose cache other operators touch (optimum's trace concatenates it)."""
     from onnx import TensorProto
 
+    if not _attention_owns_cache(model):
+        return False
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return True
+
+
+def int8_kv_cache(model, scales: dict[int, tuple]) -> bool:
+    """Declare the graph's KV cache int8 where GroupQueryAttention alone reads and writes it:
+    each layer's attention quantizes its keys and values per channel with ``scales``
+    (``{layer: (k_scale, v_scale)}``, :func:`~edgeft.export.onnx.gptq.kv_cache_scales`) as it
+    writes them and computes attention in fp32. A quarter of the fp32 cache, half of
+    llama.cpp's F16 one. Returns False, changing nothing, for a graph whose cache other
+    operators touch (optimum's trace)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not _attention_owns_cache(model):
+        return False
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    for index, node in enumerate(attention):
+        k_scale, v_scale = scales[index]
+        names = (
+            f"/model/layers.{index}/kv_cache/k_scale",
+            f"/model/layers.{index}/kv_cache/v_scale",
+        )
+        model.graph.initializer.extend(
+            numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name)
+            for array, name in zip((k_scale, v_scale), names, strict=True)
+        )
+        while len(node.input) < 14:
+            node.input.append("")
+        node.input[12], node.input[13] = names
+        node.attribute.extend(
+            [
+                helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("kv_cache_bit_width", 8),
+            ]
+        )
+    return True
+
+
+def _attention_owns_cache(model) -> bool:
+    """Whether GroupQueryAttention alone reads the ``past_key_values.*`` inputs and writes the
+    ``present.*`` outputs."""
     readers: dict[str, set[str]] = {}
     writers: dict[str, str] = {}
     for node in model.graph.node:
@@ -423,11 +474,7 @@ def half_kv_cache(model) -> bool:
     attention = "GroupQueryAttention"
     if not past or any(readers.get(v.name) != {attention} for v in past):
         return False
-    if any(writers.get(v.name) != attention for v in present):
-        return False
-    for value in past + present:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    return True
+    return all(writers.get(v.name) == attention for v in present)
 
 
 def to_fp16(model):
