@@ -287,6 +287,10 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
                 file_mb=round(folder["bytes"] / 1e6),
                 mean_kl=folder["parity"]["mean_kl"],
                 calibration_tokens=record["settings"]["calibration_tokens"],
+                kv_cache=record["settings"]["quantization"]["kv_cache"],
+                # the export's own process, and the one that ran the folder (its cost)
+                export_rss_mb=record["results"].get("peak_rss_mb"),
+                runtime_rss_mb=folder.get("runtime_peak_rss_mb"),
                 notes=record["results"]["notes"],
             )
         save(row)
@@ -374,7 +378,10 @@ def markdown(document: dict) -> str:
         "checkpoints of the published shapes; see `benchmarks/scale.py`). The GGUF export's "
         "peak is that of its process tree: the export itself (streaming) and the llama.cpp "
         "process measuring the largest file (which holds the file: what running it costs) "
-        "are given after it.",
+        "are given after it. The ONNX int4 export's likewise: its own process (GPTQ streaming "
+        "one layer) and the process that ran the folder in onnxruntime and onnxruntime-genai "
+        "(the folder plus genai's KV cache for its whole context); the random checkpoints' "
+        "KL says nothing about accuracy.",
         "",
         "![time and memory by model size](scale.png)",
         "",
@@ -392,9 +399,19 @@ def markdown(document: dict) -> str:
         if own:
             runtime = max(v for v in r["gguf"].get("runtime_rss_mb", {}).values() if v)
             gguf += f"; export {own / 1000:.2f} GB, llama.cpp {runtime / 1000:.2f} GB"
+        onnx = cell(r.get("onnx"))
+        stage = r.get("onnx") or {}
+        if stage.get("calibration_tokens"):
+            onnx += f" (GPTQ on {stage['calibration_tokens']} tokens"
+            onnx += f", {stage['kv_cache']} KV cache)" if stage.get("kv_cache") else ")"
+        if stage.get("export_rss_mb") and stage.get("runtime_rss_mb"):
+            onnx += (
+                f"; export {stage['export_rss_mb'] / 1000:.2f} GB, "
+                f"runtimes {stage['runtime_rss_mb'] / 1000:.2f} GB"
+            )
         lines.append(
             f"| {r['model']} | {r['params'] / 1e9:.2f} B | {train} | {cell(r.get('merge'))} | "
-            f"{gguf} | {cell(r.get('onnx'))} |"
+            f"{gguf} | {onnx} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -563,11 +563,13 @@ def _cache_types(folder) -> set[int]:
 
 def test_kv_cache_fp16_on_request(tiny, onnx_export, tmp_path):
     """--kv-cache fp16: the int8 folder keeps K and V in fp16 (attention still in fp32) and
-    both runtimes run it (the export measures it in each); the default keeps fp32."""
+    both runtimes run it (the export measures it in each); by default the int8 and int4
+    folders keep it in int8, the fp32 and fp16 folders in fp32."""
     from onnx import TensorProto
 
-    for quant in ("fp32", "int8", "int4"):
-        assert _cache_types(onnx_export.out / quant) == {TensorProto.FLOAT}, quant
+    for quant in ("fp32", "fp16", "int8", "int4"):
+        expected = TensorProto.INT8 if quant in ("int8", "int4") else TensorProto.FLOAT
+        assert _cache_types(onnx_export.out / quant) == {expected}, quant
     half = export_onnx(
         tiny,
         tmp_path / "half",
@@ -643,11 +645,22 @@ def test_folders_written_directly_equal_the_graph_passes(quant, settings, tiny_l
         made.append(Calibration(tiny_llama, CORPUS, bits, settings))
         return made[-1]
 
+    from edgeft.export.onnx.gptq import kv_cache_scales
+
     export._write_fused(tiny_llama, tmp_path / "fp32")
     calibration = calibrate if quant == "int4" and settings.algorithm == "gptq" else None
-    export._make_folder(quant, tmp_path / "fp32", tmp_path / "passes", settings, calibration)
+    scales = kv_cache_scales(tiny_llama, CORPUS)
+    export._make_folder(
+        quant, tmp_path / "fp32", tmp_path / "passes", settings, calibration, scales
+    )
     export._write_quantized(
-        tiny_llama, tmp_path / "direct", quant, settings, calibration, progress=False
+        tiny_llama,
+        tmp_path / "direct",
+        quant,
+        settings,
+        calibration,
+        progress=False,
+        kv_scales=scales,
     )
     ops = {}
     for way in ("passes", "direct"):
