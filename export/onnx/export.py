@@ -1,12 +1,14 @@
 """``edgeft export onnx``: a merged checkpoint to ONNX folders with a KV cache, proven to run
 in onnxruntime and onnxruntime-genai and measured against the checkpoint.
 
-optimum-onnx exports the fp32 decoder (past key/values in, present out). Every other precision
-is a pass over that graph (:mod:`edgeft.export.onnx.quantize`). Each precision gets its own
-folder, complete for an app: ``model.onnx`` (+ ``model.onnx.data`` when large), tokenizer,
-config and ``genai_config.json``, optionally ``model.ort`` with its operator list. The fp32
-folder must match PyTorch within a stated tolerance, or the export fails; the others are
-measured and reported.
+The fused graph (:mod:`edgeft.export.onnx.graph`) is written from the safetensors one tensor
+at a time, its weights appended to ``model.onnx.data`` as they are made: fp32 as stored, int8
+and int4 quantized on the way (:mod:`edgeft.export.onnx.nbits`, GPTQ layer by layer). fp16,
+int8-dynamic and optimum-onnx's trace (``--graph optimum``) are passes over a whole fp32 graph
+(:mod:`edgeft.export.onnx.quantize`). Each precision gets its own folder, complete for an app:
+``model.onnx`` + ``model.onnx.data``, tokenizer, config and ``genai_config.json``, optionally
+``model.ort`` with its operator list. The fp32 folder must match PyTorch within a stated
+tolerance, or the export fails; the others are measured and reported.
 """
 
 from __future__ import annotations

@@ -118,10 +118,10 @@ class Calibration:
     Each decoder layer sees the activations of the layers before it *as quantized*, so later
     layers compensate for earlier rounding. Modules planned at 4 bits get GPTQ; those at 8
     bits are rounded to nearest (their error is small) so later layers see them as they will
-    be. A model that fits (:func:`~edgeft.streaming.should_stream`) is loaded whole, and its
-    norm weights can then be tuned (:meth:`tuned_norms`); a larger one is streamed: one
-    layer's fp32 weights are held at a time, and its calibration tokens shrink with its size
-    (:func:`calibration_budget`).
+    be. Calibration tokens shrink with the model's size (:func:`calibration_budget`). A model
+    that fits (:func:`~edgeft.streaming.should_stream`) is loaded whole, and its norm weights
+    can then be tuned (:meth:`tuned_norms`); a larger one is streamed: one layer's fp32
+    weights are held at a time.
 
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
@@ -154,7 +154,7 @@ class Calibration:
         self.resident = not should_stream(self.model_dir) if resident is None else resident
         index = safetensors_index(self.model_dir)
         params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in index.values())
-        self.tokens = CALIBRATION_MAX_TOKENS if self.resident else calibration_budget(params)
+        self.tokens = calibration_budget(params)
         self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
         if sampled:
             self.chunks += _calibration_ids(self.model_dir, sampled, settings.sampled_tokens)
