@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeft.architectures import architecture_of, split_fused
 from edgeft.errors import EdgeftError
+from edgeft.isolate import trim_memory
 
 # Calibration tokens: on SmolLM2's cooking set, 16k instead of 4k lowers the int4 folder's mean
 # KL by about a tenth (benchmarks/README.md).
@@ -224,6 +225,7 @@ class Calibration:
         self.inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
         self.layer_kwargs[index] = []
         self.done += 1
+        trim_memory()
         return found
 
     def head(self) -> dict[str, tuple]:
@@ -331,13 +333,12 @@ class Calibration:
                 rows_weight = weight[rows]
                 if self.bits[part] == 4 and hessian is not None:
                     tied_head = part == "lm_head" and self._tied()
-                    found[part] = gptq(
+                    found[part] = _gptq_rows(
                         rows_weight,
                         hessian,
-                        4,
                         self._block_size(part),
                         TIED_HEAD_DAMPING if tied_head else DAMPING,
-                        symmetric=settings.symmetric,
+                        settings.symmetric,
                     )
                     if keep:
                         quantized.append(_dequantized(*found[part]))
@@ -356,6 +357,23 @@ class Calibration:
         if self._keep_results:
             self.results.update(found)
         return found
+
+
+# GPTQ rounds each row on its own (they share H alone): a matrix is rounded this many rows at a
+# time, so a vocabulary-sized head needs a few copies of a slice, not of the whole matrix.
+GPTQ_ROWS = 4096
+
+
+def _gptq_rows(weight: np.ndarray, hessian, block_size: int, damping: float, symmetric: bool):
+    """:func:`gptq` at 4 bits over ``weight`` in slices of :data:`GPTQ_ROWS` rows (the same
+    codes as all at once)."""
+    parts = [
+        gptq(weight[start : start + GPTQ_ROWS], hessian, 4, block_size, damping, symmetric)
+        for start in range(0, weight.shape[0], GPTQ_ROWS)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
 class _Tap:
