@@ -595,8 +595,17 @@ def export_onnx(
                 calibrations.append(Calibration(model, texts, bits, settings, sampled))
                 return calibrations[-1]
 
+        def isolated(function, *args, what: str):
+            """``(function(*args), peak RSS)``: a big model's runtime work in a process of its
+            own, whose peak is what running the folder costs; a small one's here (no process
+            start per folder, and no peak)."""
+            if streamed:
+                return in_child(function, *args, what=what)
+            return function(*args), None
+
         kv_scales = None
-        if settings.kv_cache == "int8" and {"int8", "int4"} & set(types):
+        # the fused graph's int8/int4 folders: optimum's trace concatenates its cache itself
+        if settings.kv_cache == "int8" and direct and {"int8", "int4"} & set(types):
             from edgeft.export.onnx.gptq import kv_cache_scales
 
             say("measuring the KV cache's range on the calibration text, for its int8 scales")
@@ -639,20 +648,14 @@ def export_onnx(
         reports = []
         for quant in types:
             folder = work / quant
-            if streamed:  # a big model: in a process of its own, whose peak is the folder's cost
-                (result, genai_same), runtime_rss = in_child(
-                    _measure_folder,
-                    folder,
-                    quant,
-                    reference,
-                    threads,
-                    what=f"measuring the {quant} folder in onnxruntime",
-                )
-            else:  # small: no process start per folder
-                (result, genai_same), runtime_rss = (
-                    _measure_folder(folder, quant, reference, threads),
-                    None,
-                )
+            (result, genai_same), runtime_rss = isolated(
+                _measure_folder,
+                folder,
+                quant,
+                reference,
+                threads,
+                what=f"measuring the {quant} folder in onnxruntime",
+            )
             files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
             report = FolderReport(
                 folder=quant,
@@ -701,16 +704,13 @@ def export_onnx(
                 "over the calibration text"
             )
         say("checking onnxruntime-genai's tokenizer against the Hugging Face tokenizer")
-        if streamed:  # onnxruntime-genai loads the whole folder to tokenize
-            tokenizer, _ = in_child(
-                _check_genai_tokenizer,
-                work / types[0],
-                model,
-                threads,
-                what="checking onnxruntime-genai's tokenizer",
-            )
-        else:
-            tokenizer = _check_genai_tokenizer(work / types[0], model, threads)
+        tokenizer, _ = isolated(  # onnxruntime-genai loads the whole folder to tokenize
+            _check_genai_tokenizer,
+            work / types[0],
+            model,
+            threads,
+            what="checking onnxruntime-genai's tokenizer",
+        )
         if tokenizer["mismatches"]:
             first = tokenizer["mismatches"][0]
             notes.append(

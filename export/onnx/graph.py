@@ -268,8 +268,9 @@ class FloatMatmuls:
         """q|k|v as one packed output for GroupQueryAttention, or None (fp32: separate)."""
         return None
 
-    def embedding(self, g: _Builder, table, ids: str, tied: bool) -> str:
-        """The rows of the embedding table (``table()`` reads it) for ``ids``."""
+    def embedding(self, g: _Builder, table, shape: tuple, ids: str, tied: bool) -> str:
+        """The rows of the embedding table (``table()`` reads it; ``shape`` is its shape)
+        for ``ids``."""
         embed = g.weight("model.embed_tokens.weight", table())
         (hidden,) = g.node("Gather", [embed, ids], name="/model/embed_tokens/Gather")
         return hidden
@@ -427,7 +428,8 @@ def _build(g: _Builder, config, architecture, act, layers, tensor, matmuls, prog
     g.node("Cast", [total], ["total_sequence_length"], to=TensorProto.INT32)
 
     table = partial(tensor, "model.embed_tokens.weight")
-    hidden_states = matmuls.embedding(g, table, "input_ids", tied)
+    shape = tuple(tensor.index["model.embed_tokens.weight"].shape)
+    hidden_states = matmuls.embedding(g, table, shape, "input_ids", tied)
     if architecture.embed_scale:
         factor = g.weight("/model/embed_scale", np.array(config["hidden_size"] ** 0.5, np.float32))
         (hidden_states,) = g.node("Mul", [hidden_states, factor], name="/model/embed_scale/Mul")

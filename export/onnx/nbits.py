@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeft.export.onnx.graph import FloatMatmuls
 from edgeft.export.onnx.quantize import (
     QuantSettings,
     _block_quantize,
     _pack_nibbles,
-    mixed_block_size,
-    mixed_symmetric,
+    matrix_layout,
+    planned_bits,
 )
 
 
@@ -82,7 +83,7 @@ def from_codes(result: tuple, layout: Layout) -> Blocks:
     )
 
 
-class QuantizedMatmuls:
+class QuantizedMatmuls(FloatMatmuls):
     """How the ``int8`` or ``int4`` folder holds its weights (for
     :func:`~edgeft.export.onnx.graph.build_fused_graph`).
 
@@ -108,21 +109,11 @@ class QuantizedMatmuls:
 
     def bits(self, module: str) -> int:
         """Bits of ``module`` (``model.layers.0.mlp.up_proj``, ``lm_head``); 0 keeps fp32."""
-        kind = _kind(module)
-        if self.quant == "int8":
-            return 8
-        if kind == "lm_head":
-            return {"fp32": 0, "int8": 8, "int4": 4}[self.settings.lm_head]
-        return 8 if kind in self.settings.int8_modules else 4
+        return planned_bits(_kind(module), self.quant, self.settings)
 
     def layout(self, module: str) -> Layout:
-        bits = self.bits(module)
-        if self.quant == "int8":
-            return Layout(bits, self.settings.block_size, self.settings.symmetric)
-        kind = _kind(module)
-        return Layout(
-            bits, mixed_block_size(bits, self.settings, kind), mixed_symmetric(bits, self.settings)
-        )
+        mixed = self.quant == "int4"
+        return Layout(*matrix_layout(self.bits(module), _kind(module), self.settings, mixed=mixed))
 
     def plan(self, modules) -> dict[str, int]:
         """Bits by module for :class:`~edgeft.export.onnx.gptq.Calibration`."""
@@ -158,25 +149,23 @@ class QuantizedMatmuls:
         )
         return joined
 
-    def embedding(self, g, table, ids: str, tied: bool) -> str:
+    def embedding(self, g, table, shape: tuple, ids: str, tied: bool) -> str:
         """GatherBlockQuantized over the table at the folder's embedding precision; a tied
         table at the output projection's precision reads the projection's codes (one copy
-        in the file), reshaped to rows."""
+        in the file, and the table is not read here), reshaped to rows."""
         precision = self.settings.embedding_precision(self.quant)
-        if precision == "fp32":
-            embed = g.weight("model.embed_tokens.weight", table())
-            (hidden,) = g.node("Gather", [embed, ids], name="/model/embed_tokens/Gather")
-            return hidden
         bits = 8 if precision == "int8" else 4
-        values = table()
-        rows, cols = values.shape
+        rows, cols = shape
         head = self.layout("lm_head")
-        if tied and head.bits == bits and cols % head.block_size == 0:
+        shared = tied and head.bits == bits and cols % head.block_size == 0
+        if precision == "fp32" or (not shared and cols % self.settings.block_size):
+            return super().embedding(g, table, shape, ids, tied)
+        if shared:
             name = "model.embed_tokens.weight"
             self._shared = (name, head)
             codes = f"{name}_shared_q{bits}"
-            shape = g.weight(f"{codes}_shape", np.array([rows, -1], np.int64))
-            g.node("Reshape", [f"{name}_q{bits}", shape], [codes], name=codes)
+            reshaped = g.weight(f"{codes}_shape", np.array([rows, -1], np.int64))
+            g.node("Reshape", [f"{name}_q{bits}", reshaped], [codes], name=codes)
             scales, zero = f"{name}_scales", f"{name}_zero_points"
             if head.symmetric:  # MatMulNBits' implied zero point, 2^(bits-1), made explicit
                 fill = np.full((rows, cols // head.block_size), 1 << (bits - 1), np.uint8)
@@ -184,17 +173,12 @@ class QuantizedMatmuls:
             block = head.block_size
         else:
             block = self.settings.block_size
-            if cols % block:
-                embed = g.weight("model.embed_tokens.weight", values)
-                (hidden,) = g.node("Gather", [embed, ids], name="/model/embed_tokens/Gather")
-                return hidden
-            quantized, scale_values, zero_values = _block_quantize(values, bits, block)
+            quantized, scale_values, zero_values = _block_quantize(table(), bits, block)
             if bits == 4:
                 quantized, zero_values = _pack_nibbles(quantized), _pack_nibbles(zero_values)
             codes = g.weight(f"model.embed_tokens.weight_q{bits}", quantized)
             scales = g.weight(f"{codes}_scales", scale_values)
             zero = g.weight(f"{codes}_zero_points", zero_values)
-        del values
         (hidden,) = g.node(
             "GatherBlockQuantized",
             [codes, ids, scales, zero],
@@ -210,9 +194,7 @@ class QuantizedMatmuls:
     def head(self, g, module: str, weight, x: str, output: str) -> str:
         layout = self.layout("lm_head")
         if not layout.bits:
-            w = g.weight(f"{module}.weight_transposed", weight().T)
-            (logits,) = g.node("MatMul", [x, w], [output], name="/lm_head/MatMul")
-            return logits
+            return super().head(g, module, weight, x, output)
         found = self.calibration.head() if self.calibration is not None else {}
         if "lm_head" in found:
             blocks = from_codes(found["lm_head"], layout)

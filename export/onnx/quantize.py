@@ -174,16 +174,31 @@ def weight_matmuls(model) -> list:
 
 def bits_plan(model, quant: str, settings: QuantSettings) -> dict[str, int]:
     """Bits for every weight MatMul of ``model`` in the ``int8`` or ``int4`` folder."""
-    plan = {}
-    for node in weight_matmuls(model):
-        kind = module_kind(node.name)
-        if quant == "int8":
-            plan[node.name] = 8
-        elif kind == "lm_head":
-            plan[node.name] = {"fp32": 0, "int8": 8, "int4": 4}[settings.lm_head]
-        else:
-            plan[node.name] = 8 if kind in settings.int8_modules else 4
-    return plan
+    return {
+        node.name: planned_bits(module_kind(node.name), quant, settings)
+        for node in weight_matmuls(model)
+    }
+
+
+def planned_bits(kind: str | None, quant: str, settings: QuantSettings) -> int:
+    """Bits of a matrix of module ``kind`` (``down_proj``, ``lm_head``) in the ``int8`` or
+    ``int4`` folder; 0 keeps it in float."""
+    if quant == "int8":
+        return 8
+    if kind == "lm_head":
+        return {"fp32": 0, "int8": 8, "int4": 4}[settings.lm_head]
+    return 8 if kind in settings.int8_modules else 4
+
+
+def matrix_layout(
+    bits: int, kind: str | None, settings: QuantSettings, *, mixed: bool
+) -> tuple[int, int, bool]:
+    """``(bits, block size, symmetric)`` of a ``bits`` matrix of module ``kind``: the
+    settings' block size and symmetry, or with ``mixed`` (the int4 folder)
+    :func:`mixed_block_size` and :func:`mixed_symmetric`."""
+    if not mixed:
+        return bits, settings.block_size, settings.symmetric
+    return bits, mixed_block_size(bits, settings, kind), mixed_symmetric(bits, settings)
 
 
 def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None) -> int:
@@ -223,11 +238,7 @@ def quantize_weights(model, plan: dict[str, int], settings: QuantSettings, *, mi
     logging.getLogger(mnb.__name__).setLevel(logging.WARNING)
 
     def layout(name: str) -> tuple[int, int, bool]:
-        bits = plan[name]
-        if not mixed:
-            return bits, settings.block_size, settings.symmetric
-        kind = module_kind(name)
-        return bits, mixed_block_size(bits, settings, kind), mixed_symmetric(bits, settings)
+        return matrix_layout(plan[name], module_kind(name), settings, mixed=mixed)
 
     groups: dict[tuple[int, int, bool], set[str]] = {}
     for name, bits in plan.items():
