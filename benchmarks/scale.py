@@ -140,8 +140,17 @@ SHAPES = {
 STAGES = ("train", "merge", "gguf", "onnx")
 # Embedding and output tables are drawn wider than transformers' 0.02 so that next-token
 # distributions are peaked, as a trained model's are: with 0.02 they are nearly flat, every
-# argmax is a near-tie, and top-1 parity gates measure nothing but rounding.
+# argmax is a near-tie, and top-1 parity gates measure nothing but rounding. A logit is a
+# normalized hidden state against a table row, so its spread grows with √hidden: the std
+# shrinks as 1/√hidden to keep the logits of every shape as peaked as the 576-wide
+# SmolLM2-135M's at 0.25 (logit std ≈ 6). Rows of hidden > 576 measured before 2026-12-03 23:00
+# used 0.25 at every width (times and memory are the same; their KL figures are not comparable).
 EMBEDDING_STD = 0.25
+EMBEDDING_STD_WIDTH = 576
+
+
+def embedding_std(hidden_size: int) -> float:
+    return EMBEDDING_STD * (EMBEDDING_STD_WIDTH / hidden_size) ** 0.5
 
 
 def build(name: str, out: Path) -> tuple[Path, int]:
@@ -177,7 +186,8 @@ def build(name: str, out: Path) -> tuple[Path, int]:
             values = np.ones(param.shape, dtype=np.float32)
         else:
             values = rng.standard_normal(param.shape, dtype=np.float32)
-            values *= EMBEDDING_STD if "embed" in name_ or "lm_head" in name_ else 0.02
+            table = "embed" in name_ or "lm_head" in name_
+            values *= embedding_std(config.hidden_size) if table else 0.02
         writer.write(name_, encode(values, "BF16"))
         del values
     writer.close()

@@ -20,7 +20,7 @@ is a field an entry switches on, never an ``if arch ==`` in a stage.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,6 +242,21 @@ def tied_embeddings(config: Mapping) -> bool:
     """The lm_head is the embedding table: transformers' default when ``config.json`` does not
     say (it leaves out values equal to the default)."""
     return bool(config.get("tie_word_embeddings", True))
+
+
+def head_is_table(config: Mapping, stored: Container[str], where: object) -> bool:
+    """Whether the output projection is the embedding table (tied), checked against the
+    weights ``stored`` in checkpoint ``where``: an untied config needs its own
+    ``lm_head.weight``."""
+    if tied_embeddings(config):
+        return True
+    if "lm_head.weight" in stored:
+        return False
+    raise ModelError(
+        f"{where}: lm_head.weight is missing and the config does not tie the embeddings "
+        "(tie_word_embeddings is false): the checkpoint is incomplete; save it again with its "
+        "output projection"
+    )
 
 
 def split_fused(architecture: Architecture, config: Mapping, module: str) -> dict[str, slice]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.architectures import tied_embeddings
+from edgeft.architectures import head_is_table
 from edgeft.errors import ModelError
 from edgeft.parity import ParityAccumulator
 from edgeft.weights import StoredTensor, read_f32, read_row_range, read_rows, safetensors_index
@@ -133,7 +133,7 @@ def streamed_model(
     head_name = _module_name(modules, head) + ".weight"
     # Tied, the output projection is the embedding table even where the checkpoint also
     # stores an lm_head.weight (transformers ignores it, and so does the GGUF converter).
-    tied = tied_embeddings(config.to_dict()) or head_name not in index
+    tied = head_is_table(config.to_dict(), index, model_dir)
     stored_head = index[embed_name] if tied else index[head_name]
     if tuple(stored_head.shape) != tuple(head.weight.shape):
         raise ModelError(f"{model_dir}: output projection {stored_head.name} has the wrong shape")

@@ -76,6 +76,32 @@ def test_streamed_model_refuses_a_checkpoint_that_lacks_a_weight(tiny_llama, tmp
         streamed_model(folder)
 
 
+def test_an_untied_checkpoint_without_its_head_is_refused_by_every_reader(
+    tiny_tokenizer_dir, tmp_path
+):
+    """Streaming, the ONNX graph, GPTQ and the GGUF converter agree on which tensor is the
+    output projection: an untied config without lm_head.weight is an incomplete checkpoint
+    (transformers would draw a random head), not a tied one."""
+    from conftest import tiny_model
+    from safetensors.torch import load_file, save_file
+
+    from edgeft.errors import ModelError
+    from edgeft.export.gguf.convert import gguf_tensors, read_model_spec
+    from edgeft.export.onnx.graph import build_fused_graph
+
+    folder = tiny_model("llama", tiny_tokenizer_dir, tmp_path / "m", tie_word_embeddings=False)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    missing = "lm_head.weight is missing and the config does not tie"
+    with pytest.raises(ModelError, match=missing):
+        streamed_model(folder)
+    with pytest.raises(ModelError, match=missing):
+        build_fused_graph(folder)
+    with pytest.raises(ModelError, match=missing):
+        list(gguf_tensors(read_model_spec(folder), safetensors_index(folder)))
+
+
 def test_row_batches_keep_logits_within_the_budget(monkeypatch):
     import edgeft.streaming as streaming
 

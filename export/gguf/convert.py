@@ -20,6 +20,7 @@ from edgeft.architectures import (
     Architecture,
     LayerAttention,
     attention_shape,
+    head_is_table,
     inverse_frequencies,
     layer_attention,
     longrope_attention_factor,
@@ -203,8 +204,7 @@ def gguf_tensors(
                 "not know"
             )
         yield new_name, index[hf_name], _transform(spec, hf_name)
-    if not spec.tied and "lm_head.weight" not in index:
-        raise ModelError(f"{spec.model_dir}: lm_head.weight is missing and embeddings are not tied")
+    head_is_table(spec.config, index, spec.model_dir)  # an untied config needs its head
 
 
 def _transform(spec: ModelSpec, hf_name: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -256,17 +256,16 @@ class Calibration:
             return self._quantize(modules, run_head, taps={"lm_head": tap}, keep=self.resident)
 
     def _stored_head(self) -> np.ndarray:
-        from edgeft.architectures import tied_embeddings
         from edgeft.weights import read_f32, safetensors_index
 
         index = safetensors_index(self.model_dir)
-        tied = tied_embeddings(self.config) or "lm_head.weight" not in index
-        return read_f32(index["model.embed_tokens.weight" if tied else "lm_head.weight"])
+        return read_f32(index["model.embed_tokens.weight" if self._tied() else "lm_head.weight"])
 
     def _tied(self) -> bool:
-        from edgeft.architectures import tied_embeddings
+        from edgeft.architectures import head_is_table
+        from edgeft.weights import safetensors_index
 
-        return bool(tied_embeddings(self.config))
+        return head_is_table(self.config, safetensors_index(self.model_dir), self.model_dir)
 
     def tuned_norms(self) -> dict[str, np.ndarray]:
         """The RMSNorm weights tuned by :func:`tune_norms` after every matrix is rounded;

@@ -36,6 +36,7 @@ from edgeft.architectures import (
     activation,
     architecture_of,
     attention_shape,
+    head_is_table,
     inverse_frequencies,
     layer_attention,
     longrope_threshold,
@@ -43,7 +44,6 @@ from edgeft.architectures import (
     rotary_dim,
     split_fused,
     supported,
-    tied_embeddings,
 )
 from edgeft.errors import ModelError
 from edgeft.weights import read_f32, safetensors_index
@@ -413,7 +413,7 @@ def _build(g: _Builder, config, architecture, act, layers, tensor, matmuls, prog
     shape = attention_shape(config)
     n_heads, n_kv, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     eps = float(config.get("rms_norm_eps", 1e-6))
-    tied = tied_embeddings(config) or "lm_head.weight" not in tensor
+    tied = head_is_table(config, tensor, tensor.model_dir)
     scale = float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5
     ropes = _rope_tables(g, config, layers)
 
