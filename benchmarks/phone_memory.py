@@ -3,14 +3,13 @@
 onnxruntime-genai allocates its KV cache for the whole context when it loads a folder; llama.cpp
 does too, in F16. For the demo's fine-tuned SmolLM2-135M-Instruct (``edgeft-demo/merged``; the
 default model where the demo has not run) and a random-weight Llama-3.2-1B shape, this exports
-GGUF Q4_K_M and ONNX int4 (fp32 KV cache), makes a copy of the int4 folder with its cache in
-int8 (``--kv-cache int8``'s graph: the same weights, per-channel scales measured on the
-calibration text), all at the 4096-token context both runtimes default to, and runs ``edgeft
-bench`` on the three in one run (2 threads, decode from depths 0 and 2048, 5 repeats, the
-checkpoint as reference): peak RSS of each artifact's process, decode and prefill speed, mean
-KL against the checkpoint.
+GGUF Q4_K_M and ONNX int4 (the default int8 KV cache; with ``--fp32-kv`` a second int4 folder
+with an fp32 cache), at the 4096-token context both runtimes default to, and runs ``edgeft
+bench`` on them in one run (2 threads, decode from depths 0 and 2048, 5 repeats, the checkpoint
+as reference): peak RSS of each artifact's process, decode and prefill speed, mean KL against
+the checkpoint.
 
-    python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR]
+    python benchmarks/phone_memory.py [--only smollm2-135m] [--work DIR] [--fp32-kv]
 
 Writes ``results/phone_memory.{md,json}``.
 """
@@ -49,23 +48,24 @@ def checkpoint(name: str, work: Path) -> Path:
     return in_child(build, name, work / "base", what=f"building {name}")[0][0]
 
 
-def measure(name: str, work: Path) -> dict:
+def measure(name: str, work: Path, fp32_kv: bool) -> dict:
     log = work / "log.txt"
     model = checkpoint(name, work)
     row: dict = {"model": name}
     row["gguf_export"] = run(
         ["export", "gguf", "--model", model, "--out", work / "gguf", "--quant", "q4_k_m"], log
     )
-    row["onnx_export"] = run(
-        ["export", "onnx", "--model", model, "--out", work / "onnx-fp32", "--quant", "int4"], log
-    )
-    int8_cache(model, work / "onnx-fp32" / "int4", work / "onnx-int8kv" / "int4")
+    onnx = ["export", "onnx", "--model", model, "--quant", "int4"]
+    row["onnx_export"] = run([*onnx, "--out", work / "onnx-int8kv"], log)  # the default cache
+    folders = [work / "onnx-int8kv" / "int4"]
+    if fp32_kv:
+        run([*onnx, "--out", work / "onnx-fp32kv", "--kv-cache", "fp32"], log)
+        folders.append(work / "onnx-fp32kv" / "int4")
     row["bench"] = run(
         [
             "bench",
             work / "gguf" / "model-q4_k_m.gguf",
-            work / "onnx-int8kv" / "int4",
-            work / "onnx-fp32" / "int4",
+            *folders,
             "--reference",
             model,
             "--out",
@@ -101,24 +101,6 @@ def measure(name: str, work: Path) -> dict:
     ]
     shutil.copy(work / "bench" / "results.json", RESULTS / f"phone_memory-{name}-bench.json")
     return row
-
-
-def int8_cache(model: Path, folder: Path, out: Path) -> None:
-    """``folder`` with its KV cache int8 (``--kv-cache int8``'s graph, scales measured on the
-    calibration text the export used): the same weights, so the folders differ in the cache
-    alone."""
-    import onnx
-
-    from edgeft.export.onnx.export import calibration_texts
-    from edgeft.export.onnx.gptq import kv_cache_scales
-    from edgeft.export.onnx.quantize import int8_kv_cache
-
-    shutil.copytree(folder, out)
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    scales = kv_cache_scales(model, calibration_texts(model, None)[0])
-    if not int8_kv_cache(graph, scales):
-        raise SystemExit(f"{folder}: the KV cache is not GroupQueryAttention's alone")
-    onnx.save(graph, str(out / "model.onnx"))
 
 
 def _median(stat) -> float | None:
@@ -166,13 +148,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=MODELS, default=None)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--fp32-kv",
+        action="store_true",
+        help="also export and bench the int4 folder with an fp32 KV cache (a second GPTQ run)",
+    )
     args = parser.parse_args()
     path = RESULTS / "phone_memory.json"
     rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     for name in args.only or MODELS:
         work = Path(tempfile.mkdtemp(prefix=f"phone-{name}-", dir=args.work))
         try:
-            rows[name] = measure(name, work)
+            rows[name] = measure(name, work, args.fp32_kv)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         document = {

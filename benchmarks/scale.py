@@ -218,11 +218,14 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     # (ru_maxrss survives exec), so building here would set every stage's figure below.
     from edgeft.isolate import in_child
 
-    base = work / "base"
-    if base.is_dir():  # a kept folder (--keep, then --reuse): the stages asked for run again
+    base, merged = work / "base", work / "merged"
+    # a kept folder (--keep, then --reuse): the stages asked for run again (the 8B base is gone
+    # after its merge, for disk: its merged checkpoint counts the parameters)
+    kept = base if base.is_dir() else merged if merged.is_dir() and "train" not in stages else None
+    if kept:
         from edgeft.weights import safetensors_index
 
-        params = sum(int(np.prod(t.shape)) for t in safetensors_index(base).values())
+        params = sum(int(np.prod(t.shape)) for t in safetensors_index(kept).values())
     else:
         (base, params), _ = in_child(build, name, base, what=f"building {name}")
         row.update(
@@ -231,7 +234,7 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
         save(row)
     data = training_data(work / "data.jsonl")
     method = "lora" if fits_fp32(params) else "qlora"
-    adapter, merged = work / "adapter", work / "merged"
+    adapter = work / "adapter"
     if "train" in stages:
         row["train"] = run(
             [
@@ -269,12 +272,15 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
         save(row)
         if params > 5e9:  # disk: the 8B base, merged and BF16 GGUF do not fit 50 GB together
             shutil.rmtree(base)
+    # A re-measured export of a big shape whose merged checkpoint is gone exports the base: the
+    # same shapes and dtype (bf16), so the same cost; the row says so.
+    source = merged if merged.is_dir() or "merge" in stages else base
     if "gguf" in stages and ok("merge"):
         types = "f16,q8_0,q4_k_m" if params < 2.5e9 else "q4_k_m"
         row["gguf"] = run(
-            ["export", "gguf", "--model", merged, "--out", work / "gguf", "--quant", types], log
+            ["export", "gguf", "--model", source, "--out", work / "gguf", "--quant", types], log
         )
-        row["gguf"]["types"] = types
+        row["gguf"].update(types=types, source=source.name)
         if (work / "gguf" / "edgeft.json").is_file():
             results = json.loads((work / "gguf" / "edgeft.json").read_text())["results"]
             files = results["files"]
@@ -287,8 +293,9 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     if "onnx" in stages and ok("merge"):
         shutil.rmtree(work / "onnx", ignore_errors=True)
         row["onnx"] = run(
-            ["export", "onnx", "--model", merged, "--out", work / "onnx", "--quant", "int4"], log
+            ["export", "onnx", "--model", source, "--out", work / "onnx", "--quant", "int4"], log
         )
+        row["onnx"]["source"] = source.name
         if (work / "onnx" / "edgeft.json").is_file():
             record = json.loads((work / "onnx" / "edgeft.json").read_text())
             (folder,) = record["results"]["folders"]
@@ -309,9 +316,13 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
 
 
 _ROWS: dict[str, dict] = {}
+COMMAND = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
 
 
 def save(row: dict) -> None:
+    for stage in STAGES:  # which run measured each stage (rows are measured over several runs)
+        if stage in row:
+            row[stage].setdefault("command", COMMAND)
     _ROWS[row["model"]] = row
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scale.json"
@@ -322,7 +333,7 @@ def save(row: dict) -> None:
     ordered = [rows[n] for n in SHAPES if n in rows]
     document = {
         "machine": machine_summary(),
-        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+        "command": COMMAND,
         "rows": ordered,
     }
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -379,10 +390,16 @@ def markdown(document: dict) -> str:
             return f"failed: {stage['error'][:60]}"
         return f"{stage['seconds']:.0f} s, {stage['peak_rss_mb'] / 1000:.2f} GB"
 
+    commands = sorted(
+        {r[s]["command"] for r in document["rows"] for s in STAGES if "command" in r.get(s, {})}
+    )
     lines = [
         "# Cost of each stage by model size",
         "",
-        f"Machine: {document['machine']}. Command: `{document['command']}`.",
+        f"Machine: {document['machine']}. Runs that measured these rows (each stage records "
+        "its own in `scale.json`; stages measured before that was recorded show none):",
+        "",
+        *(f"- `{c}`" for c in commands),
         "",
         "Wall time and peak RSS of each CLI stage in its own process (random-weight bf16 "
         "checkpoints of the published shapes; see `benchmarks/scale.py`). The GGUF export's "
@@ -404,7 +421,8 @@ def markdown(document: dict) -> str:
             train += " (QLoRA)"
         gguf = cell(r.get("gguf"))
         if r.get("gguf", {}).get("types"):
-            gguf += f" ({r['gguf']['types']})"
+            of_base = ", of the base checkpoint" if r["gguf"].get("source") == "base" else ""
+            gguf += f" ({r['gguf']['types']}{of_base})"
         own = r.get("gguf", {}).get("export_rss_mb")
         if own:
             runtime = max(v for v in r["gguf"].get("runtime_rss_mb", {}).values() if v)

@@ -354,11 +354,13 @@ class LlamaCppRuntime:
         threads: int,
         lora_path: Path | None = None,
         n_ctx: int | None = None,
+        vocab_only: bool = False,
     ) -> LlamaCppSession:
         """Load a GGUF file for CPU inference, optionally with a GGUF LoRA adapter applied.
 
         ``n_ctx`` defaults to the model's trained context length, at most
-        :data:`MAX_DEFAULT_CTX` tokens.
+        :data:`MAX_DEFAULT_CTX` tokens. ``vocab_only``: the vocabulary and metadata without the
+        weights, for tokenizing and chat rendering (an 8B file's weights are 16 GB).
 
         Raises:
             ModelError: the file is missing or not a GGUF llama.cpp can load, or the adapter
@@ -374,7 +376,9 @@ class LlamaCppRuntime:
             raise ModelError(f"LoRA adapter {lora_path} not found; pass a .gguf adapter file")
         if lora_path is not None:
             _check_lora_base(Path(lora_path), artifact)
-        if n_ctx is None:
+        if vocab_only:
+            n_ctx = 64
+        elif n_ctx is None:
             n_ctx = min(_trained_context_length(artifact), MAX_DEFAULT_CTX)
         try:
             llm = Llama(
@@ -384,6 +388,7 @@ class LlamaCppRuntime:
                 n_threads_batch=threads,
                 n_gpu_layers=0,
                 lora_path=None if lora_path is None else str(lora_path),
+                vocab_only=vocab_only,
                 verbose=False,
             )
         except ValueError as exc:  # Llama's model and context failures

@@ -85,6 +85,23 @@ def test_existing_output_needs_force(llama_export, tiny_llama):
         export_gguf(tiny_llama, llama_export.out, "f32")
 
 
+@pytest.mark.parametrize("out_type", ["f16", "bf16"])
+def test_tables_written_in_row_pieces_equal_whole(tiny_llama, tmp_path, monkeypatch, out_type):
+    """The converter casts a 2-D tensor a few rows at a time (an 8B model's vocabulary table is
+    2.1 GB in fp32): the file is byte for byte the one a whole-tensor cast writes."""
+    from functools import partial
+
+    import edgeft.export.gguf.convert as convert
+    from edgeft.weights import row_chunks
+
+    whole = tmp_path / "whole.gguf"
+    convert_checkpoint(tiny_llama, whole, out_type)
+    monkeypatch.setattr(convert, "row_chunks", partial(row_chunks, max_bytes=1000))
+    pieces = tmp_path / "pieces.gguf"
+    convert_checkpoint(tiny_llama, pieces, out_type)
+    assert pieces.read_bytes() == whole.read_bytes()
+
+
 def test_every_type_loads_and_generates(tiny_llama, tmp_path):
     quants = [t for t in GGUF_TYPES if t not in ("f32", "f16")]
     result = export_gguf(tiny_llama, tmp_path / "all", quants, eval_text=SHORT_EVAL)

@@ -32,7 +32,7 @@ from edgeft.architectures import (
 from edgeft.errors import ModelError
 from edgeft.export.gguf.vocab import GGUFVocab, read_vocab
 from edgeft.models import read_export_config
-from edgeft.weights import StoredTensor, read_f32, safetensors_index
+from edgeft.weights import StoredTensor, read_f32, row_chunks, safetensors_index
 
 OutType = str  # "f32" | "f16" | "bf16"
 OUT_TYPES = ("f32", "f16", "bf16")
@@ -287,9 +287,9 @@ def _lazy(stored: StoredTensor, transform, out_type: OutType):
         meta_dtype, shape = np.uint8, (*stored.shape[:-1], 2 * stored.shape[-1])
     meta = LazyNumpyTensor.meta_with_dtype_and_shape(meta_dtype, shape)
 
-    def load() -> np.ndarray:
+    def cast(values: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
-            data = _cast(out_type, transform(read_f32(stored)))[0]  # read_f32: finite input
+            data = _cast(out_type, values)[0]
         # Finite fp32 values beyond the target's range become inf: F16 tops out at 65504.
         overflow = (
             not np.isfinite(data).all()
@@ -302,6 +302,17 @@ def _lazy(stored: StoredTensor, transform, out_type: OutType):
                 "its range); export f32 instead"
             )
         return data
+
+    def load() -> np.ndarray:
+        if transform is not _identity or ndim < 2:
+            return cast(transform(read_f32(stored)))  # read_f32: finite input
+        # Row by row into the output: an 8B model's 128256-row table is 2.1 GB in fp32, and
+        # the whole table in fp32 beside its cast would be the export's peak.
+        out, start = np.empty(shape, dtype=meta_dtype), 0
+        for rows in row_chunks(stored):  # fp32, checked finite
+            out[start : start + len(rows)] = cast(rows)
+            start += len(rows)
+        return out
 
     raw_dtype = None if (out_type != "bf16" or ndim < 2) else gguf.GGMLQuantizationType.BF16
     return LazyNumpyTensor(meta=meta, func=load), raw_dtype

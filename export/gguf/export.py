@@ -144,7 +144,7 @@ def _check_tokenizer(model_dir: Path, gguf_path: Path, vocab, threads: int) -> d
     check = check_token_ids(hf, gguf_path, corpus_for(vocab, chat_texts))
     result = check.as_dict()
     if hf.chat_template:
-        session = get_runtime("llama.cpp").load(gguf_path, threads=threads)
+        session = get_runtime("llama.cpp").load(gguf_path, threads=threads, vocab_only=True)
         try:
             expected = list(
                 hf.apply_chat_template(
@@ -321,7 +321,7 @@ def export_gguf(
             timings[quant] = time.perf_counter() - start
 
         say("checking llama.cpp's token ids against the Hugging Face tokenizer")
-        # in a process of its own: the chat template's check loads the whole file
+        # in a process of its own: llama.cpp keeps what it allocates
         tokenizer, _ = in_child(
             _check_tokenizer, model, source, vocab, threads, what="checking llama.cpp's tokenizer"
         )
