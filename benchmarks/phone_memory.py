@@ -51,7 +51,7 @@ def checkpoint(name: str, work: Path) -> Path:
 def measure(name: str, work: Path, fp32_kv: bool) -> dict:
     log = work / "log.txt"
     model = checkpoint(name, work)
-    row: dict = {"model": name}
+    row: dict = {"model": name, "checkpoint": _describe(model)}
     row["gguf_export"] = run(
         ["export", "gguf", "--model", model, "--out", work / "gguf", "--quant", "q4_k_m"], log
     )
@@ -103,6 +103,12 @@ def measure(name: str, work: Path, fp32_kv: bool) -> dict:
     return row
 
 
+def _describe(model: Path) -> str:
+    if model.is_relative_to(ROOT):
+        return str(model.relative_to(ROOT))  # the demo's fine-tune
+    return "random weights" if model.name == "base" else f"{model.name} (the default model)"
+
+
 def _median(stat) -> float | None:
     if isinstance(stat, dict):
         return stat.get("median")
@@ -115,8 +121,11 @@ def markdown(document: dict) -> str:
         "",
         f"Machine: {document['machine']}. Command: `{document['command']}`.",
         "",
-        "Peak RSS of each artifact's bench process (load, prefill, decode at depths 0 and "
-        "2048, perplexity), context 4096 in both runtimes; 2 threads, medians of 5 runs.",
+        "Peak RSS of each artifact's bench process over load, prefill and decode at depths 0 "
+        "and 2048 (taken before the accuracy pass, whose logits are the harness's own), "
+        "context 4096 in both runtimes; onnxruntime-genai is fed prompts in pieces whose "
+        "logits fit 32 MiB (128 tokens at a 49k vocabulary, 64 at 128k), llama.cpp in its "
+        "512-token batches; 2 threads, medians of 5 runs.",
         "",
         "| model | artifact | size MB | context | peak RSS MB | vs Q4_K_M | prefill tok/s | "
         "decode tok/s (depth 0 / 2048) | mean KL vs checkpoint |",
@@ -138,7 +147,7 @@ def markdown(document: dict) -> str:
             kl = f"{a['mean_kl']:.4f}" if a.get("mean_kl") is not None else "–"
             rss = f"{a['peak_rss_mb']:.0f}" if a.get("peak_rss_mb") else "–"
             lines.append(
-                f"| {row['model']} | {a['name']} ({a['runtime']}) | {a['size_mb']} | "
+                f"| {row['model']} ({row.get('checkpoint', '')}) | {a['name']} ({a['runtime']}) | {a['size_mb']} | "
                 f"{a['n_ctx']} | {rss} | {ratio} | {prefill} | {decode} | {kl} |"
             )
     return "\n".join(lines) + "\n"

@@ -105,11 +105,20 @@ def top1_off_ties(reference, candidate, noise: float) -> float:
     """Share of positions where the candidate's argmax is the reference's, or a token the
     reference scores within ``2·noise·max|reference|`` of its best: rounding of relative size
     ``noise`` can swap such near-ties on another CPU, so either answer is correct."""
-    ref, cand = _float64(reference), _float64(candidate)
-    picked = cand.argmax(-1)
-    tie = 2 * noise * float(np.abs(ref).max())
-    chosen = ref[np.arange(len(ref)), picked]
-    return float((chosen >= ref.max(-1) - tie).mean())
+    ref_all, cand_all = _float32(reference), _float32(candidate)
+    tie = 2 * noise * max(float(np.abs(ref).max()) for ref in _rows(ref_all))
+    agree = 0
+    for ref, cand in zip(_rows(ref_all), _rows(cand_all), strict=True):
+        ref = ref.astype(np.float64)
+        chosen = ref[np.arange(len(ref)), cand.argmax(-1)]
+        agree += int((chosen >= ref.max(-1) - tie).sum())
+    return agree / len(ref_all)
+
+
+def _rows(logits: np.ndarray):
+    """``logits`` in pieces of :data:`_CHUNK_POSITIONS` rows (views, no copies)."""
+    for start in range(0, len(logits), _CHUNK_POSITIONS):
+        yield logits[start : start + _CHUNK_POSITIONS]
 
 
 def _float32(logits) -> np.ndarray:
@@ -118,12 +127,6 @@ def _float32(logits) -> np.ndarray:
         logits = logits.detach().float().cpu().numpy()
     logits = np.asarray(logits)
     return logits if logits.dtype == np.float64 else logits.astype(np.float32, copy=False)
-
-
-def _float64(logits) -> np.ndarray:
-    if hasattr(logits, "detach"):  # a torch tensor
-        logits = logits.detach().float().cpu().numpy()
-    return np.asarray(logits, dtype=np.float64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -145,14 +148,20 @@ def model_logits(model, rows: Iterable[Sequence[int]]):
 
 
 def perplexity(logits, token_ids: Sequence[int]) -> float:
-    """Perplexity of ``token_ids[1:]`` under ``logits[:-1]`` (``[n, vocab]``, one row per id)."""
-    scores = _float64(logits)
+    """Perplexity of ``token_ids[1:]`` under ``logits[:-1]`` (``[n, vocab]``, one row per id),
+    a bounded number of positions at a time in float64."""
+    scores = _float32(logits)
     targets = np.asarray(list(token_ids)[1:], dtype=np.int64)
     if scores.shape[0] != len(token_ids) or len(targets) == 0:
         raise ValueError(f"need one logit row per token and ≥2 tokens, got {tuple(scores.shape)}")
-    log_probs = _log_softmax(scores[:-1])
-    nll = -log_probs[np.arange(len(targets)), targets]
-    return float(np.exp(nll.mean()))
+    nll = 0.0
+    for start, rows in zip(
+        range(0, len(targets), _CHUNK_POSITIONS), _rows(scores[:-1]), strict=True
+    ):
+        log_probs = _log_softmax(rows.astype(np.float64))
+        picked = targets[start : start + len(rows)]
+        nll -= float(log_probs[np.arange(len(rows)), picked].sum())
+    return float(np.exp(nll / len(targets)))
 
 
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:

@@ -28,11 +28,21 @@ from edgeft.errors import EdgeftError, ModelError
 from edgeft.runtimes import generate
 
 GENAI_CONFIG = "genai_config.json"
-# A prompt is fed in pieces of this many tokens, as llama.cpp's default batch feeds it: in one
-# piece, onnxruntime-genai computes logits and attention scores for every prompt position at
-# once (SmolLM2-135M at 2048 prompt tokens peaked at 925 MB against 556 MB in 512-token pieces,
-# with the same greedy answer).
-PREFILL_CHUNK = 512
+# A prompt is fed in pieces, as llama.cpp's batches feed it. onnxruntime-genai computes logits
+# for every position of a piece (llama.cpp only for the last), so a piece's logits are bounded
+# in bytes: SmolLM2-135M at a 4096 context peaked at 433 MB in 512-token pieces (100 MB of them
+# logits), 327 MB in 128-token ones, 319 MB in 64-token ones, at the same prefill speed (int4,
+# 2 threads, paired rounds); a 128k vocabulary's 512 logit rows alone are 262 MB.
+PREFILL_LOGITS_BYTES = 32 << 20
+PREFILL_CHUNK_RANGE = (64, 512)
+
+
+def prefill_chunk(vocab_size: int) -> int:
+    """Tokens per prefill piece: the largest power of two whose fp32 logits fit
+    :data:`PREFILL_LOGITS_BYTES`, within :data:`PREFILL_CHUNK_RANGE`."""
+    low, high = PREFILL_CHUNK_RANGE
+    rows = max(1, PREFILL_LOGITS_BYTES // (4 * max(1, vocab_size)))
+    return min(high, max(low, 1 << (rows.bit_length() - 1)))
 
 
 class GenaiSession:
@@ -43,8 +53,11 @@ class GenaiSession:
     cannot decode past an end token.
     """
 
-    def __init__(self, model, tokenizer, path: Path, eos_token_ids, n_ctx: int) -> None:
+    def __init__(
+        self, model, tokenizer, path: Path, eos_token_ids, n_ctx: int, vocab_size: int
+    ) -> None:
         self.min_new_tokens = 0
+        self.prefill_chunk = prefill_chunk(vocab_size)
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -85,10 +98,10 @@ class GenaiSession:
         return logits[0].astype(np.float32, copy=False)
 
     def prefill(self, token_ids: Sequence[int]) -> None:
-        """Start a new generator on the prompt, fed :data:`PREFILL_CHUNK` tokens at a time;
+        """Start a new generator on the prompt, fed :func:`prefill_chunk` tokens at a time;
         the next :meth:`decode_one` continues it."""
         self._generator = self._last = None
-        self._generator = self._generator_for(self._checked(token_ids), chunk=PREFILL_CHUNK)
+        self._generator = self._generator_for(self._checked(token_ids), chunk=self.prefill_chunk)
 
     def decode_one(self) -> int:
         """Greedy next token, extending the sequence by one position.
@@ -190,6 +203,7 @@ class GenaiRuntime:
             genai = json.loads(source.read_text(encoding="utf-8"))
             eos = genai["model"]["eos_token_id"]
             n_ctx = int(genai["search"].get("max_length") or genai["model"]["context_length"])
+            vocab_size = int(genai["model"].get("vocab_size") or 0)  # 0: the largest pieces
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise ModelError(
                 f"{source} is not a usable genai config ({exc!r}); write it again"
@@ -208,7 +222,7 @@ class GenaiRuntime:
                 f"{GENAI_CONFIG} and model files"
             ) from exc
         eos = eos if isinstance(eos, list) else [eos]
-        return GenaiSession(model, tokenizer, folder, [int(e) for e in eos], n_ctx)
+        return GenaiSession(model, tokenizer, folder, [int(e) for e in eos], n_ctx, vocab_size)
 
 
 def _check_model_files(folder: Path, source: Path, genai: dict) -> None:

@@ -220,6 +220,32 @@ def test_genai_generates_what_onnxruntime_generates(ort, genai):
         assert_greedy_like(ort, prompt, expected, tokens, FP32_ORDER)
 
 
+def test_genai_prompt_in_pieces_generates_the_same(ort, genai):
+    """A prompt fed a few tokens at a time (as big vocabularies' prompts are, to bound the
+    logits genai computes for every position of a piece) continues as one fed whole."""
+    from edgeft.runtimes.ortgenai import prefill_chunk
+
+    prompt = genai.tokenize(QUESTION, chat=True)
+    assert genai.prefill_chunk == prefill_chunk(400) == 512 > len(prompt)
+    expected = generate(genai, prompt, 12)
+    genai.prefill_chunk = 5
+    try:
+        assert len(prompt) > 2 * genai.prefill_chunk
+        assert_greedy_like(ort, prompt, expected, generate(genai, prompt, 12), FP32_ORDER)
+    finally:
+        genai.prefill_chunk = prefill_chunk(400)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "tokens"), [(49152, 128), (128256, 64), (262144, 64), (32000, 256), (0, 512)]
+)
+def test_prefill_pieces_bound_their_logits(vocab, tokens):
+    from edgeft.runtimes.ortgenai import PREFILL_LOGITS_BYTES, prefill_chunk
+
+    assert prefill_chunk(vocab) == tokens
+    assert tokens == 64 or tokens * 4 * vocab <= PREFILL_LOGITS_BYTES
+
+
 def test_genai_logits_cover_every_position(ort, genai):
     ids = ort.tokenize(CORPUS[0] + " " + CORPUS[2])
     logits = genai.logits(ids)
