@@ -147,8 +147,8 @@ def markdown(document: dict) -> str:
             kl = f"{a['mean_kl']:.4f}" if a.get("mean_kl") is not None else "–"
             rss = f"{a['peak_rss_mb']:.0f}" if a.get("peak_rss_mb") else "–"
             lines.append(
-                f"| {row['model']} ({row.get('checkpoint', '')}) | {a['name']} ({a['runtime']}) | {a['size_mb']} | "
-                f"{a['n_ctx']} | {rss} | {ratio} | {prefill} | {decode} | {kl} |"
+                f"| {row['model']} ({row.get('checkpoint', '')}) | {a['name']} ({a['runtime']}) | "
+                f"{a['size_mb']} | {a['n_ctx']} | {rss} | {ratio} | {prefill} | {decode} | {kl} |"
             )
     return "\n".join(lines) + "\n"
 
