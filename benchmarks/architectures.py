@@ -35,95 +35,26 @@ from pathlib import Path
 
 from edgeft.provenance import machine_summary
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import PUBLISHED  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# The published shapes; "layers" is how many this benchmark builds, "of" how many the model has.
+# How many layers of each published shape (shapes.py) this benchmark builds.
+LAYERS = {"qwen3-0.6b": 8, "gemma-3-270m": 18, "llama-3.2-1b": 4, "phi-4-mini": 2}
 SHAPES = {
-    "qwen3-0.6b": dict(
-        architecture="qwen3",
-        layers=8,
-        of=28,
-        config=dict(
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
-            max_position_embeddings=40960,
-            rope_theta=1_000_000.0,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "gemma-3-270m": dict(
-        architecture="gemma3_text",
-        layers=18,
-        of=18,
-        config=dict(
-            hidden_size=640,
-            intermediate_size=2048,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=256,
-            vocab_size=262144,
-            max_position_embeddings=32768,
-            sliding_window=512,
-            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
-            rope_theta=1_000_000.0,
-            rope_local_base_freq=10_000.0,
-            query_pre_attn_scalar=256,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "llama-3.2-1b": dict(
-        architecture="llama",
-        layers=4,
-        of=16,
-        config=dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            rope_theta=500_000.0,
-            rope_scaling=dict(
-                rope_type="llama3",
-                factor=32.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=8192,
-            ),
-            tie_word_embeddings=True,
-        ),
-    ),
-    "phi-4-mini": dict(
-        architecture="phi3",
-        layers=2,
-        of=32,
-        config=dict(
-            hidden_size=3072,
-            intermediate_size=8192,
-            num_attention_heads=24,
-            num_key_value_heads=8,
-            vocab_size=200064,
-            max_position_embeddings=131072,
-            original_max_position_embeddings=4096,
-            partial_rotary_factor=0.75,
-            rope_theta=10_000.0,
-            # LongRoPE's 48 factors per table: the shape is Phi-4-mini's, the values a smooth
-            # ramp (random weights make no use of the published ones)
-            rope_scaling=dict(
-                type="longrope",
-                short_factor=[1.0 + 0.02 * i for i in range(48)],
-                long_factor=[1.0 + 0.5 * i for i in range(48)],
-            ),
-            sliding_window=None,
-            tie_word_embeddings=True,
-        ),
-    ),
+    name: dict(
+        architecture=PUBLISHED[name]["architecture"],
+        layers=layers,
+        of=PUBLISHED[name]["num_hidden_layers"],
+        config={
+            k: v
+            for k, v in PUBLISHED[name].items()
+            if k not in ("architecture", "num_hidden_layers")
+        },
+    )
+    for name, layers in LAYERS.items()
 }
 
 

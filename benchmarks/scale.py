@@ -20,7 +20,11 @@ Stages, for each shape:
 - ``export gguf``: F16, Q8_0 and Q4_K_M (Q4_K_M only from 3B on), each file measured against
   the checkpoint in PyTorch fp32 (streamed layer by layer above a quarter of this machine's
   memory) and in llama.cpp;
-- ``export onnx --quant int4`` where asked (``--onnx``).
+- ``export onnx --quant int4`` where asked (``--stages ...,onnx``).
+
+An export asked for without ``merge`` (and no merged checkpoint kept) exports the base
+checkpoint, GPTQ calibrated on the same training rows: the same shapes and dtype, so the same
+cost; the row says so.
 
     python benchmarks/scale.py [--only llama-3.2-1b ...] [--stages train,merge,gguf] [--work DIR]
 
@@ -42,101 +46,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import run  # noqa: E402  one CLI stage in its own process
+from shapes import PUBLISHED  # noqa: E402
 
 from edgeft.provenance import machine_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-_SMOLLM2 = dict(
-    architecture="llama",
-    vocab_size=49152,
-    max_position_embeddings=8192,
-    rope_theta=100_000.0,
-    tie_word_embeddings=True,
+SCALE_MODELS = (
+    "smollm2-135m",
+    "smollm2-360m",
+    "qwen3-0.6b",
+    "llama-3.2-1b",
+    "smollm2-1.7b",
+    "llama-3.2-3b",
+    "llama-3.1-8b",
 )
-_LLAMA3 = dict(
-    architecture="llama",
-    vocab_size=128256,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rope_theta=500_000.0,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=32.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-)
-SHAPES = {
-    "smollm2-135m": dict(
-        _SMOLLM2,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    ),
-    "smollm2-360m": dict(
-        _SMOLLM2,
-        hidden_size=960,
-        intermediate_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=15,
-        num_key_value_heads=5,
-    ),
-    "qwen3-0.6b": dict(
-        architecture="qwen3",
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    ),
-    "llama-3.2-1b": dict(
-        _LLAMA3,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
-    "smollm2-1.7b": dict(
-        _SMOLLM2,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        rope_theta=130_000.0,
-    ),
-    "llama-3.2-3b": dict(
-        _LLAMA3,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        _LLAMA3,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-}
+SHAPES = {name: PUBLISHED[name] for name in SCALE_MODELS}
 STAGES = ("train", "merge", "gguf", "onnx")
 # Embedding and output tables are drawn wider than transformers' 0.02 so that next-token
 # distributions are peaked, as a trained model's are: with 0.02 they are nearly flat, every
@@ -293,7 +219,10 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     if "onnx" in stages and ok("merge"):
         shutil.rmtree(work / "onnx", ignore_errors=True)
         row["onnx"] = run(
-            ["export", "onnx", "--model", source, "--out", work / "onnx", "--quant", "int4"], log
+            ["export", "onnx", "--model", source, "--out", work / "onnx", "--quant", "int4"]
+            # the merged checkpoint names its training data, GPTQ's text; the base does not
+            + (["--calibration", data] if source == base else []),
+            log,
         )
         row["onnx"]["source"] = source.name
         if (work / "onnx" / "edgeft.json").is_file():

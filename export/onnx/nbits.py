@@ -23,10 +23,12 @@ import numpy as np
 from edgeft.export.onnx.graph import FloatMatmuls
 from edgeft.export.onnx.quantize import (
     QuantSettings,
-    _block_quantize,
     _pack_nibbles,
+    gather_block_quantized,
+    implied_zero_points,
     matrix_layout,
     planned_bits,
+    table_codes,
 )
 
 
@@ -167,27 +169,20 @@ class QuantizedMatmuls(FloatMatmuls):
             reshaped = g.weight(f"{codes}_shape", np.array([rows, -1], np.int64))
             g.node("Reshape", [f"{name}_q{bits}", reshaped], [codes], name=codes)
             scales, zero = f"{name}_scales", f"{name}_zero_points"
-            if head.symmetric:  # MatMulNBits' implied zero point, 2^(bits-1), made explicit
-                fill = np.full((rows, cols // head.block_size), 1 << (bits - 1), np.uint8)
-                zero = g.weight(f"{codes}_zero_points", _pack_nibbles(fill) if bits == 4 else fill)
             block = head.block_size
+            if head.symmetric:
+                fill = implied_zero_points(rows, cols, bits, block)
+                zero = g.weight(f"{codes}_zero_points", fill)
         else:
             block = self.settings.block_size
-            quantized, scale_values, zero_values = _block_quantize(table(), bits, block)
-            if bits == 4:
-                quantized, zero_values = _pack_nibbles(quantized), _pack_nibbles(zero_values)
+            quantized, scale_values, zero_values = table_codes(table(), bits, block)
             codes = g.weight(f"model.embed_tokens.weight_q{bits}", quantized)
             scales = g.weight(f"{codes}_scales", scale_values)
             zero = g.weight(f"{codes}_zero_points", zero_values)
-        (hidden,) = g.node(
-            "GatherBlockQuantized",
-            [codes, ids, scales, zero],
-            name=f"/model/embed_tokens/Gather_q{bits}",
-            domain="com.microsoft",
-            gather_axis=0,
-            quantize_axis=1,
-            block_size=block,
-            bits=bits,
+        name = f"/model/embed_tokens/Gather_q{bits}"
+        hidden = f"{name}/output_0"
+        g.nodes.append(
+            gather_block_quantized([codes, ids, scales, zero], [hidden], name, bits, block)
         )
         return hidden
 

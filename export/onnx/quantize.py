@@ -344,6 +344,39 @@ def _tied_lm_head(model, table: str, bits: int):
     return None, None
 
 
+def table_codes(table: np.ndarray, bits: int, block: int):
+    """``(codes, scales, zero points)`` of an embedding table for GatherBlockQuantized, in
+    blocks of ``block`` along each row, 4-bit codes and zero points packed two a byte."""
+    quantized, scales, zero = _block_quantize(table, bits, block)
+    if bits == 4:
+        quantized, zero = _pack_nibbles(quantized), _pack_nibbles(zero)
+    return quantized, scales, zero
+
+
+def implied_zero_points(rows: int, cols: int, bits: int, block: int) -> np.ndarray:
+    """A symmetric matrix's zero points, 2^(bits-1), which MatMulNBits implies and
+    GatherBlockQuantized must be given: for a table that shares a symmetric head's codes."""
+    fill = np.full((rows, cols // block), 1 << (bits - 1), np.uint8)
+    return _pack_nibbles(fill) if bits == 4 else fill
+
+
+def gather_block_quantized(inputs: list[str], outputs: list[str], name: str, bits: int, block: int):
+    """The GatherBlockQuantized node over a table quantized along its rows."""
+    from onnx import helper
+
+    return helper.make_node(
+        "GatherBlockQuantized",
+        inputs,
+        outputs,
+        name=name,
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block,
+        bits=bits,
+    )
+
+
 def quantize_embeddings(model, bits: int, block_size: int) -> int:
     """Replace the embedding Gather by a GatherBlockQuantized of ``bits`` (in place).
 
@@ -371,13 +404,10 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
             codes, scales = f"{table.name}_shared_q{bits}", lm_head.input[2]
             if len(lm_head.input) > 3 and lm_head.input[3]:
                 zero = lm_head.input[3]
-            else:  # symmetric: MatMulNBits' implied zero point, 2^(bits-1), made explicit
+            else:
                 zero = f"{codes}_zero_points"
-                groups = table.dims[1] // block
-                fill = np.full((table.dims[0], groups), 1 << (bits - 1), np.uint8)
-                model.graph.initializer.append(
-                    numpy_helper.from_array(_pack_nibbles(fill) if bits == 4 else fill, zero)
-                )
+                fill = implied_zero_points(table.dims[0], table.dims[1], bits, block)
+                model.graph.initializer.append(numpy_helper.from_array(fill, zero))
             shape = f"{codes}_shape"
             model.graph.initializer.append(
                 numpy_helper.from_array(np.array([table.dims[0], -1], np.int64), shape)
@@ -388,11 +418,9 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
             )
             index += 1
         else:
-            quantized, scale_values, zero_values = _block_quantize(
+            quantized, scale_values, zero_values = table_codes(
                 numpy_helper.to_array(table), bits, block
             )
-            if bits == 4:
-                quantized, zero_values = _pack_nibbles(quantized), _pack_nibbles(zero_values)
             codes = f"{table.name}_q{bits}"
             scales, zero = f"{codes}_scales", f"{codes}_zero_points"
             model.graph.initializer.extend(
@@ -402,16 +430,12 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
                     numpy_helper.from_array(zero_values, zero),
                 ]
             )
-        replacement = helper.make_node(
-            "GatherBlockQuantized",
+        replacement = gather_block_quantized(
             [codes, node.input[1], scales, zero],
             list(node.output),
-            name=f"{node.name}_q{bits}",
-            domain="com.microsoft",
-            gather_axis=0,
-            quantize_axis=1,
-            block_size=block,
-            bits=bits,
+            f"{node.name}_q{bits}",
+            bits,
+            block,
         )
         model.graph.node.remove(node)
         model.graph.node.insert(index, replacement)
