@@ -79,6 +79,9 @@ def measure(name: str, work: Path, fp32_kv: bool) -> dict:
         ],
         log,
     )
+    for stage in ("gguf_export", "onnx_export", "bench"):
+        if row[stage].get("error"):
+            raise SystemExit(f"{name}: {stage} failed: {row[stage]['error']} (log: {log})")
     results = json.loads((work / "bench" / "results.json").read_text())
     row["artifacts"] = [
         {
@@ -169,8 +172,10 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"phone-{name}-", dir=args.work))
         try:
             rows[name] = measure(name, work, args.fp32_kv)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        except BaseException:
+            print(f"{name}: kept {work}", flush=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
         document = {
             "machine": machine_summary(),
             "command": "python benchmarks/phone_memory.py " + " ".join(sys.argv[1:]),
