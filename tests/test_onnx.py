@@ -452,6 +452,20 @@ def test_calibration_sampled_from_the_model_is_repeatable(tiny):
     assert tokens > 300
 
 
+def test_sampled_calibration_is_no_longer_than_gptqs_budget(tiny, monkeypatch):
+    """Sampling costs a forward pass per token: a big model samples only the tokens GPTQ
+    will calibrate on, fewer than a small one."""
+    from edgeft.export.onnx import export, gptq
+
+    asked = []
+    monkeypatch.setattr(gptq, "sampled_texts", lambda model, tokens: asked.append(tokens) or ["x"])
+    for params in (100_000_000, 1_240_000_000):
+        monkeypatch.setattr(gptq, "checkpoint_params", lambda model, params=params: params)
+        assert export.calibration_texts(tiny, None) == (["x"], export.SAMPLED)
+    assert asked == [gptq.CALIBRATION_MAX_TOKENS, gptq.calibration_budget(1_240_000_000)]
+    assert asked[1] < asked[0] / 2
+
+
 def test_tuned_norms_bring_the_int4_folder_closer(tiny_llama, tmp_path, monkeypatch):
     """Norm tuning writes new RMSNorm weights into the int4 graph, and on its calibration text
     they lower the folder's mean KL against the checkpoint; with 0 passes the graph keeps the

@@ -334,13 +334,14 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         except (ModelError, KeyError, TypeError):
             calibration = None
     if calibration is None and not should_stream(model):
-        from edgeft.export.onnx.gptq import sampled_texts
+        from edgeft.export.onnx.gptq import calibration_budget, checkpoint_params, sampled_texts
 
         logger.info(
             "no calibration data (no --calibration, no fine-tuning data in the provenance): "
             "sampling calibration text from the model itself"
         )
-        texts = sampled_texts(model)
+        # as many tokens as GPTQ calibrates on: sampling costs a forward pass per token
+        texts = sampled_texts(model, calibration_budget(checkpoint_params(model)))
         if texts:
             return texts, SAMPLED
     if calibration is None:  # sampling needs the model loaded whole

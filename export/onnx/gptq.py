@@ -106,6 +106,13 @@ CALIBRATION_TOKEN_PARAMS = CALIBRATION_MAX_TOKENS * 400_000_000
 MIN_CALIBRATION_TOKENS = 2048
 
 
+def checkpoint_params(model_dir: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors (a tied table once)."""
+    from edgeft.weights import safetensors_index
+
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in safetensors_index(model_dir).values())
+
+
 def calibration_budget(params: int) -> int:
     """Calibration tokens for a model of ``params`` parameters (whole chunks)."""
     tokens = CALIBRATION_TOKEN_PARAMS // max(params, 1)
@@ -147,15 +154,12 @@ class Calibration:
         from transformers import AutoModelForCausalLM
 
         from edgeft.streaming import decoder_inputs, should_stream, streamed_model
-        from edgeft.weights import safetensors_index
 
         self.model_dir = Path(model_dir)
         self.bits = bits
         self.settings = settings
         self.resident = not should_stream(self.model_dir) if resident is None else resident
-        index = safetensors_index(self.model_dir)
-        params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in index.values())
-        self.tokens = calibration_budget(params)
+        self.tokens = calibration_budget(checkpoint_params(self.model_dir))
         self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
         if sampled:
             self.chunks += _calibration_ids(self.model_dir, sampled, settings.sampled_tokens)
