@@ -109,7 +109,9 @@ def measure(name: str, work: Path, fp32_kv: bool) -> dict:
 def _describe(model: Path) -> str:
     if model.is_relative_to(ROOT):
         return str(model.relative_to(ROOT))  # the demo's fine-tune
-    return "random weights" if model.name == "base" else f"{model.name} (the default model)"
+    if model.name == "base":
+        return "random weights"
+    return f"the default model, {model.name.rsplit('-', 1)[0]}"  # name-<revision>
 
 
 def _median(stat) -> float | None:

@@ -4,7 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAMILIES, FAST_TRAIN, facts_rows, family_model, family_tokenizer, write_jsonl
+from conftest import (
+    CORPUS,
+    FAMILIES,
+    FAST_TRAIN,
+    facts_rows,
+    family_model,
+    family_tokenizer,
+    write_jsonl,
+)
 from numerics import FP32_ORDER, assert_logits_close, assert_parity_within
 
 from edgeft.parity import ParityAccumulator, compare_logits, model_logits
@@ -328,3 +336,25 @@ def test_tied_head_is_the_embedding_even_when_a_head_is_stored(tiny_llama, tmp_p
     loaded = model_logits(_loaded(folder), [ROWS[1]]).numpy()
     np.testing.assert_array_equal(loaded, model_logits(_loaded(tiny_llama), [ROWS[1]]).numpy())
     np.testing.assert_array_equal(batch_logits(streamed_model(folder), ROWS, [1])[0], loaded)
+
+
+def test_gptq_streams_sooner_than_a_reference(tiny_llama, monkeypatch):
+    """GPTQ with norm tuning holds about four fp32 copies of the model: between an eighth and
+    a quarter of memory, a reference loads the model whole and the calibration streams it
+    (and tunes no norms); the calibration gives its model back once the folder is written."""
+    from edgeft import streaming
+    from edgeft.export.onnx.gptq import Calibration, checkpoint_params
+    from edgeft.export.onnx.quantize import QuantSettings
+
+    monkeypatch.delenv("EDGEFT_STREAM", raising=False)
+    fp32 = checkpoint_params(tiny_llama) * 4
+    monkeypatch.setattr(streaming, "total_memory_bytes", lambda: 6 * fp32)
+    assert not streaming.should_stream(tiny_llama)
+    assert streaming.should_stream(tiny_llama, streaming.CALIBRATION_RESIDENT_SHARE)
+    text = [" ".join(CORPUS * 4)]
+    calibration = Calibration(tiny_llama, text, {}, QuantSettings())
+    assert not calibration.resident and calibration.tuned_norms() == {}
+    calibration.release()
+    assert calibration.model is None and calibration.calibrated_tokens > 0
+    monkeypatch.setattr(streaming, "total_memory_bytes", lambda: 10 * fp32)
+    assert Calibration(tiny_llama, text, {}, QuantSettings()).resident

@@ -49,7 +49,7 @@ from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
 from edgeft.runtimes import generate, get_runtime
 from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
-from edgeft.streaming import should_stream
+from edgeft.streaming import CALIBRATION_RESIDENT_SHARE, should_stream
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +575,8 @@ def export_onnx(
             _export_fp32(model, fp32, graph)
             timings["fp32"] = time.perf_counter() - start
         calibrate, calibrated_on, streamed = None, None, should_stream(model)
+        # GPTQ with norm tuning holds about four fp32 copies: it streams sooner
+        calibration_streamed = should_stream(model, CALIBRATION_RESIDENT_SHARE)
         calibrations: list = []
         if "int4" in types and calibrated:
             from edgeft.export.onnx.gptq import Calibration
@@ -591,7 +593,7 @@ def export_onnx(
 
             def calibrate(bits: dict[str, int]) -> Calibration:
                 say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
-                if settings.norm_epochs and not streamed:
+                if settings.norm_epochs and not calibration_streamed:
                     say(f"then tuning the norm weights: {_passes(settings.norm_epochs)} over it")
                 calibrations.append(Calibration(model, texts, bits, settings, sampled))
                 return calibrations[-1]
@@ -630,6 +632,8 @@ def export_onnx(
             else:
                 _make_folder(quant, fp32, work / quant, settings, calibrate, kv_scales)
             timings[quant] = time.perf_counter() - start
+        for calibration_done in calibrations:
+            calibration_done.release()
         from edgeft.export.onnx.genai import write_genai_config
 
         for quant in types:
@@ -691,13 +695,15 @@ def export_onnx(
         if calibrations and not calibrations[-1].resident:
             notes.append(
                 f"int4 calibrated on {calibrations[-1].calibrated_tokens} tokens, streamed "
-                "layer by layer (the model's fp32 weights exceed a quarter of this machine's "
-                "memory): the token budget shrinks with the model's size"
+                "layer by layer (the model's fp32 weights exceed an eighth of this machine's "
+                "memory, and GPTQ with norm tuning holds about four times them): the token "
+                "budget shrinks with the model's size"
             )
             if settings.norm_epochs:
                 notes.append(
                     "int4 norm weights as trained: norm tuning backpropagates through the "
-                    "whole model, which does not fit in memory here"
+                    "whole model beside the checkpoint it distils from, more than half of "
+                    "this machine's memory"
                 )
         elif calibrated_on and settings.norm_epochs:
             notes.append(

@@ -127,9 +127,9 @@ class Calibration:
     layers compensate for earlier rounding. Modules planned at 4 bits get GPTQ; those at 8
     bits are rounded to nearest (their error is small) so later layers see them as they will
     be. Calibration tokens shrink with the model's size (:func:`calibration_budget`). A model
-    that fits (:func:`~edgeft.streaming.should_stream`) is loaded whole, and its norm weights
-    can then be tuned (:meth:`tuned_norms`); a larger one is streamed: one layer's fp32
-    weights are held at a time.
+    that fits with room for norm tuning (:data:`~edgeft.streaming.CALIBRATION_RESIDENT_SHARE`)
+    is loaded whole, and its norm weights can then be tuned (:meth:`tuned_norms`); a larger
+    one is streamed: one layer's fp32 weights are held at a time.
 
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
@@ -153,12 +153,19 @@ class Calibration:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from edgeft.streaming import decoder_inputs, should_stream, streamed_model
+        from edgeft.streaming import (
+            CALIBRATION_RESIDENT_SHARE,
+            decoder_inputs,
+            should_stream,
+            streamed_model,
+        )
 
         self.model_dir = Path(model_dir)
         self.bits = bits
         self.settings = settings
-        self.resident = not should_stream(self.model_dir) if resident is None else resident
+        if resident is None:
+            resident = not should_stream(self.model_dir, CALIBRATION_RESIDENT_SHARE)
+        self.resident = resident
         self.tokens = calibration_budget(checkpoint_params(self.model_dir))
         self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
         if sampled:
@@ -278,6 +285,13 @@ class Calibration:
         if not self.settings.norm_epochs or not self.resident:
             return {}
         return tune_norms(self.model_dir, self.model, self.chunks, self.settings.norm_epochs)
+
+    def release(self) -> None:
+        """Drop the model and the activations once the folder is written (the export goes on
+        to load its reference beside them otherwise)."""
+        self.model = self.layers = None
+        self.inputs, self.layer_kwargs = [], []
+        trim_memory()
 
     def run(self) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
         """Every layer and the output projection at once.
