@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.isolate import free_memory
 from edgeft.parity import (
     Parity,
     compare_logits,
@@ -70,6 +71,7 @@ class Reference:
             self.greedy = generate(session, self.prompt_ids, self.greedy_tokens)
         finally:
             session.close()
+            free_memory()  # a model loaded whole: candidates are measured after it
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,9 @@ class TorchSession(HFTokenizing):
         return token
 
     def close(self) -> None:
-        self._past = self._next_logits = None
+        """Drop the cache and the model: a closed session cannot be used again, and its
+        weights go back (:func:`edgeft.isolate.free_memory` after it returns them now)."""
+        self._past = self._next_logits = self.model = None
 
 
 class StreamedTorchSession(TorchSession):

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeft.architectures import architecture_of, split_fused
 from edgeft.errors import EdgeftError
-from edgeft.isolate import trim_memory
+from edgeft.isolate import free_memory, trim_memory
 
 # Calibration tokens: on SmolLM2's cooking set, 16k instead of 4k lowers the int4 folder's mean
 # KL by about a tenth (benchmarks/README.md).
@@ -291,7 +291,7 @@ class Calibration:
         to load its reference beside them otherwise)."""
         self.model = self.layers = None
         self.inputs, self.layer_kwargs = [], []
-        trim_memory()
+        free_memory()
 
     def run(self) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
         """Every layer and the output projection at once.
@@ -768,6 +768,8 @@ def kv_cache_scales(model_dir: Path, texts: Sequence[str]) -> dict[int, tuple]:
             _int8_scale(peak).reshape(1, shape.kv_heads, 1, shape.head_dim)
             for peak in (key, peaks["v"])
         )
+    del model, layer, attention, inputs, outputs, layer_kwargs
+    free_memory()  # the model loaded whole: the export loads its next one after this
     return scales
 
 
