@@ -360,7 +360,8 @@ def markdown(document: dict) -> str:
         stage = r.get("onnx") or {}
         if stage.get("calibration_tokens"):
             onnx += f" (GPTQ on {stage['calibration_tokens']} tokens"
-            onnx += f", {stage['kv_cache']} KV cache)" if stage.get("kv_cache") else ")"
+            onnx += f", {stage['kv_cache']} KV cache" if stage.get("kv_cache") else ""
+            onnx += ", of the base checkpoint)" if stage.get("source") == "base" else ")"
         if stage.get("export_rss_mb") and stage.get("runtime_rss_mb"):
             onnx += (
                 f"; export {stage['export_rss_mb'] / 1000:.2f} GB, "
