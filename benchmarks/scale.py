@@ -273,12 +273,20 @@ def save(row: dict) -> None:
 def plot(document: dict, path: Path) -> None:
     """Seconds and peak RSS of each stage against parameters, log-log."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for stage, label in (("train", "train, 2 steps"), ("merge", "merge"), ("gguf", "export gguf")):
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 5))
+    stages = (
+        ("train", "train, 2 steps"),
+        ("merge", "merge"),
+        ("gguf", "export gguf"),
+        ("onnx", "export onnx int4"),
+    )
+    colors = dict(zip([stage for stage, _ in stages], ["C0", "C1", "C2", "C3"], strict=True))
+    for stage, label in stages:
         points = [
             (r["params"], r[stage])
             for r in document["rows"]
@@ -287,26 +295,34 @@ def plot(document: dict, path: Path) -> None:
         if not points:
             continue
         params = [p / 1e9 for p, _ in points]
-        time_axis.plot(params, [s["seconds"] for _, s in points], "o-", label=label)
-        memory_axis.plot(params, [s["peak_rss_mb"] / 1000 for _, s in points], "o-", label=label)
-        if stage == "gguf":
+        style = dict(color=colors[stage], label=label)
+        time_axis.plot(params, [s["seconds"] for _, s in points], "o-", **style)
+        memory_axis.plot(params, [s["peak_rss_mb"] / 1000 for _, s in points], "o-", **style)
+        if stage in ("gguf", "onnx"):
             own = [(p / 1e9, s.get("export_rss_mb")) for p, s in points if s.get("export_rss_mb")]
             if own:
                 memory_axis.plot(
                     [p for p, _ in own],
                     [m / 1000 for _, m in own],
                     "o--",
-                    label="export gguf, own process",
+                    color=colors[stage],
+                    alpha=0.6,
+                    label=f"{label}, own process",
                 )
     for axis, ylabel in ((time_axis, "seconds"), (memory_axis, "peak RSS, GB")):
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.set_xticks([0.1, 0.2, 0.5, 1, 2, 5, 10])
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("parameters, billions")
         axis.set_ylabel(ylabel)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+    # one legend below both panels: the memory panel's has every series
+    handles, labels = memory_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     figure.suptitle(f"Cost of each stage by model size ({document['machine']})", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.14, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
