@@ -149,9 +149,9 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     # after its merge, for disk: its merged checkpoint counts the parameters)
     kept = base if base.is_dir() else merged if merged.is_dir() and "train" not in stages else None
     if kept:
-        from edgeft.weights import safetensors_index
+        from edgeft.weights import checkpoint_params
 
-        params = sum(int(np.prod(t.shape)) for t in safetensors_index(kept).values())
+        params = checkpoint_params(kept)
     else:
         (base, params), _ = in_child(build, name, base, what=f"building {name}")
         row.update(

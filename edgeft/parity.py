@@ -63,9 +63,8 @@ class ParityAccumulator:
         if self._vocab is not None and ref_all.shape[1] != self._vocab:
             raise ValueError(f"vocabulary {ref_all.shape[1]} after {self._vocab}")
         self._vocab = ref_all.shape[1]
-        for start in range(0, len(ref_all), _CHUNK_POSITIONS):
-            ref = ref_all[start : start + _CHUNK_POSITIONS].astype(np.float64)
-            cand = cand_all[start : start + _CHUNK_POSITIONS].astype(np.float64)
+        for ref, cand in zip(_rows(ref_all), _rows(cand_all), strict=True):
+            ref, cand = ref.astype(np.float64), cand.astype(np.float64)
             log_p, log_q = _log_softmax(ref), _log_softmax(cand)
             kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1).clip(min=0)
             self._kl += float(kl.sum())

@@ -20,12 +20,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from edgeft.architectures import head_is_table
 from edgeft.errors import ModelError
 from edgeft.parity import ParityAccumulator
-from edgeft.weights import StoredTensor, read_f32, read_row_range, read_rows, safetensors_index
+from edgeft.weights import (
+    StoredTensor,
+    checkpoint_params,
+    read_f32,
+    read_row_range,
+    read_rows,
+    safetensors_index,
+)
 
 # Vocabulary rows of the output projection materialized at once (16k × 4096 fp32 = 256 MiB).
 HEAD_CHUNK_ROWS = 16384
@@ -73,9 +78,7 @@ def should_stream(model_dir: Path, share: float = RESIDENT_SHARE) -> bool:
     files = list(Path(model_dir).glob("*.safetensors"))
     if not files:
         return False
-    index = safetensors_index(model_dir)
-    fp32 = sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in index.values())
-    return fp32 > share * total_memory_bytes()
+    return checkpoint_params(model_dir) * 4 > share * total_memory_bytes()
 
 
 def streamed_model(

@@ -105,6 +105,11 @@ def safetensors_index(model_dir: Path) -> dict[str, StoredTensor]:
     return index
 
 
+def checkpoint_params(model_dir: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors (a tied table once)."""
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in safetensors_index(model_dir).values())
+
+
 def read_raw(stored: StoredTensor) -> np.ndarray:
     """One tensor's stored values (BF16 as ``uint16``), shaped, without conversion."""
     dtype = SAFETENSORS_DTYPES[stored.dtype][0]

@@ -455,12 +455,13 @@ def test_calibration_sampled_from_the_model_is_repeatable(tiny):
 def test_sampled_calibration_is_no_longer_than_gptqs_budget(tiny, monkeypatch):
     """Sampling costs a forward pass per token: a big model samples only the tokens GPTQ
     will calibrate on, fewer than a small one."""
+    from edgeft import weights
     from edgeft.export.onnx import export, gptq
 
     asked = []
     monkeypatch.setattr(gptq, "sampled_texts", lambda model, tokens: asked.append(tokens) or ["x"])
     for params in (100_000_000, 1_240_000_000):
-        monkeypatch.setattr(gptq, "checkpoint_params", lambda model, params=params: params)
+        monkeypatch.setattr(weights, "checkpoint_params", lambda model, params=params: params)
         assert export.calibration_texts(tiny, None) == (["x"], export.SAMPLED)
     assert asked == [gptq.CALIBRATION_MAX_TOKENS, gptq.calibration_budget(1_240_000_000)]
     assert asked[1] < asked[0] / 2

@@ -343,8 +343,9 @@ def test_gptq_streams_sooner_than_a_reference(tiny_llama, monkeypatch):
     a quarter of memory, a reference loads the model whole and the calibration streams it
     (and tunes no norms); the calibration gives its model back once the folder is written."""
     from edgeft import streaming
-    from edgeft.export.onnx.gptq import Calibration, checkpoint_params
+    from edgeft.export.onnx.gptq import Calibration
     from edgeft.export.onnx.quantize import QuantSettings
+    from edgeft.weights import checkpoint_params
 
     monkeypatch.delenv("EDGEFT_STREAM", raising=False)
     fp32 = checkpoint_params(tiny_llama) * 4

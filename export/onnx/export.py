@@ -43,7 +43,7 @@ from edgeft.export.onnx.quantize import (
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
-from edgeft.isolate import in_child, peak_rss_mb
+from edgeft.isolate import free_memory, in_child, peak_rss_mb
 from edgeft.models import read_export_config, weights_sha256
 from edgeft.parity import Parity, first_divergence
 from edgeft.provenance import RECORD_NAME, make_record
@@ -334,7 +334,8 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
         except (ModelError, KeyError, TypeError):
             calibration = None
     if calibration is None and not should_stream(model):
-        from edgeft.export.onnx.gptq import calibration_budget, checkpoint_params, sampled_texts
+        from edgeft.export.onnx.gptq import calibration_budget, sampled_texts
+        from edgeft.weights import checkpoint_params
 
         logger.info(
             "no calibration data (no --calibration, no fine-tuning data in the provenance): "
@@ -595,7 +596,11 @@ def export_onnx(
                 say(f"quantizing the int4 weights with GPTQ, layer by layer, on {calibrated_on}")
                 if settings.norm_epochs and not calibration_streamed:
                     say(f"then tuning the norm weights: {_passes(settings.norm_epochs)} over it")
-                calibrations.append(Calibration(model, texts, bits, settings, sampled))
+                calibrations.append(
+                    Calibration(
+                        model, texts, bits, settings, sampled, resident=not calibration_streamed
+                    )
+                )
                 return calibrations[-1]
 
         def isolated(function, *args, what: str):
@@ -614,6 +619,7 @@ def export_onnx(
             say("measuring the KV cache's range on the calibration text, for its int8 scales")
             kv_texts = texts if calibrate is not None else calibration_texts(model, calibration)[0]
             kv_scales = kv_cache_scales(model, kv_texts)
+            free_memory()  # its model, loaded whole, before the next one loads
         for quant in types:
             if quant == "fp32":
                 continue

@@ -106,13 +106,6 @@ CALIBRATION_TOKEN_PARAMS = CALIBRATION_MAX_TOKENS * 400_000_000
 MIN_CALIBRATION_TOKENS = 2048
 
 
-def checkpoint_params(model_dir: Path) -> int:
-    """Parameters stored in a checkpoint's safetensors (a tied table once)."""
-    from edgeft.weights import safetensors_index
-
-    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in safetensors_index(model_dir).values())
-
-
 def calibration_budget(params: int) -> int:
     """Calibration tokens for a model of ``params`` parameters (whole chunks)."""
     tokens = CALIBRATION_TOKEN_PARAMS // max(params, 1)
@@ -166,6 +159,8 @@ class Calibration:
         if resident is None:
             resident = not should_stream(self.model_dir, CALIBRATION_RESIDENT_SHARE)
         self.resident = resident
+        from edgeft.weights import checkpoint_params
+
         self.tokens = calibration_budget(checkpoint_params(self.model_dir))
         self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
         if sampled:
@@ -768,8 +763,6 @@ def kv_cache_scales(model_dir: Path, texts: Sequence[str]) -> dict[int, tuple]:
             _int8_scale(peak).reshape(1, shape.kv_heads, 1, shape.head_dim)
             for peak in (key, peaks["v"])
         )
-    del model, layer, attention, inputs, outputs, layer_kwargs
-    free_memory()  # the model loaded whole: the export loads its next one after this
     return scales
 
 
