@@ -333,7 +333,13 @@ def _add_export(sub, parser_class) -> None:
         default=q.block_size,
         help="weights per scale (default %(default)s)",
     )
-    o.add_argument("--symmetric", action="store_true", help="no zero points (smaller, less exact)")
+    o.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=q.symmetric,
+        help="the int4 folder's 4-bit matrices without zero points: smaller, faster to "
+        "decode; --no-symmetric stores a zero point per block (default %(default)s)",
+    )
     o.add_argument(
         "--accuracy-level",
         type=int,
@@ -363,10 +369,10 @@ def _add_export(sub, parser_class) -> None:
     o.add_argument(
         "--module-blocks",
         default=",".join(f"{kind}={size}" for kind, size in q.module_blocks),
-        help="block sizes in the int4 folder that differ from the defaults (--block-size for "
-        "4-bit matrices, 64 for 8-bit ones), as module=size pairs, e.g. "
-        "gate_proj=64,up_proj=64 (faster decode, less accurate); modules as for "
-        "--int8-modules, plus lm_head (default: none)",
+        help="block sizes in the int4 folder that differ from the uniform layout "
+        "(--block-size for 4-bit matrices, 64 for 8-bit ones), as module=size pairs: larger "
+        "blocks decode faster and are less accurate; modules as for --int8-modules, plus "
+        "lm_head (default %(default)s; '' for the uniform layout)",
     )
     o.add_argument(
         "--algorithm",

@@ -42,7 +42,11 @@ class QuantSettings:
 
     Attributes:
         block_size: values per scale along the input dimension (16, 32, 64 or 128).
-        symmetric: no zero points (a little smaller, less accurate for skewed rows).
+        symmetric: the int4 folder's 4-bit matrices without zero points (the default):
+            smaller and faster to decode; GPTQ tries scales that round each row best.
+            ``False`` stores a zero point per block (more exact for skewed blocks, slower).
+            The int4 folder's 8-bit matrices never have zero points, the int8 folder's
+            always do (:func:`matrix_layout`).
         accuracy_level: MatMulNBits compute precision (see :data:`ACCURACY_LEVELS`). 4 is the
             default: onnxruntime's CPU kernels for 8-bit weights are fast only there (about 10x
             faster decode than level 0 for an 8-bit lm_head), and it costs little accuracy.
@@ -58,12 +62,16 @@ class QuantSettings:
         algorithm: how the int4 folder's 4-bit matrices are rounded: ``gptq`` (calibrated on
             text, see :mod:`edgeft.export.onnx.gptq`) or ``rtn`` (round to nearest).
         module_blocks: ``(kind, block size)`` pairs for matrices in the int4 folder that do
-            not use the default layout (:func:`mixed_block_size`); kinds as in
+            not use the uniform layout (:func:`mixed_block_size`); kinds as in
             ``int8_modules``, plus ``lm_head``. A speed knob: at 2 threads onnxruntime's
             kernels spend much of their time per block, so larger blocks decode faster and
-            cost accuracy. On SmolLM2-135M, gate and up in blocks of 64 decode 2-7% faster
-            (three runs) for mean KL 0.103 → 0.117; o_proj in blocks of 64 costs more than
-            gate and up together (benchmarks/README.md).
+            cost accuracy. The default, gate and up in 4-bit blocks of 64 and down_proj in
+            8-bit blocks of 128, symmetric, is the int4 recipe chosen on SmolLM2-135M's
+            fine-tune (benchmarks/results/onnx_int4_recipes.md, dev half of the held-out
+            text): decode 1.07× onnxruntime-genai's builder int4 in two runs of 30 paired
+            rounds against 0.87-0.96× for blocks of 32 and 64 with zero points, for KL 0.082
+            → 0.123 (llama.cpp Q4_K_M: 0.144). o_proj in blocks of 64 costs more than gate
+            and up together (benchmarks/README.md).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
             weights after GPTQ, by distillation from the checkpoint
             (:func:`edgeft.export.onnx.gptq.tune_norms`); 0 leaves them as trained.
@@ -91,13 +99,17 @@ class QuantSettings:
     """
 
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True
     accuracy_level: int = 4
     lm_head: str = "int4"
     embeddings: str | None = None
     int8_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "down_proj"))
     algorithm: str = "gptq"
-    module_blocks: tuple[tuple[str, int], ...] = ()
+    module_blocks: tuple[tuple[str, int], ...] = (
+        ("gate_proj", 64),
+        ("up_proj", 64),
+        ("down_proj", 128),
+    )
     norm_epochs: int = 1
     sampled_tokens: int = 0
     kv_cache: str = "int8"
@@ -194,10 +206,10 @@ def matrix_layout(
     bits: int, kind: str | None, settings: QuantSettings, *, mixed: bool
 ) -> tuple[int, int, bool]:
     """``(bits, block size, symmetric)`` of a ``bits`` matrix of module ``kind``: the
-    settings' block size and symmetry, or with ``mixed`` (the int4 folder)
-    :func:`mixed_block_size` and :func:`mixed_symmetric`."""
+    settings' block size with zero points (the int8 folder), or with ``mixed`` (the int4
+    folder) :func:`mixed_block_size` and :func:`mixed_symmetric`."""
     if not mixed:
-        return bits, settings.block_size, settings.symmetric
+        return bits, settings.block_size, False
     return bits, mixed_block_size(bits, settings, kind), mixed_symmetric(bits, settings)
 
 
@@ -210,10 +222,10 @@ def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None
     Larger 8-bit blocks run faster in isolation (onnxruntime's int8 kernel spends much of its
     time per block: down_proj's 1536-wide rows in blocks of 128 save about 7 µs a layer) but
     cost through the activations, which accuracy level 4 quantizes in the weight's blocks too.
-    On SmolLM2-135M, down_proj at 128 measured mean KL 0.1025 → 0.1085 on the short text
-    (held-out unchanged) for a whole-folder speed-up this machine could not resolve (−2% to
-    +4.5% in nine paired runs, +1.5% on average), so it is an option (``module_blocks``),
-    not the default."""
+    On SmolLM2-135M, down_proj at 128 alone measured mean KL 0.1025 → 0.1085 on the short
+    text (held-out unchanged) for a whole-folder speed-up this machine could not resolve (−2%
+    to +4.5% in nine paired runs); with gate and up in 4-bit blocks of 64 it is part of the
+    default recipe (:class:`QuantSettings` ``module_blocks``)."""
     blocks = dict(settings.module_blocks)
     if kind in blocks:
         return blocks[kind]
