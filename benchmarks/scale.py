@@ -142,6 +142,7 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
     log = work / "log.txt"
     # In a process of its own: Linux carries a process's peak RSS into the processes it starts
     # (ru_maxrss survives exec), so building here would set every stage's figure below.
+    from edgeft.export.onnx import QuantSettings
     from edgeft.isolate import in_child
 
     base, merged = work / "base", work / "merged"
@@ -233,7 +234,9 @@ def measure(name: str, work: Path, stages: list[str], row: dict) -> dict:
                 file_mb=round(folder["bytes"] / 1e6),
                 mean_kl=folder["parity"]["mean_kl"],
                 calibration_tokens=record["settings"]["calibration_tokens"],
-                kv_cache=record["settings"]["quantization"]["kv_cache"],
+                kv_cache=QuantSettings(
+                    kv_cache=record["settings"]["quantization"]["kv_cache"]
+                ).kv_cache_type("int4"),
                 # the export's own process, and the one that ran the folder (its cost)
                 export_rss_mb=record["results"].get("peak_rss_mb"),
                 runtime_rss_mb=folder.get("runtime_peak_rss_mb"),

@@ -427,9 +427,10 @@ def _add_export(sub, parser_class) -> None:
         "--kv-cache",
         choices=KV_CACHE_TYPES,
         default=q.kv_cache,
-        help="KV cache type of the int8 and int4 folders (default %(default)s): int8 is a "
-        "quarter of fp32 (per-channel scales measured on the calibration text); fp16 halves "
-        "it but onnxruntime's x86 kernels ran it slower and larger",
+        help="KV cache type of the int8 and int4 folders (default: int8 in the int4 folder, "
+        "fp32 in the int8 one): int8 is a quarter of fp32 (per-channel scales measured on the "
+        "calibration text); fp16 halves it but onnxruntime's x86 kernels ran it slower and "
+        "larger",
     )
     o.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
     o.add_argument("--force", action="store_true", help="replace an existing --out")

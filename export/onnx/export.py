@@ -411,9 +411,9 @@ def _make_folder(
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         pack_qkv(model)
-        if settings.kv_cache == "fp16":
+        if settings.kv_cache_type(quant) == "fp16":
             half_kv_cache(model)  # the fused graph's; optimum's trace keeps fp32
-        elif settings.kv_cache == "int8":
+        elif settings.kv_cache_type(quant) == "int8":
             int8_kv_cache(model, kv_scales)
         check_finite_initializers(model, folder)
         _save(model, folder)
@@ -613,7 +613,7 @@ def export_onnx(
 
         kv_scales = None
         # the fused graph's int8/int4 folders: optimum's trace concatenates its cache itself
-        if settings.kv_cache == "int8" and direct and {"int8", "int4"} & set(types):
+        if any(settings.kv_cache_type(quant) == "int8" for quant in set(direct) & set(types)):
             from edgeft.export.onnx.gptq import kv_cache_scales
 
             say("measuring the KV cache's range on the calibration text, for its int8 scales")

@@ -211,9 +211,10 @@ class QuantizedMatmuls(FloatMatmuls):
 
             norms = self.calibration.tuned_norms()
             set_norm_weights(model, norms, self.calibration.architecture.norm_offset)
-        if self.settings.kv_cache == "fp16":
+        kv_cache = self.settings.kv_cache_type(self.quant)
+        if kv_cache == "fp16":
             half_kv_cache(model)
-        elif self.settings.kv_cache == "int8":
+        elif kv_cache == "int8":
             int8_kv_cache(model, self.kv_scales)
 
     # -- helpers -----------------------------------------------------------------------------

@@ -83,10 +83,11 @@ class QuantSettings:
             blocks of 64 and down_proj in 128, 16k tokens took mean KL on a prose cooking
             text from 0.117 to 0.109 and held-out chat answers from 0.076 to 0.078, for about
             5 more minutes of export at 2 threads (benchmarks/README.md).
-        kv_cache: the KV cache's type in the int8 and int4 folders (fused graph). ``int8``:
+        kv_cache: the KV cache's type in the int8 and int4 folders (fused graph); ``None``
+            (the default) picks it by folder (:meth:`kv_cache_type`). ``int8``:
             GroupQueryAttention stores K and V in int8 with per-layer, per-channel scales
             measured on the calibration text (:func:`~edgeft.export.onnx.gptq.kv_cache_scales`)
-            and computes attention in fp32: a quarter of the fp32 cache, the default. On
+            and computes attention in fp32: a quarter of the fp32 cache. On
             SmolLM2-135M's int4 folder at a 4096-token context (benchmarks/results/
             phone_memory.md) the bench's peak RSS fell from 588 to 439 MB, decode went from
             137 to 130 tok/s at depth 0 and from 57 to 74 at depth 2048, and mean KL against
@@ -112,13 +113,22 @@ class QuantSettings:
     )
     norm_epochs: int = 1
     sampled_tokens: int = 0
-    kv_cache: str = "int8"
+    kv_cache: str | None = None
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
         if self.embeddings is not None:
             return self.embeddings
         return "int8" if quant == "int8" else self.lm_head
+
+    def kv_cache_type(self, quant: str) -> str:
+        """The KV cache's type in the ``quant`` folder: ``kv_cache`` where set, else int8 in
+        the int4 folder, whose memory on a phone is the point, and fp32 in the int8 one,
+        whose accuracy is: on SmolLM2-135M's fine-tune an int8 cache took the int8 folder's
+        mean KL from 0.006 to 0.014, twice llama.cpp Q8_0's (benchmarks/README.md)."""
+        if self.kv_cache is not None:
+            return self.kv_cache
+        return "int8" if quant == "int4" else "fp32"
 
     def check(self) -> None:
         """Raise :class:`EdgeftError` on any value outside its choices."""
@@ -136,7 +146,7 @@ class QuantSettings:
             raise EdgeftError(
                 f"--algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}"
             )
-        if self.kv_cache not in KV_CACHE_TYPES:
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_TYPES:
             raise EdgeftError(
                 f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}; got {self.kv_cache!r}"
             )
