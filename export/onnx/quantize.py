@@ -68,10 +68,11 @@ class QuantSettings:
             cost accuracy. The default, gate and up in 4-bit blocks of 64 and down_proj in
             8-bit blocks of 128, symmetric, is the int4 recipe chosen on SmolLM2-135M's
             fine-tune (benchmarks/results/onnx_int4_recipes.md, dev half of the held-out
-            text): decode 1.07× onnxruntime-genai's builder int4 in two runs of 30 paired
-            rounds against 0.87-0.96× for blocks of 32 and 64 with zero points, for KL 0.082
-            → 0.123 (llama.cpp Q4_K_M: 0.144). o_proj in blocks of 64 costs more than gate
-            and up together (benchmarks/README.md).
+            text): decode 1.03-1.07× onnxruntime-genai's builder int4 in three runs against
+            0.96-0.99× for the previous default (zero points, 4-bit blocks of 32, 8-bit of
+            64), for held-out KL 0.073 → 0.106 (llama.cpp Q4_K_M: 0.134; onnx_export.md).
+            o_proj in blocks of 64 costs more than gate and up together
+            (benchmarks/README.md).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
             weights after GPTQ, by distillation from the checkpoint
             (:func:`edgeft.export.onnx.gptq.tune_norms`); 0 leaves them as trained.
