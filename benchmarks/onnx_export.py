@@ -110,6 +110,19 @@ def round_ratios(runs: dict, name: str, reference: str, which: int = 1) -> list[
     return [a[which] / b[which] for a, b in zip(runs[name], runs[reference], strict=True)]
 
 
+def speed_row(runs: dict, name: str, reference: str) -> dict:
+    """``name``'s median prefill and decode tok/s, each round's, and the median (quartiles)
+    of its per-round ratios to ``reference`` (``*_vs_builder_int4``)."""
+    row = {}
+    for which, what in ((0, "prefill"), (1, "decode")):
+        ratios = round_ratios(runs, name, reference, which)
+        row[f"{what}_tok_s"] = round(statistics.median(r[which] for r in runs[name]), 1)
+        row[f"{what}_per_round"] = [round(r[which], 1) for r in runs[name]]
+        row[f"{what}_vs_builder_int4"] = round(statistics.median(ratios), 3)
+        row[f"{what}_vs_builder_int4_quartiles"] = [round(q, 3) for q in quartiles(ratios)]
+    return row
+
+
 HELDOUT_CHUNK = 512
 HELDOUT_CHUNKS = 8
 
@@ -157,14 +170,14 @@ def accuracy(artifact: Path, runtime: str, reference) -> dict:
         "mean_kl": parity.mean_kl,
         "top1": parity.top1_agreement,
         "perplexity": perplexity(logits, reference["ids"]),
-        "heldout_mean_kl": _weighted(heldout, "mean_kl"),
-        "heldout_top1": _weighted(heldout, "top1_agreement"),
-        "heldout_dev_mean_kl": _weighted(dev, "mean_kl"),
-        "heldout_test_mean_kl": _weighted(test, "mean_kl"),
+        "heldout_mean_kl": weighted(heldout, "mean_kl"),
+        "heldout_top1": weighted(heldout, "top1_agreement"),
+        "heldout_dev_mean_kl": weighted(dev, "mean_kl"),
+        "heldout_test_mean_kl": weighted(test, "mean_kl"),
     }
 
 
-def _weighted(parities: list, what: str) -> float:
+def weighted(parities: list, what: str) -> float:
     """A mean over chunks, each weighted by its positions."""
     return sum(getattr(p, what) * p.positions for p in parities) / sum(
         p.positions for p in parities
@@ -246,22 +259,10 @@ def main() -> None:
         for name, (runtime, path) in artifacts.items():
             # Logits through onnxruntime for ONNX folders: genai returns the same numbers.
             logits_runtime = "onnxruntime" if runtime == "onnxruntime-genai" else runtime
-            ratios = round_ratios(runs, name, "genai builder int4")
-            prefill_ratios = round_ratios(runs, name, "genai builder int4", which=0)
             rows[name] = {
                 "runtime": runtime,
                 "bytes": folder_bytes(path),
-                "prefill_tok_s": round(statistics.median(r[0] for r in runs[name]), 1),
-                "decode_tok_s": round(statistics.median(r[1] for r in runs[name]), 1),
-                "decode_per_round": [round(r[1], 1) for r in runs[name]],
-                # Median over rounds of the ratio to the builder in the same round.
-                "decode_vs_builder_int4": round(statistics.median(ratios), 3),
-                "decode_vs_builder_int4_quartiles": [round(q, 3) for q in quartiles(ratios)],
-                "prefill_per_round": [round(r[0], 1) for r in runs[name]],
-                "prefill_vs_builder_int4": round(statistics.median(prefill_ratios), 3),
-                "prefill_vs_builder_int4_quartiles": [
-                    round(q, 3) for q in quartiles(prefill_ratios)
-                ],
+                **speed_row(runs, name, "genai builder int4"),
                 **accuracy(path, logits_runtime, reference),
             }
             print(name, rows[name], flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +33,9 @@ from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builde
 from onnx_export import (  # noqa: E402
     folder_bytes,
     heldout_chunks,
-    quartiles,
-    round_ratios,
+    speed_row,
     speeds,
+    weighted,
     with_our_tokenizer,
 )
 
@@ -98,10 +97,9 @@ def dev_accuracy(path: Path, runtime: str, chunks: list, references: list) -> di
         ]
     finally:
         session.close()
-    positions = sum(p.positions for p in parities)
     return {
-        "dev_mean_kl": sum(p.mean_kl * p.positions for p in parities) / positions,
-        "dev_top1": sum(p.top1_agreement * p.positions for p in parities) / positions,
+        "dev_mean_kl": weighted(parities, "mean_kl"),
+        "dev_top1": weighted(parities, "top1_agreement"),
     }
 
 
@@ -170,19 +168,12 @@ def main() -> None:
     runs = speeds(artifacts, prompt, args.new_tokens, args.repeats)
     rows = {}
     for name, (runtime, path) in artifacts.items():
-        decode = round_ratios(runs, name, BUILDER)
-        prefill = round_ratios(runs, name, BUILDER, which=0)
         logits_runtime = "onnxruntime" if runtime == "onnxruntime-genai" else runtime
         rows[name] = {
             "options": RECIPES.get(name),
             "export_seconds": export_seconds.get(name),
             "bytes": folder_bytes(path),
-            "prefill_tok_s": round(statistics.median(r[0] for r in runs[name]), 1),
-            "decode_tok_s": round(statistics.median(r[1] for r in runs[name]), 1),
-            "prefill_vs_builder_int4": round(statistics.median(prefill), 3),
-            "prefill_vs_builder_int4_quartiles": [round(q, 3) for q in quartiles(prefill)],
-            "decode_vs_builder_int4": round(statistics.median(decode), 3),
-            "decode_vs_builder_int4_quartiles": [round(q, 3) for q in quartiles(decode)],
+            **speed_row(runs, name, BUILDER),
             **dev_accuracy(path, logits_runtime, dev, references),
         }
         print(name, rows[name], flush=True)

@@ -229,6 +229,44 @@ def test_unknown_type_and_architecture(tiny, tmp_path):
         export_onnx(other, tmp_path / "out", "fp32")
 
 
+def test_default_int4_recipe_and_its_switches():
+    """The int4 folder's default layout (benchmarks/results/onnx_int4_recipes.md): 4-bit gate
+    and up in blocks of 64 and the rest in 32, 8-bit down_proj in 128 and q/k/v in 64, no
+    zero points; the int8 folder keeps zero points; `--no-symmetric --module-blocks ''` is
+    the previous recipe; the KV cache is int8 in the int4 folder only, unless asked."""
+    from edgeft.cli import build_parser
+    from edgeft.export.onnx.quantize import matrix_layout, planned_bits
+
+    def layouts(settings):
+        kinds = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        return {
+            k: matrix_layout(planned_bits(k, "int4", settings), k, settings, mixed=True)
+            for k in kinds
+        }
+
+    default = QuantSettings()
+    assert layouts(default) == {
+        "q_proj": (8, 64, True),
+        "o_proj": (4, 32, True),
+        "gate_proj": (4, 64, True),
+        "up_proj": (4, 64, True),
+        "down_proj": (8, 128, True),
+    }
+    assert matrix_layout(8, "gate_proj", default, mixed=False) == (8, 32, False)
+    assert (default.kv_cache_type("int4"), default.kv_cache_type("int8")) == ("int8", "fp32")
+    assert QuantSettings(kv_cache="fp32").kv_cache_type("int4") == "fp32"
+
+    base = ["export", "onnx", "--model", "m", "--out", "o"]
+    args = build_parser().parse_args([*base, "--no-symmetric", "--module-blocks", ""])
+    assert args.symmetric is False and args.module_blocks == ""
+    previous = QuantSettings(symmetric=False, module_blocks=())
+    assert layouts(previous)["gate_proj"] == (4, 32, False)
+    assert layouts(previous)["down_proj"] == (8, 64, True)
+    args = build_parser().parse_args(base)
+    assert args.symmetric is True
+    assert args.module_blocks == "gate_proj=64,up_proj=64,down_proj=128"
+
+
 def test_block_quantization_round_trip():
     from edgeft.export.onnx.quantize import _block_quantize, _pack_nibbles
 

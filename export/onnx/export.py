@@ -35,11 +35,10 @@ from edgeft.export.onnx.quantize import (
     dynamic_int8,
     fold_transposed_weights,
     graphs,
-    half_kv_cache,
-    int8_kv_cache,
     pack_qkv,
     quantize_embeddings,
     quantize_weights,
+    set_kv_cache,
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
@@ -411,10 +410,8 @@ def _make_folder(
         if embeddings != "fp32":
             quantize_embeddings(model, 8 if embeddings == "int8" else 4, settings.block_size)
         pack_qkv(model)
-        if settings.kv_cache_type(quant) == "fp16":
-            half_kv_cache(model)  # the fused graph's; optimum's trace keeps fp32
-        elif settings.kv_cache_type(quant) == "int8":
-            int8_kv_cache(model, kv_scales)
+        # the fused graph's; optimum's trace keeps fp32
+        set_kv_cache(model, settings.kv_cache_type(quant), kv_scales)
         check_finite_initializers(model, folder)
         _save(model, folder)
     _companions(fp32, folder)

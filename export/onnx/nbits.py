@@ -204,18 +204,14 @@ class QuantizedMatmuls(FloatMatmuls):
     def finish(self, model) -> None:
         """The calibration's tuned norm weights (if any) into the graph, and the KV cache in
         the settings' type."""
-        from edgeft.export.onnx.quantize import half_kv_cache, int8_kv_cache
+        from edgeft.export.onnx.quantize import set_kv_cache
 
         if self.calibration is not None:
             from edgeft.export.onnx.gptq import set_norm_weights
 
             norms = self.calibration.tuned_norms()
             set_norm_weights(model, norms, self.calibration.architecture.norm_offset)
-        kv_cache = self.settings.kv_cache_type(self.quant)
-        if kv_cache == "fp16":
-            half_kv_cache(model)
-        elif kv_cache == "int8":
-            int8_kv_cache(model, self.kv_scales)
+        set_kv_cache(model, self.settings.kv_cache_type(self.quant), self.kv_scales)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -469,6 +469,15 @@ def quantize_embeddings(model, bits: int, block_size: int) -> int:
     return done
 
 
+def set_kv_cache(model, kind: str, scales: dict[int, tuple] | None = None) -> None:
+    """The graph's KV cache in ``kind`` (:meth:`QuantSettings.kv_cache_type`): fp32 as built,
+    :func:`half_kv_cache` or :func:`int8_kv_cache` (with its ``scales``)."""
+    if kind == "fp16":
+        half_kv_cache(model)
+    elif kind == "int8":
+        int8_kv_cache(model, scales)
+
+
 def half_kv_cache(model) -> bool:
     """Declare the graph's KV cache (``past_key_values.*`` in, ``present.*`` out) fp16 where
     GroupQueryAttention alone reads and writes it: the operator then keeps the cache in fp16
