@@ -137,7 +137,7 @@ def heldout_chunks(model: Path) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     ids: list[int] = []
-    for row in load_qa(dataset_path("heldout.jsonl")):
+    for row in load_qa(dataset_path("dev.jsonl")):
         chat = [
             {"role": "user", "content": row.question},
             {"role": "assistant", "content": row.answers[0]},

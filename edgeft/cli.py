@@ -590,9 +590,10 @@ def _add_demo(sub) -> None:
         "demo",
         help="the cooking-assistant case study on the embedded model",
         description="Fine-tune SmolLM2-135M-Instruct on the shipped cooking "
-        "dataset with QLoRA, merge it, export it to GGUF (Q8_0, Q4_K_M) and ONNX (int8, "
-        "int4), and benchmark the base, the fine-tuned model and every export: held-out "
-        "questions, KL, perplexity, size, speed, memory.",
+        "dataset with QLoRA and with LoRA, merge both, export the QLoRA model to GGUF (Q8_0, "
+        "Q4_K_M) and ONNX (int8, int4), and benchmark the base, the base with worked examples "
+        "in its prompt, both fine-tuned models and every export: held-out cooking questions, "
+        "general questions and text (what fine-tuning cost), KL, size, speed, memory.",
     )
     p.add_argument(
         "--out",
@@ -605,19 +606,25 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from edgeft.demo import demo
+    from edgeft.demo import BASE, TUNED, demo
 
     result = demo(args.out, force=args.force, progress=not args.quiet)
     print()
     print((args.out / "report.md").read_text(encoding="utf-8"))
+    incontext = next(iter(result.incontext_labels.values()))
     print(
-        f"base accuracy {result.base_task.accuracy:.1%} → fine-tuned "
-        f"{result.tuned_task.accuracy:.1%}; everything is under {result.out.resolve()} "
-        "(adapter/, merged/, gguf/, onnx/, bench/)"
+        "cooking test accuracy: "
+        + ", ".join(
+            f"{label} {_percent(result.accuracy(label))}" for label in (BASE, incontext, TUNED)
+        )
+        + f"; everything is under {result.out.resolve()}"
     )
-    print(f"report: {(result.out / 'report.md').resolve()}")
-    print(f"benchmark report: {(result.out / 'bench' / 'report.html').resolve()}")
+    print(f"report: {(result.out / 'report.html').resolve()} (also report.md)")
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _add_bench(sub) -> None:
@@ -653,7 +660,20 @@ def _add_bench(sub) -> None:
         help="also compare against the adapter the reference was merged from, as trained",
     )
     p.add_argument("--eval", type=Path, help="text or JSONL for perplexity and KL")
-    p.add_argument("--task", type=Path, help="held-out JSONL of question/answers rows")
+    p.add_argument(
+        "--task",
+        action="append",
+        type=Path,
+        help="held-out JSONL of question/answers rows (repeatable: budgets read the first; "
+        "each is reported under its file name)",
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        type=Path,
+        help="a further text or JSONL for perplexity alone, reported under its file name "
+        "(repeatable), e.g. general-domain text beside --eval's",
+    )
     p.add_argument("--device", help="device profile name or .toml (see 'edgeft devices list')")
     p.add_argument("--remote", help="run on a device: adb:SERIAL or ssh:user@host[:port]")
     p.add_argument("--runtime", help="runtime for every artifact without an @RUNTIME")
@@ -687,6 +707,15 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_bench)
+
+
+def _by_stem(paths: list[Path]) -> dict[str, Path]:
+    """Files by their name without the suffix (the parent folder's name added where two
+    share one)."""
+    out: dict[str, Path] = {}
+    for path in paths:
+        out[path.stem if path.stem not in out else f"{path.parent.name}/{path.stem}"] = path
+    return out
 
 
 def _run_bench(args) -> int:
@@ -728,7 +757,9 @@ def _run_bench(args) -> int:
         references=args.reference,
         as_trained=args.as_trained,
         eval_path=args.eval,
-        task_path=args.task,
+        task_path=args.task[0] if args.task else None,
+        extra_tasks=_by_stem(args.task[1:] if args.task else []),
+        extra_texts=_by_stem(args.text or []),
         device=args.device,
         remote=args.remote,
         runtime=args.runtime,

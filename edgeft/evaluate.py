@@ -2,7 +2,9 @@
 an expected key fact.
 
 Held-out JSONL rows: ``{"question": "...", "answers": ["165°F", "74°C"]}`` — a reply is correct
-when any answer appears in it (case-insensitive, whitespace collapsed).
+when any answer appears in it (case-insensitive, whitespace collapsed). A row may carry
+``"context"``: chat turns rendered before the question (a system prompt, worked examples), as
+:mod:`edgeft.incontext` writes them for the in-context baseline.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class QARow:
     question: str
     answers: tuple[str, ...]
     topic: str = ""
+    context: tuple[dict, ...] = ()  # chat turns before the question
 
 
 @dataclass
@@ -57,10 +60,37 @@ def load_qa(path: Path) -> list[QARow]:
             or not all(isinstance(a, str) and a.strip() for a in answers)
         ):
             raise DataError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
-        rows.append(QARow(where, question, tuple(answers), str(row.get("topic", ""))))
+        context = _context(row.get("context", []), where)
+        rows.append(QARow(where, question, tuple(answers), str(row.get("topic", "")), context))
     if not rows:
         raise DataError(f"{path}: no questions")
     return rows
+
+
+def _context(turns: object, where: str) -> tuple[dict, ...]:
+    roles = ("system", "user", "assistant")
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict)
+        and t.get("role") in roles
+        and isinstance(t.get("content"), str)
+        and set(t) == {"role", "content"}
+        for t in turns
+    ):
+        raise DataError(
+            f"{where}: 'context' must be a list of {{\"role\": system|user|assistant, "
+            '"content": "..."} turns'
+        )
+    return tuple({"role": t["role"], "content": t["content"]} for t in turns)
+
+
+def as_row(row: QARow) -> dict:
+    """``row`` as a JSONL object :func:`load_qa` reads back."""
+    out = {"question": row.question, "answers": list(row.answers)}
+    if row.topic:
+        out["topic"] = row.topic
+    if row.context:
+        out["context"] = [dict(turn) for turn in row.context]
+    return out
 
 
 def normalize(text: str) -> str:
@@ -95,9 +125,11 @@ def task_accuracy(
     step = batch_size if batched else 1
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="q")
     replies: list[str] = []
+    lengths: list[int] = []
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
-        prompts = [session.tokenize(row.question, chat=True) for row in chunk]
+        prompts = [session.tokenize(row.question, chat=True, context=row.context) for row in chunk]
+        lengths += [len(p) for p in prompts]
         if batched:
             outputs = session.generate_batch(prompts, max_new_tokens)
         else:
@@ -105,7 +137,7 @@ def task_accuracy(
         replies += [session.detokenize(o).strip() for o in outputs]
         bar.update(len(chunk))
     bar.close()
-    for row, reply in zip(rows, replies, strict=True):
+    for row, reply, length in zip(rows, replies, lengths, strict=True):
         ok = contains_answer(reply, row.answers)
         result.correct += ok
         result.replies.append(
@@ -115,6 +147,7 @@ def task_accuracy(
                 "reply": reply,
                 "correct": ok,
                 "topic": row.topic,
+                "prompt_tokens": length,
             }
         )
     return result

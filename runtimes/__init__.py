@@ -21,9 +21,10 @@ class Session(Protocol):
 
     eos_token_ids: frozenset[int]
 
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids of ``text``; with ``chat`` it is a user turn rendered by the chat template
-        with the generation prompt appended."""
+        with the generation prompt appended, after the ``context`` turns (``{"role",
+        "content"}`` dicts: a system prompt, worked examples) when given."""
         ...
 
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
@@ -69,6 +70,15 @@ def get_runtime(name: str) -> Runtime:
     if module is None:
         raise EdgeftError(f"unknown runtime {name!r}; choose from: {', '.join(sorted(RUNTIMES))}")
     return importlib.import_module(f"{__name__}.{module}").RUNTIME
+
+
+def chat_messages(text: str, context: Sequence[dict] = ()) -> list[dict]:
+    """The conversation a chat prompt renders: the ``context`` turns, then ``text`` as the user
+    turn."""
+    return [
+        *({"role": m["role"], "content": m["content"]} for m in context),
+        {"role": "user", "content": text},
+    ]
 
 
 def generate(session: Session, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeft.errors import ModelError
+from edgeft.runtimes import chat_messages
 
 
 class HFTokenizing:
@@ -15,11 +16,11 @@ class HFTokenizing:
 
     tokenizer: object
 
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         if chat:
             return list(
                 self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+                    chat_messages(text, context), add_generation_prompt=True, tokenize=True
                 )
             )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

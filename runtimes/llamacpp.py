@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import generate
+from edgeft.runtimes import chat_messages, generate
 
 # ggml log levels (ggml.h): only errors are kept, to name the cause in edgeft's one-line errors.
 _LOG_ERROR, _LOG_CONT = 4, 5
@@ -94,12 +94,12 @@ class LlamaCppSession:
         self._n_past = 0
         self._next_token: int | None = None
 
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids without an added bos, special tokens in the text matched (like Hugging
         Face ``add_special_tokens=False``); with ``chat``, the GGUF's chat template renders
-        ``text`` as a user turn followed by the generation prompt."""
+        the ``context`` turns and ``text`` as a user turn followed by the generation prompt."""
         if chat:
-            text = self._render_chat(text)
+            text = self._render_chat(chat_messages(text, context))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
@@ -170,12 +170,12 @@ class LlamaCppSession:
         self.llm.close()
         self._next_token = None
 
-    def _render_chat(self, text: str) -> str:
+    def _render_chat(self, messages: list[dict]) -> str:
         import jinja2
 
         try:
             return self._chat_template.render(
-                messages=[{"role": "user", "content": text}],
+                messages=messages,
                 add_generation_prompt=True,
                 bos_token=self._token_text(self.llm.token_bos()),
                 eos_token=self._token_text(self.llm.token_eos()),

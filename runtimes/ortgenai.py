@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import generate
+from edgeft.runtimes import chat_messages, generate
 
 GENAI_CONFIG = "genai_config.json"
 # A prompt is fed in pieces, as llama.cpp's batches feed it. onnxruntime-genai computes logits
@@ -66,11 +66,11 @@ class GenaiSession:
         self._generator = None
         self._last: int | None = None
 
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids from onnxruntime-genai's tokenizer; with ``chat``, its own rendering of
-        the chat template, user turn plus generation prompt."""
+        the chat template: the ``context`` turns, the user turn and the generation prompt."""
         if chat:
-            messages = json.dumps([{"role": "user", "content": text}])
+            messages = json.dumps(chat_messages(text, context))
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             except RuntimeError as exc:

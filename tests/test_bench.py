@@ -366,3 +366,29 @@ def test_settings_are_validated():
     with pytest.raises(EdgeftError, match="--depths"):
         BenchSettings(depths=(-1,))
     assert not math.isnan(FAST.timeout_s)
+
+
+def test_further_tasks_texts_and_question_context_through_the_cli(artifacts, tmp_path):
+    """``--task`` twice and ``--text``: the first task gates budgets, the others and the texts
+    are reported by file name; a question's context turns reach every runtime's prompt."""
+    context = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]
+    prompted = write_jsonl(
+        tmp_path / "prompted.jsonl", [{**q, "context": context} for q in QUESTIONS]
+    )
+    text = tmp_path / "general.txt"
+    text.write_text("Rivers carry water from the hills down to the sea. " * 8, encoding="utf-8")
+    args = ["bench", str(artifacts["checkpoint"]), str(artifacts["gguf"]), str(artifacts["onnx"])]
+    args += ["--threads", "1", "--prompt-tokens", "16", "--decode-tokens", "2", "--depths", "0"]
+    args += ["--repeats", "1", "--warmup", "0", "-q", "--out", str(tmp_path / "out")]
+    args += ["--task", str(artifacts["task"]), "--task", str(prompted), "--text", str(text)]
+    assert main(args) == 0
+    results = read_results(tmp_path / "out" / "results.json")
+    assert set(results["settings"]["tasks"]) == {"prompted"}
+    for row in results["artifacts"]:
+        plain, more = row["accuracy"]["task"], row["accuracy"]["tasks"]["prompted"]
+        assert plain["total"] == more["total"] == len(QUESTIONS)
+        assert more["prompt_tokens"] > plain["prompt_tokens"] > 0, row["runtime"]
+        assert more["ttft_ms"] > 0 and plain["ttft_ms"] > 0
+        assert all(r["prompt_tokens"] > 0 for r in more["replies"])
+        general = row["accuracy"]["texts"]["general"]
+        assert general["tokens"] > 10 and general["perplexity"] > 1, row["runtime"]

@@ -274,6 +274,8 @@ def bench(
     as_trained: bool = False,
     eval_path: Path | None = None,
     task_path: Path | None = None,
+    extra_tasks: dict[str, Path] | None = None,
+    extra_texts: dict[str, Path] | None = None,
     device: str | None = None,
     remote: str | None = None,
     runtime: str | None = None,
@@ -294,6 +296,9 @@ def bench(
         as_trained: also compare against the adapter the reference was merged from, as trained.
         eval_path: text or JSONL for perplexity and KL (default: the shipped cooking text).
         task_path: held-out question JSONL (``question``, ``answers``) for task accuracy.
+        extra_tasks: further question sets by name, scored the same way (``accuracy.tasks``);
+            budgets read ``task_path``'s accuracy only.
+        extra_texts: further texts by name, perplexity only (``accuracy.texts``).
         device: a device profile name or .toml: emulated on the host, predicted, budgeted.
         remote: ``adb:SERIAL`` or ``ssh:user@host``: latency measured on that device.
         budgets: limits; unset ones come from the device profile.
@@ -305,7 +310,7 @@ def bench(
     """
     from edgeft.bench.report import render_comparison, write_reports
     from edgeft.bench.schema import read_results
-    from edgeft.evaluate import load_qa
+    from edgeft.evaluate import as_row, load_qa
 
     settings = settings or BenchSettings()
     budgets = budgets or Budgets()
@@ -316,6 +321,8 @@ def bench(
     artifacts = unique_names([resolve_artifact(s, runtime) for s in artifact_specs])
     eval_text = read_eval_text(eval_path)
     task = load_qa(task_path) if task_path else None
+    more_tasks = {name: load_qa(path) for name, path in (extra_tasks or {}).items()}
+    more_texts = {name: read_eval_text(path) for name, path in (extra_texts or {}).items()}
     old = read_results(compare) if compare else None
     refs = _reference_list(artifacts, references, as_trained, log)
 
@@ -379,7 +386,11 @@ def bench(
 
         rows, raw_results = [], []
         refs_spec = [{"name": r.name, "logits": str(r.logits)} for r in ref_rows]
-        task_spec = [{"question": r.question, "answers": list(r.answers)} for r in task or []]
+        task_spec = [as_row(r) for r in task or []]
+        extra = {
+            "tasks": {name: [as_row(r) for r in rows] for name, rows in more_tasks.items()},
+            "texts": more_texts,
+        }
         for i, artifact in enumerate(artifacts, 1):
             say(f"[{i}/{len(artifacts)}] {artifact.name} ({artifact.runtime})")
             latency_spec = {
@@ -395,7 +406,10 @@ def bench(
                 "threads": threads,
                 "emulation": asdict(emulation) if emulation else None,
                 "latency": latency_spec,
-                "accuracy": _accuracy_spec(eval_ids, eval_text, settings, refs_spec, task_spec),
+                "accuracy": {
+                    **_accuracy_spec(eval_ids, eval_text, settings, refs_spec, task_spec),
+                    **extra,
+                },
             }
             if transport is not None:
                 result = _run_remote(transport, artifact, spec, work, i, settings)
@@ -435,6 +449,11 @@ def bench(
                 }
                 if task
                 else None,
+                "tasks": {
+                    name: {"path": str(extra_tasks[name]), "questions": len(rows)}
+                    for name, rows in more_tasks.items()
+                },
+                "texts": {name: str(path) for name, path in (extra_texts or {}).items()},
                 "remote": remote,
             },
             "device": _device_section(profile, emulation, remote),

@@ -240,7 +240,7 @@ def _budget_limit(name: str, limit: Any) -> str:
 
 
 @dataclass
-class _Table:
+class Table:
     headers: list[str]
     align: str  # one "l" or "r" per column
     rows: list[list[str]] = field(default_factory=list)
@@ -248,7 +248,7 @@ class _Table:
 
 
 # A block is (kind, payload): ("h1"|"h2"|"p", str), ("ul", [str]), ("kv", [(label, str)]),
-# ("table", _Table) or ("plots", {name: Path}).
+# ("table", Table) or ("plots", {name: Path}); to_markdown and to_html render a list of them.
 _Block = tuple[str, Any]
 
 
@@ -271,7 +271,7 @@ def _budget_cell(artifact: dict) -> str:
     return PASS if entries else MISSING
 
 
-def _main_table(results: dict) -> _Table:
+def _main_table(results: dict) -> Table:
     depths = _depths(results)
     d0 = _first_depth(results)
     refs = _references(results)
@@ -282,7 +282,7 @@ def _main_table(results: dict) -> _Table:
     if ref is not None:
         headers += [f"mean KL vs {ref}", f"top-1 vs {ref}"]
     headers += ["task accuracy", "budgets"]
-    table = _Table(headers, "lll" + "r" * (len(headers) - 4) + "l")
+    table = Table(headers, "lll" + "r" * (len(headers) - 4) + "l")
     for a in _artifacts(results):
         row = [_name(a), str(a.get("runtime") or MISSING), str(a.get("quant") or MISSING)]
         if _ok(a):
@@ -310,14 +310,14 @@ def _main_table(results: dict) -> _Table:
     return table
 
 
-def _other_references_table(results: dict) -> _Table | None:
+def _other_references_table(results: dict) -> Table | None:
     others = _references(results)[1:]
     if not others:
         return None
     headers = ["artifact"]
     for ref in others:
         headers += [f"mean KL vs {ref}", f"top-1 vs {ref}"]
-    table = _Table(headers, "l" + "r" * (len(headers) - 1))
+    table = Table(headers, "l" + "r" * (len(headers) - 1))
     for a in _artifacts(results):
         row = [_name(a)]
         for ref in others:
@@ -560,14 +560,15 @@ def _md_cell(text: str) -> str:
     return _md(text).replace("\\", "\\\\").replace("|", "\\|")
 
 
-def _md_table(table: _Table) -> list[str]:
+def _md_table(table: Table) -> list[str]:
     lines = ["| " + " | ".join(_md_cell(h) for h in table.headers) + " |"]
     lines.append("|" + "|".join("---:" if a == "r" else "---" for a in table.align) + "|")
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
     return lines
 
 
-def _to_markdown(blocks: list[_Block]) -> str:
+def to_markdown(blocks: list[_Block]) -> str:
+    """Blocks as markdown; plots are linked as ``plots/<file name>``."""
     lines: list[str] = []
     for kind, payload in blocks:
         if kind == "h1":
@@ -599,7 +600,7 @@ def render_markdown(results: dict, *, plots: Mapping[str, Path] | None = None) -
     Returns:
         The markdown text.
     """
-    return _to_markdown(_document(results, plots))
+    return to_markdown(_document(results, plots))
 
 
 # --- HTML --------------------------------------------------------------------------------------
@@ -627,7 +628,7 @@ def _h(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _html_table(table: _Table) -> list[str]:
+def _html_table(table: Table) -> list[str]:
     out = ['<div class="scroll"><table>', "<thead><tr>"]
     out.append("".join(f"<th>{_h(h)}</th>" for h in table.headers) + "</tr></thead><tbody>")
     for row, failed in zip(table.rows, table.failed, strict=True):
@@ -640,10 +641,11 @@ def _html_table(table: _Table) -> list[str]:
     return out
 
 
-def _to_html(blocks: list[_Block]) -> str:
+def to_html(blocks: list[_Block], title: str = "edgeft bench report") -> str:
+    """Blocks as one self-contained HTML page (inline CSS, plots embedded)."""
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">']
     out += ['<meta name="viewport" content="width=device-width, initial-scale=1">']
-    out += ["<title>edgeft bench report</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
+    out += [f"<title>{_h(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
     for kind, payload in blocks:
         if kind in ("h1", "h2", "p"):
             out.append(f"<{kind}>{_h(payload)}</{kind}>")
@@ -682,7 +684,7 @@ def render_html(results: dict, plots: Mapping[str, Path]) -> str:
     Raises:
         FileNotFoundError: a plot path does not exist.
     """
-    return _to_html(_document(results, plots))
+    return to_html(_document(results, plots))
 
 
 # --- Pareto front ------------------------------------------------------------------------------
@@ -757,7 +759,7 @@ _LABEL_SPOTS = (
 )
 
 
-def _annotate(ax: Any, points: list[tuple[str, float, float]], suffix: dict | None = None) -> None:
+def annotate(ax: Any, points: list[tuple[str, float, float]], suffix: dict | None = None) -> None:
     """Label points, each at the first spot that stays in the axes and clear of the others."""
     from matplotlib.transforms import Bbox
 
@@ -826,7 +828,7 @@ def _plot_decode(ax: Any, results: dict) -> bool:
     ax.set_ylabel(f"decode tok/s (median, depth {d0})")
     ax.margins(x=0.12, y=0.12)
     ax.set_ylim(bottom=0)
-    _annotate(ax, speed)
+    annotate(ax, speed)
     ax.legend(loc="best", fontsize=8)
     return True
 
@@ -861,7 +863,7 @@ def _plot_kl(ax: Any, results: dict) -> bool:
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL (nats" + (", log scale)" if log else ")"))
     ax.margins(x=0.12, y=0.12)
-    _annotate(ax, [(n, x, y_of.get(n, y)) for n, x, y in kl], suffix)
+    annotate(ax, [(n, x, y_of.get(n, y)) for n, x, y in kl], suffix)
     ax.legend(loc="best", fontsize=8)
     return True
 
@@ -1181,7 +1183,7 @@ def render_comparison(old: dict, new: dict) -> str:
             sections.append(("p", text[0].upper() + text[1:] + "."))
         if not (_ok(a) or _ok(b)):
             continue
-        table = _Table(["figure", "old", "new", "change", "note"], "lrrrl")
+        table = Table(["figure", "old", "new", "change", "note"], "lrrrl")
         for fig in figures:
             old_v = fig.read(a) if _ok(a) else None
             new_v = fig.read(b) if _ok(b) else None
@@ -1233,4 +1235,4 @@ def render_comparison(old: dict, new: dict) -> str:
             f"than {PERPLEXITY_WORSE:.0%}.",
         )
     ]
-    return _to_markdown(blocks)
+    return to_markdown(blocks)

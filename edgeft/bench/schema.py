@@ -12,7 +12,10 @@ A results file is one JSON object::
       "settings": {"threads": int, "prompt_tokens": int, "decode_tokens": int,
                    "depths": [int], "repeats": int, "warmup": int,
                    "eval": {"path": str | null, "tokens": int},
-                   "task": {"path": str, "questions": int, "max_new_tokens": int} | null},
+                   "task": {"path": str, "questions": int, "max_new_tokens": int} | null,
+                   "tasks": {name: {"path": str, "questions": int}},   # further question sets
+                   "texts": {name: str},                               # further texts (paths)
+                   "remote": str | null},
       "device": null | {"name": str, "title": str, "bandwidth_gbs": float, "ram_gb": float,
                         "threads": int, "applied": [str], "not_emulated": [str]},
       "budgets": {"max_rss_mb": float | null, "min_decode_tok_s": float | null,
@@ -35,19 +38,25 @@ A results file is one JSON object::
         "ttft_ms": STAT, "prefill_tok_s": STAT,
         "decode": [{"depth": int, "tok_s": STAT,
                     "token_ms": {"p50": float, "p90": float, "p99": float},
-                    "predicted_tok_s": float | null}],      # device prediction, if any
+                    "predicted_tok_s": float | null,        # device prediction, if any
+                    "roofline_tok_s": float}],              # with a device: its bandwidth's bound
         "peak_rss_mb": float},           # the artifact's own process, load and run
       "accuracy": null | {
         "perplexity": float | null,
         "vs": {reference_name: {"mean_kl": float, "top1_agreement": float,
                                 "max_abs_diff": float, "positions": int}},
         "tokenizer_matches_reference": bool | null,
-        "task": null | {"accuracy": float, "correct": int, "total": int}},
+        "task": null | TASK,
+        "tasks": {name: TASK},           # settings.tasks, when given
+        "texts": {name: {"perplexity": float | null, "tokens": int}}},  # settings.texts
       "budgets": [{"name": str, "limit": float, "value": float | null, "passed": bool}],
       "passed": bool,
       "notes": [str]
     }
     STAT = {"median": float, "min": float, "max": float}
+    TASK = {"accuracy": float, "correct": int, "total": int,
+            "prompt_tokens": int, "ttft_ms": float,   # the median-length prompt, median of 3
+            "replies": [{"question", "expected", "reply", "correct", "topic", "prompt_tokens"}]}
 
 Figures are in the units their names say (ms, tok/s, MB = 10**6 bytes). A figure that was not
 measured is ``null`` (never 0).

@@ -8,8 +8,10 @@ process makes its peak RSS its own, and lets the same runner work on a remote de
      "latency": {"prompt_tokens", "decode_tokens", "depths", "repeats", "warmup"} or null,
      "accuracy": {"eval_ids": [int] or null, "eval_text": str, "max_eval_tokens": int,
                   "references": [{"name", "logits"}],  # .npy files of [n, vocab] float32
-                  "task": [{"question", "answers"}] or null, "task_max_new_tokens": int,
-                  "save_logits": path or null} or null}
+                  "task": [{"question", "answers", "context"?}] or null,
+                  "tasks": {name: [rows like "task"]},  # further question sets
+                  "texts": {name: str},                  # further texts, perplexity only
+                  "task_max_new_tokens": int, "save_logits": path or null} or null}
 
 Latency: the harness owns the loop; the runtime only prefills and decodes. Each repetition
 prefills the prompt (time to first token, prefill tok/s), then for every context depth fills
@@ -143,29 +145,63 @@ def measure_accuracy(session, spec: dict, notes: list[str]) -> tuple[dict, list[
                 continue
             result["vs"][ref["name"]] = compare_logits(reference, logits).as_dict()
         del logits
-    if spec.get("task"):
-        from edgeft.evaluate import QARow, task_accuracy
-
-        rows = [
-            QARow(f"question {i + 1}", r["question"], tuple(r["answers"]))
-            for i, r in enumerate(spec["task"])
-        ]
-        max_new = spec["task_max_new_tokens"]
-        if limit:
-            longest = max(len(session.tokenize(r.question, chat=True)) for r in rows)
-            if longest + max_new >= limit:
-                max_new = max(1, limit - longest - 1)
-                notes.append(f"task replies cut to {max_new} tokens: {limit}-token context")
-        task = task_accuracy(session, rows, max_new_tokens=max_new, progress=False)
-        result["task"] = {
-            "accuracy": task.accuracy,
-            "correct": task.correct,
-            "total": task.total,
-            "replies": task.replies,
+    for name, text in (spec.get("texts") or {}).items():
+        text_ids = session.tokenize(text)[: spec["max_eval_tokens"]]
+        if limit and len(text_ids) >= limit:
+            text_ids = text_ids[: limit - 1]
+        result.setdefault("texts", {})[name] = {
+            "perplexity": perplexity(session.logits(text_ids), text_ids)
+            if len(text_ids) > 1
+            else None,
+            "tokens": len(text_ids),
         }
-    else:
-        result["task"] = None
+    max_new = spec["task_max_new_tokens"]
+    result["task"] = (
+        _task(session, spec["task"], max_new, limit, notes) if spec.get("task") else None
+    )
+    for name, rows in (spec.get("tasks") or {}).items():
+        result.setdefault("tasks", {})[name] = _task(session, rows, max_new, limit, notes)
     return result, ids
+
+
+def _task(session, rows: list[dict], max_new: int, limit: int | None, notes: list[str]) -> dict:
+    """Accuracy on one question set, with the median prompt's length and time to first token
+    (median of three prefills of that prompt and one greedy step)."""
+    import statistics
+
+    from edgeft.evaluate import QARow, task_accuracy
+
+    rows = [
+        QARow(
+            f"question {i + 1}",
+            r["question"],
+            tuple(r["answers"]),
+            context=tuple(r.get("context") or ()),
+        )
+        for i, r in enumerate(rows)
+    ]
+    prompts = [session.tokenize(r.question, chat=True, context=r.context) for r in rows]
+    if limit:
+        longest = max(len(p) for p in prompts)
+        if longest + max_new >= limit:
+            max_new = max(1, limit - longest - 1)
+            notes.append(f"task replies cut to {max_new} tokens: {limit}-token context")
+    task = task_accuracy(session, rows, max_new_tokens=max_new, progress=False)
+    median = sorted(prompts, key=len)[len(prompts) // 2]
+    ttft = []
+    for _ in range(3):
+        start = time.perf_counter()
+        session.prefill(median)
+        session.decode_one()
+        ttft.append((time.perf_counter() - start) * 1000)
+    return {
+        "accuracy": task.accuracy,
+        "correct": task.correct,
+        "total": task.total,
+        "prompt_tokens": len(median),
+        "ttft_ms": statistics.median(ttft),
+        "replies": task.replies,
+    }
 
 
 def run(spec: dict) -> dict:
