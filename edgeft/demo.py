@@ -117,12 +117,37 @@ TUNED_LORA = "fine-tuned LoRA (merged)"
 
 @dataclass
 class Run:
-    """One fine-tuning of the demo: its training, its merge and its peak memory."""
+    """One fine-tuning of the demo: what its training and its merge measured."""
 
     method: str
-    train: TrainResult
-    merge: MergeResult
-    peak_rss_mb: float | None
+    seconds: float
+    train_tokens_per_s: float
+    train_loss: float
+    eval_loss_before: float | None
+    eval_loss: float | None
+    steps: int
+    rows: int
+    eval_rows: int
+    peak_rss_mb: float | None  # the training process's own
+    merge_base: str
+    parity: dict  # merged checkpoint vs the adapter as trained (edgeft.parity.Parity fields)
+
+    @classmethod
+    def of(cls, method: str, train: TrainResult, merged: MergeResult, peak: float | None) -> Run:
+        return cls(
+            method=method,
+            seconds=train.seconds,
+            train_tokens_per_s=train.train_tokens_per_s,
+            train_loss=train.train_loss,
+            eval_loss_before=train.eval_loss_before,
+            eval_loss=train.eval_loss,
+            steps=train.steps,
+            rows=train.data.rows,
+            eval_rows=train.eval_rows,
+            peak_rss_mb=peak,
+            merge_base=merged.merge_base,
+            parity=merged.parity.as_dict(),
+        )
 
 
 @dataclass
@@ -250,17 +275,16 @@ def training_table(result: DemoResult) -> Table:
         "lrrrrrl",
     )
     for method, run in result.runs.items():
-        t, parity = run.train, run.merge.parity
         label = TUNED if method == "qlora" else TUNED_LORA
         table.rows.append(
             [
                 "QLoRA (NF4 base)" if method == "qlora" else "LoRA (fp32 base)",
-                f"{t.seconds:.0f}",
-                f"{t.train_tokens_per_s:.0f}",
+                f"{run.seconds:.0f}",
+                f"{run.train_tokens_per_s:.0f}",
                 _cell(run.peak_rss_mb, ".0f"),
-                f"{_fmt(t.eval_loss_before)} → {_fmt(t.eval_loss)}",
+                f"{_fmt(run.eval_loss_before)} → {_fmt(run.eval_loss)}",
                 _cell(result.accuracy(label), ".1%"),
-                f"{parity.max_abs_diff:.1e}, {parity.top1_agreement:.1%}",
+                f"{run.parity['max_abs_diff']:.1e}, {run.parity['top1_agreement']:.1%}",
             ]
         )
         table.failed.append(False)
@@ -361,7 +385,7 @@ def plot_accuracy_vs_size(result: DemoResult, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.set_title(f"{PLOT_TITLE} (squares: base model with examples in its prompt)", fontsize=10)
     fig.tight_layout()
-    annotate(ax, [(_plot_label(label), x, y) for label, x, y in points])
+    annotate(ax, [(f"{_plot_label(label)} {y:.0f}%", x, y) for label, x, y in points])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy_vs_size.png"
     fig.savefig(path)
@@ -413,8 +437,7 @@ def report_blocks(result: DemoResult, plot: Path | None = None) -> list:
             "(bitsandbytes), LoRA in fp32. Merge parity: the merged fp32 checkpoint against "
             "the adapter as trained."
             + (
-                f" Training data: {qlora.train.data.rows} rows ({qlora.train.eval_rows} held "
-                "out for eval loss)."
+                f" Training data: {qlora.rows} rows ({qlora.eval_rows} held out for eval loss)."
                 if qlora
                 else ""
             ),
@@ -432,11 +455,6 @@ def report_blocks(result: DemoResult, plot: Path | None = None) -> list:
         )
     )
     return blocks
-
-
-def render_report(result: DemoResult, plot: Path | None = None) -> str:
-    """The demo's markdown report."""
-    return to_markdown(report_blocks(result, plot))
 
 
 def _fmt(value: float | None) -> str:
@@ -551,7 +569,7 @@ def demo(
         stage(f"merge {method}", f"      merging the {method.upper()} adapter into fp32 weights")
         merged = merge(out / name, out / name.replace("adapter", "merged"))
         done(f"merge {method}")
-        runs[method] = Run(method, trained, merged, peak)
+        runs[method] = Run.of(method, trained, merged, peak)
 
     stage("export gguf", f"[4/7] GGUF export: {', '.join(GGUF_TYPES)}, and the base in Q8_0")
     gguf = export_gguf(out / "merged", out / "gguf", GGUF_TYPES, threads=threads, progress=quiet)
@@ -637,12 +655,36 @@ def demo(
         shots=shots,
         seconds=seconds,
     )
-    plot = plot_accuracy_vs_size(result, out / "plots")
-    blocks = report_blocks(result, plot)
-    write_text(out / "report.md", to_markdown(blocks))
-    write_text(out / "report.html", to_html(blocks, title="edgeft demo: the case study"))
     write_json(out / "demo.json", demo_record(result))
+    write_report(result)
     return result
+
+
+def write_report(result: DemoResult) -> None:
+    """``report.md``, ``report.html`` and the plot under the demo's folder."""
+    plot = plot_accuracy_vs_size(result, result.out / "plots")
+    blocks = report_blocks(result, plot)
+    write_text(result.out / "report.md", to_markdown(blocks))
+    write_text(result.out / "report.html", to_html(blocks, title="edgeft demo: the case study"))
+
+
+def load_demo(out: Path) -> DemoResult:
+    """A finished demo folder read back (its ``demo.json`` and both benchmarks' results), to
+    render its report again without running it."""
+    from edgeft.bench.schema import read_results
+
+    out = Path(out)
+    record = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    return DemoResult(
+        out=out,
+        runs={method: Run(**run) for method, run in record["runs"].items()},
+        bench=read_results(out / "bench" / "results.json"),
+        incontext=read_results(out / "bench-incontext" / "results.json"),
+        labels=record["labels"],
+        incontext_labels=record["incontext_labels"],
+        shots=record["shots"],
+        seconds=record["seconds"],
+    )
 
 
 def demo_record(result: DemoResult) -> dict:
@@ -653,20 +695,9 @@ def demo_record(result: DemoResult) -> dict:
         "versions": package_versions(),
         "seconds": result.seconds,
         "shots": result.shots,
-        "runs": {
-            method: {
-                "train_loss": run.train.train_loss,
-                "eval_loss_before": run.train.eval_loss_before,
-                "eval_loss": run.train.eval_loss,
-                "steps": run.train.steps,
-                "seconds": run.train.seconds,
-                "train_tokens_per_s": run.train.train_tokens_per_s,
-                "peak_rss_mb": run.peak_rss_mb,
-                "merge_base": run.merge.merge_base,
-                "parity": run.merge.parity.as_dict(),
-            }
-            for method, run in result.runs.items()
-        },
+        "runs": {method: dataclasses.asdict(run) for method, run in result.runs.items()},
+        "labels": result.labels,
+        "incontext_labels": result.incontext_labels,
         "models": {
             label: {**summary_row(row), "general_kept": retention(base, row)}
             for label, row in result.rows()

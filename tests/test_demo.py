@@ -151,7 +151,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     report with every row."""
     import dataclasses
 
-    from edgeft.demo import BASE, IN_CONTEXT, TUNED, TUNED_LORA, demo
+    from edgeft.demo import BASE, IN_CONTEXT, TUNED, TUNED_LORA, demo, load_demo, write_report
 
     settings = dataclasses.replace(
         DEMO_SETTINGS, max_steps=2, batch_size=4, rank=4, alpha=8, eval_fraction=0.02
@@ -182,13 +182,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
         assert task["total"] == 3 and task["prompt_tokens"] > 0 and task["ttft_ms"] > 0
     # the in-context prompts are longer than the zero-shot ones
     assert (
-        result.row(icl)["accuracy"]["task"]["prompt_tokens"]
+        result.row(labels[1])["accuracy"]["task"]["prompt_tokens"]
         > (result.row(BASE)["accuracy"]["task"]["prompt_tokens"])
     )
     assert result.row(TUNED)["accuracy"]["tasks"]["general"]["total"] == 3
     assert result.row(TUNED)["accuracy"]["texts"]["general"]["perplexity"] > 1
     assert set(result.runs) == {"qlora", "lora"}
-    assert all(run.peak_rss_mb and run.train.steps == 2 for run in result.runs.values())
+    assert all(run.peak_rss_mb and run.steps == 2 for run in result.runs.values())
     report = (result.out / "report.md").read_text()
     for label in labels:
         assert f"| {label} |" in report
@@ -197,3 +197,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert "<table>" in page and "data:image/png;base64," in page
     record = json.loads((result.out / "demo.json").read_text())
     assert set(record["models"]) == set(labels)
+    # a finished folder renders the same report again without running
+    again = load_demo(result.out)
+    assert [label for label, _ in again.rows()] == labels
+    write_report(again)
+    assert (result.out / "report.md").read_text() == report

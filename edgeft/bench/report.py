@@ -612,7 +612,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.88rem; margin: 0.5rem 0; }
 th, td { border: 1px solid #d0d0d0; padding: 0.3rem 0.55rem; white-space: nowrap; }
-th { background: #f3f3f3; }
+th { background: #f3f3f3; white-space: normal; }
 td.r { text-align: right; font-variant-numeric: tabular-nums; }
 td.miss { background: #fde4e2; color: #8c1010; font-weight: 600; white-space: normal; }
 td.pass { color: #16632c; }
