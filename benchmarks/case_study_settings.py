@@ -31,6 +31,7 @@ from edgeft.demo import (
     INCONTEXT_SYSTEM,
     dataset_path,
     general_path,
+    kept_answers,
     training_data,
 )
 from edgeft.evaluate import load_qa, task_accuracy
@@ -98,8 +99,8 @@ def score(path: Path, threads: int, shots: int | None = None) -> dict:
 
 
 def retention(base: dict, tuned: dict) -> float:
-    kept = [t for b, t in zip(base["general_correct"], tuned["general_correct"], strict=True) if b]
-    return sum(kept) / len(kept) if kept else 0.0
+    kept, answered = kept_answers(base["general_correct"], tuned["general_correct"])
+    return kept / answered if answered else 0.0
 
 
 def chosen(results: dict) -> tuple[str | None, int | None]:

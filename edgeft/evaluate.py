@@ -111,10 +111,12 @@ def task_accuracy(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "answering",
+    prompts: list[list[int]] | None = None,
 ) -> TaskResult:
     """Answer every question greedily through the session's own chat template and score it.
 
     Sessions that offer ``generate_batch`` answer ``batch_size`` questions at a time.
+    ``prompts``: each row's chat prompt already tokenized by this session (else done here).
     """
     from tqdm.auto import tqdm
 
@@ -124,20 +126,19 @@ def task_accuracy(
     batched = hasattr(session, "generate_batch")
     step = batch_size if batched else 1
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="q")
+    if prompts is None:
+        prompts = [session.tokenize(row.question, chat=True, context=row.context) for row in rows]
     replies: list[str] = []
-    lengths: list[int] = []
     for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        prompts = [session.tokenize(row.question, chat=True, context=row.context) for row in chunk]
-        lengths += [len(p) for p in prompts]
+        chunk = prompts[start : start + step]
         if batched:
-            outputs = session.generate_batch(prompts, max_new_tokens)
+            outputs = session.generate_batch(chunk, max_new_tokens)
         else:
-            outputs = [generate(session, prompts[0], max_new_tokens)]
+            outputs = [generate(session, chunk[0], max_new_tokens)]
         replies += [session.detokenize(o).strip() for o in outputs]
         bar.update(len(chunk))
     bar.close()
-    for row, reply, length in zip(rows, replies, lengths, strict=True):
+    for row, reply, prompt in zip(rows, replies, prompts, strict=True):
         ok = contains_answer(reply, row.answers)
         result.correct += ok
         result.replies.append(
@@ -147,7 +148,7 @@ def task_accuracy(
                 "reply": reply,
                 "correct": ok,
                 "topic": row.topic,
-                "prompt_tokens": length,
+                "prompt_tokens": len(prompt),
             }
         )
     return result

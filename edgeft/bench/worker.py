@@ -115,11 +115,8 @@ def measure_accuracy(session, spec: dict, notes: list[str]) -> tuple[dict, list[
     from edgeft.parity import compare_logits, perplexity
 
     text_ids = session.tokenize(spec["eval_text"])
-    ids = spec["eval_ids"] or text_ids[: spec["max_eval_tokens"]]
     limit = getattr(session, "n_ctx", None)
-    if limit and len(ids) >= limit:  # some runtimes need one free position after a prompt
-        ids = ids[: limit - 1]
-        notes.append(f"eval text cut to {limit - 1} tokens: {limit}-token context")
+    ids = _fitted(spec["eval_ids"] or text_ids[: spec["max_eval_tokens"]], limit, "eval", notes)
     result: dict = {"perplexity": None, "vs": {}, "tokenizer_matches_reference": None}
     if spec["eval_ids"] is not None:
         mine = text_ids[: len(ids)]
@@ -146,9 +143,7 @@ def measure_accuracy(session, spec: dict, notes: list[str]) -> tuple[dict, list[
             result["vs"][ref["name"]] = compare_logits(reference, logits).as_dict()
         del logits
     for name, text in (spec.get("texts") or {}).items():
-        text_ids = session.tokenize(text)[: spec["max_eval_tokens"]]
-        if limit and len(text_ids) >= limit:
-            text_ids = text_ids[: limit - 1]
+        text_ids = _fitted(session.tokenize(text)[: spec["max_eval_tokens"]], limit, name, notes)
         result.setdefault("texts", {})[name] = {
             "perplexity": perplexity(session.logits(text_ids), text_ids)
             if len(text_ids) > 1
@@ -162,6 +157,15 @@ def measure_accuracy(session, spec: dict, notes: list[str]) -> tuple[dict, list[
     for name, rows in (spec.get("tasks") or {}).items():
         result.setdefault("tasks", {})[name] = _task(session, rows, max_new, limit, notes)
     return result, ids
+
+
+def _fitted(ids: list[int], limit: int | None, what: str, notes: list[str]) -> list[int]:
+    """``ids`` cut to leave one free position in a ``limit``-token context (some runtimes need
+    it after a prompt), with a note when cut."""
+    if limit and len(ids) >= limit:
+        notes.append(f"{what} text cut to {limit - 1} tokens: {limit}-token context")
+        return ids[: limit - 1]
+    return ids
 
 
 def _task(session, rows: list[dict], max_new: int, limit: int | None, notes: list[str]) -> dict:
@@ -186,7 +190,7 @@ def _task(session, rows: list[dict], max_new: int, limit: int | None, notes: lis
         if longest + max_new >= limit:
             max_new = max(1, limit - longest - 1)
             notes.append(f"task replies cut to {max_new} tokens: {limit}-token context")
-    task = task_accuracy(session, rows, max_new_tokens=max_new, progress=False)
+    task = task_accuracy(session, rows, max_new_tokens=max_new, progress=False, prompts=prompts)
     median = sorted(prompts, key=len)[len(prompts) // 2]
     ttft = []
     for _ in range(3):
