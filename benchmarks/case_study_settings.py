@@ -61,7 +61,17 @@ SETTINGS: dict[str, dict] = {
     "extra, replay 15, 2 epochs, lr 1e-3": dict(
         extra=True, replay=15, epochs=2, learning_rate=1e-3
     ),
+    "extra, 111 replay rows as KL to base (weight 4), 2 epochs, lr 2e-3": dict(
+        extra=True, preserve=111, epochs=2, learning_rate=2e-3, preserve_weight=4.0
+    ),
+    "extra, 111 replay rows as KL to base (weight 1), 2 epochs, lr 2e-3": dict(
+        extra=True, preserve=111, epochs=2, learning_rate=2e-3, preserve_weight=1.0
+    ),
+    "extra, 248 replay rows as KL to base (weight 1), 2 epochs, lr 2e-3": dict(
+        extra=True, preserve=248, epochs=2, learning_rate=2e-3, preserve_weight=1.0
+    ),
 }
+DATA_KEYS = ("extra", "replay", "preserve")
 SHOTS = (0, 2, 4, 8, 16)
 
 
@@ -151,9 +161,15 @@ def render(results: dict) -> str:
         "accuracy up. Retention: of the general questions the base model answers, the share "
         "still answered. Data: `extra` adds `cooking/extra.jsonl` (310 more paraphrases) to "
         "`cooking/train.jsonl` (427); `replay N`: N general replay rows per 100 cooking rows "
-        "(`general/replay.jsonl`, the base model's own replies). Rank 32, alpha 64, batch 8, "
-        "NEFTune 5 in every setting. Train seconds are wall time on a shared machine: the "
-        "second row's ran partly beside a test run (about 3.1 s a step alone, 202 steps).",
+        "(`general/replay.jsonl`, the base model's own replies), trained on like the cooking "
+        "rows; `N replay rows as KL to base (weight w)`: the first N rows of that file are "
+        "preserve rows instead (`edgeft train --preserve`): each is trained on the KL divergence "
+        "of the model's next-token distribution from the base model's at every position, "
+        "counting w times a cooking row. Rows 112-248 of the file are short general questions "
+        "(`benchmarks/replay_requests.jsonl`, answered by `benchmarks/replay_rows.py`). Rank "
+        "32, alpha 64, batch 8, NEFTune 5 in every setting. Train seconds are wall time on a "
+        "shared machine: the second row's ran partly beside a test run (about 3.1 s a step "
+        "alone, 202 steps).",
         "",
         f"Chosen for the demo (rule fixed before the runs: of the settings whose cooking dev "
         f"accuracy beats the previous demo's, the one keeping the most general questions): "
@@ -200,7 +216,7 @@ def main() -> None:
     if "base" not in results:
         results["base"] = score(base, args.threads)
     for name, spec in SETTINGS.items():
-        overrides = {k: v for k, v in spec.items() if k not in ("extra", "replay")}
+        overrides = {k: v for k, v in spec.items() if k not in DATA_KEYS}
         if name in results["settings"] and not (args.only and name in args.only):
             continue
         if args.only and name not in args.only:
@@ -211,21 +227,29 @@ def main() -> None:
             work = Path(reuse)
             record = json.loads((work / "adapter" / "edgeft.json").read_text())
             trained_with = {k: record["settings"][k] for k in overrides}
-            if trained_with != overrides or spec["replay"] or spec["extra"]:
+            if trained_with != overrides or any(spec.get(k) for k in DATA_KEYS):
                 raise SystemExit(f"{work}/adapter was trained with {trained_with}, not {name}")
             figures = record["results"]
             train_s, steps, eval_loss = figures["seconds"], figures["steps"], figures["eval_loss"]
         else:
             work = args.work / name.replace(" ", "_").replace(",", "").replace(":", "")
-            data = training_data(work / "data", spec["replay"], extra=spec["extra"])
-            trained = train(DEFAULT_MODEL, data, work / "adapter", settings, force=True)
+            data = training_data(work / "data", spec.get("replay", 0), extra=spec["extra"])
+            preserve = None
+            if spec.get("preserve"):  # the first N replay rows, held to the base by KL
+                replay = general_path("replay.jsonl").read_text(encoding="utf-8").splitlines()
+                preserve = work / "data" / "preserve.jsonl"
+                preserve.write_text("\n".join(replay[: spec["preserve"]]) + "\n")
+            trained = train(
+                DEFAULT_MODEL, data, work / "adapter", settings, preserve=preserve, force=True
+            )
             train_s, steps, eval_loss = trained.seconds, trained.steps, trained.eval_loss
             merge(work / "adapter", work / "merged", force=True)
         row = score(work / "merged", args.threads)
         row.update(
             train_s=train_s,
             steps=steps,
-            replay_per_100=spec["replay"],
+            replay_per_100=spec.get("replay", 0),
+            preserve_rows=spec.get("preserve", 0),
             extra=spec["extra"],
             settings=dataclasses.asdict(settings),
             eval_loss=eval_loss,

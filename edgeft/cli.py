@@ -41,6 +41,19 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output adapter directory")
     p.add_argument("--eval-data", type=Path, help="held-out JSONL (default: split from --data)")
     p.add_argument(
+        "--preserve",
+        type=Path,
+        metavar="JSONL",
+        help="rows of what the model should keep doing (general requests, prose), trained on "
+        "their KL divergence from the base model so fine-tuning does not make it forget them",
+    )
+    p.add_argument(
+        "--preserve-weight",
+        type=float,
+        default=d.preserve_weight,
+        help="weight of a --preserve row against a --data row (default %(default)s)",
+    )
+    p.add_argument(
         "--eval-fraction",
         type=float,
         default=d.eval_fraction,
@@ -148,6 +161,7 @@ def _run_train(args) -> int:
         args.out,
         TrainSettings(**values),
         eval_data=args.eval_data,
+        preserve=args.preserve,
         skip_bad_rows=args.skip_bad_rows,
         resume=args.resume,
         force=args.force,

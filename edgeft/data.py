@@ -280,7 +280,8 @@ def split_examples(
 
 
 def collate(batch: Sequence[Example | dict], pad_id: int) -> dict:
-    """Right-pad a batch; padding gets ``IGNORE_INDEX`` labels and a zero attention mask."""
+    """Right-pad a batch; padding gets ``IGNORE_INDEX`` labels and a zero attention mask. Rows
+    that carry a ``"preserve"`` flag (see ``edgeft.train``) pass it on as a bool tensor."""
     import torch
 
     rows = [
@@ -295,4 +296,7 @@ def collate(batch: Sequence[Example | dict], pad_id: int) -> dict:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if batch and isinstance(batch[0], dict) and "preserve" in batch[0]:
+        out["preserve"] = torch.tensor([bool(b["preserve"]) for b in batch])
+    return out

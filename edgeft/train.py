@@ -55,6 +55,9 @@ class TrainSettings:
     # NEFTune: noise on input embeddings during training, known to help instruction tuning
     # generalise (0 = off)
     neftune_alpha: float = 0.0
+    # weight of a --preserve row's loss (its KL divergence from the base model) against a
+    # training row's cross-entropy
+    preserve_weight: float = 1.0
     max_length: int = 512
     eval_fraction: float = 0.05
     seed: int = 42
@@ -84,6 +87,10 @@ class TrainSettings:
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
             (self.neftune_alpha >= 0, f"--neftune-alpha must be >= 0, got {self.neftune_alpha}"),
+            (
+                self.preserve_weight > 0,
+                f"--preserve-weight must be positive, got {self.preserve_weight}",
+            ),
             (self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}"),
             (
                 0 <= self.eval_fraction < 1,
@@ -114,6 +121,7 @@ class TrainResult:
     data: DataReport
     eval_rows: int
     settings: TrainSettings = field(repr=False, default_factory=TrainSettings)
+    preserve_rows: int = 0
 
 
 def resolve_compute_dtype(name: str):
@@ -213,6 +221,76 @@ def load_base_model(
     return model
 
 
+def preserve_loss(logits, labels, attention_mask, preserve, base_logits, weight: float):
+    """The loss of a batch mixing training rows and ``preserve`` rows (see :func:`train`).
+
+    Training rows: next-token cross-entropy, the mean over their labelled tokens (what the
+    Trainer computes for a batch without preserve rows). Preserve rows: KL(base ‖ model) over
+    the vocabulary, the mean over their real positions (``base_logits``: the base model's logits
+    of those rows only). The two means are weighted by their share of the batch's rows, a
+    preserve row counting ``weight`` times.
+    """
+    import torch.nn.functional as F
+
+    from edgeft.data import IGNORE_INDEX
+
+    logits = logits.float()
+    task = ~preserve
+    n_task, n_preserve = int(task.sum()), int(preserve.sum())
+    total = logits.new_zeros(())
+    if n_task:
+        total = total + n_task * F.cross_entropy(
+            logits[task, :-1].flatten(0, 1), labels[task, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+    if n_preserve:
+        mask = attention_mask[preserve].bool()
+        own = F.log_softmax(logits[preserve][mask], dim=-1)
+        base = F.log_softmax(base_logits.float()[mask], dim=-1)
+        kl = (base.exp() * (base - own)).sum(-1).mean()
+        total = total + weight * n_preserve * kl
+    return total / (n_task + weight * n_preserve)
+
+
+def preserving_trainer(weight: float):
+    """A ``transformers.Trainer`` whose batches mix training rows and ``preserve`` rows (see
+    :func:`train` and :func:`preserve_loss`). The base model's logits come from the same model
+    with its adapters disabled, in eval mode (no dropout, no NEFTune noise), without gradients.
+    """
+    import torch
+    import transformers
+
+    class PreservingTrainer(transformers.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # the loss below is a mean per batch: let the Trainer scale it for accumulation
+            self.model_accepts_loss_kwargs = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            preserve = inputs.pop("preserve")
+            labels = inputs.pop("labels")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            base_logits = None
+            if preserve.any():
+                peft_model = self.accelerator.unwrap_model(model)
+                training = peft_model.training
+                peft_model.eval()
+                try:
+                    # through the wrapped model: DDP and FSDP see every forward
+                    with torch.no_grad(), peft_model.disable_adapter():
+                        base_logits = model(
+                            input_ids=inputs["input_ids"][preserve],
+                            attention_mask=inputs["attention_mask"][preserve],
+                        ).logits
+                finally:
+                    peft_model.train(training)
+            loss = preserve_loss(
+                outputs.logits, labels, inputs["attention_mask"], preserve, base_logits, weight
+            )
+            return (loss, outputs) if return_outputs else loss
+
+    return PreservingTrainer
+
+
 def disable_bnb_cpu_repacking(model) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
@@ -233,6 +311,7 @@ def train(
     settings: TrainSettings | None = None,
     *,
     eval_data: Path | None = None,
+    preserve: Path | None = None,
     skip_bad_rows: bool = False,
     resume: bool = False,
     force: bool = False,
@@ -247,6 +326,12 @@ def train(
         out: output directory; it appears only when training finishes.
         settings: training settings; defaults when ``None``.
         eval_data: held-out JSONL; without it ``settings.eval_fraction`` of ``data`` is held out.
+        preserve: JSONL rows (same formats as ``data``) on which the model is held to the base
+            model it starts from: mixed into the training rows, each is trained on its KL
+            divergence from the base's next-token distribution at every position (the base's
+            whole distribution, not one reply), weighted by ``settings.preserve_weight``.
+            Rows of what the model should go on doing (general requests, prose) keep it from
+            forgetting them while it learns ``data``.
         skip_bad_rows: drop bad rows with a counted warning instead of failing.
         resume: continue from the last checkpoint in ``<out>.partial``.
         force: replace an existing ``out``.
@@ -291,6 +376,11 @@ def train(
         )
     else:
         train_rows, eval_rows = split_examples(examples, settings.eval_fraction, settings.seed)
+    preserve_rows = []
+    if preserve is not None:
+        preserve_rows, _ = load_examples(
+            preserve, tokenizer, max_length=settings.max_length, skip_bad_rows=skip_bad_rows
+        )
 
     compute_dtype = resolve_compute_dtype(settings.compute_dtype)
     quantized = settings.method == "qlora"
@@ -366,11 +456,22 @@ def train(
             neftune_noise_alpha=settings.neftune_alpha or None,
             ddp_find_unused_parameters=False,
         )
-        trainer = transformers.Trainer(
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_rows]
+        if preserve_rows:
+            rows = [{**row, "preserve": False} for row in rows] + [
+                {"input_ids": e.input_ids, "labels": e.labels, "preserve": True}
+                for e in preserve_rows
+            ]
+        trainer_class = preserving_trainer(settings.preserve_weight) if preserve_rows else None
+        trainer = (trainer_class or transformers.Trainer)(
             model=model,
             args=args,
-            train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in train_rows],
-            eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_rows]
+            train_dataset=rows,
+            eval_dataset=[
+                {"input_ids": e.input_ids, "labels": e.labels}
+                | ({"preserve": False} if preserve_rows else {})
+                for e in eval_rows
+            ]
             or None,
             data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         )
@@ -391,7 +492,7 @@ def train(
             raise EdgeftError(f"training loss is {train_loss}; lower --lr or check the data")
         rows_seen = output.global_step * trainer.args.train_batch_size * settings.grad_accum
         rows_seen *= trainer.args.world_size
-        tokens_seen = sum(len(e.input_ids) for e in train_rows) * rows_seen / len(train_rows)
+        tokens_seen = sum(len(row["input_ids"]) for row in rows) * rows_seen / len(rows)
 
         result = TrainResult(
             out=out,
@@ -404,6 +505,7 @@ def train(
             data=report,
             eval_rows=len(eval_rows),
             settings=settings,
+            preserve_rows=len(preserve_rows),
         )
         if sharded_launch():  # every rank takes part in gathering the shards; rank 0 writes
             trainer.save_model(str(work))
@@ -431,6 +533,9 @@ def train(
                     "eval_data": None
                     if eval_data is None
                     else {"path": Path(eval_data).resolve(), "sha256": sha256_file(eval_data)},
+                    "preserve": None
+                    if preserve is None
+                    else {"path": Path(preserve).resolve(), "sha256": sha256_file(preserve)},
                 },
                 settings={
                     **asdict(settings),
@@ -454,6 +559,7 @@ def train(
                     "seconds": round(seconds, 2),
                     "train_tokens_per_s": round(result.train_tokens_per_s, 1),
                     "train_rows": len(train_rows),
+                    "preserve_rows": len(preserve_rows),
                     "eval_rows": len(eval_rows),
                     "data": {
                         "rows": report.rows,

@@ -76,6 +76,28 @@ def test_bad_jsonl_line_is_one_line_error_and_nonzero_exit(tiny_llama, tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_bad_preserve_line_is_one_line_error(tiny_llama, facts_jsonl, tmp_path):
+    preserve = write_jsonl(tmp_path / "general.jsonl", [{"prompt": "q", "completion": "a"}, "{"])
+    result = run_cli(
+        "train",
+        "--base",
+        str(tiny_llama),
+        "--data",
+        str(facts_jsonl),
+        "--preserve",
+        str(preserve),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if f"{preserve}:2:" in line
+    ], result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    result = run_cli("train", "--data", "x.jsonl", "--out", "o", "--preserve-weight", "0")
+    assert result.returncode == 2 and "--preserve-weight must be positive" in result.stderr
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     result = run_cli("--verbose", "merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "m"))
     assert result.returncode != 0 and "Traceback" in result.stderr

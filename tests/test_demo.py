@@ -189,7 +189,11 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert result.row(TUNED)["accuracy"]["texts"]["general"]["perplexity"] > 1
     assert set(result.runs) == {"qlora", "lora"}
     assert all(run.peak_rss_mb and run.steps == 2 for run in result.runs.values())
+    # the general replay rows are held to the base model, not trained on as cooking rows are
+    replay = len(general_path("replay.jsonl").read_text().splitlines())
+    assert all(run.preserve_rows == replay for run in result.runs.values())
     report = (result.out / "report.md").read_text()
+    assert f"{replay} general rows held to the base model" in report
     for label in labels:
         assert f"| {label} |" in report
     assert "## LoRA against QLoRA" in report and "![" in report

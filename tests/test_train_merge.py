@@ -272,3 +272,92 @@ def test_gradient_checkpointing_still_learns(method, tiny_llama, facts_jsonl, tm
     settings = TrainSettings(method=method, gradient_checkpointing=True, **FAST)
     result = train(str(tiny_llama), facts_jsonl, tmp_path / "a", settings, progress=False)
     assert result.eval_loss < result.eval_loss_before * 0.7
+
+
+def test_preserve_loss_is_the_trainers_loss_plus_weighted_kl():
+    import torch
+    import torch.nn.functional as F
+
+    from edgeft.train import preserve_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[:, :2] = -100  # the prompt
+    attention = torch.ones(3, 5, dtype=torch.long)
+    attention[2, 4] = 0  # padding
+    none = torch.zeros(3, dtype=torch.bool)
+    causal = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert torch.allclose(preserve_loss(logits, labels, attention, none, None, 2.0), causal)
+    preserve = torch.tensor([False, False, True])
+    task_ce = F.cross_entropy(logits[:2, :-1].flatten(0, 1), labels[:2, 1:].flatten())
+    # a preserve row whose base agrees with the model costs nothing, but counts in the mean
+    same = preserve_loss(logits, labels, attention, preserve, logits[2:], 2.0)
+    assert torch.allclose(same, 2 * task_ce / (2 + 2.0))
+    other = logits[2:] + torch.randn(1, 5, 11)
+    base = F.log_softmax(other[0, :4], -1)
+    kl = (base.exp() * (base - F.log_softmax(logits[2, :4], -1))).sum(-1).mean()
+    mixed = preserve_loss(logits, labels, attention, preserve, other, 2.0)
+    assert kl > 0.01
+    assert torch.allclose(mixed, (2 * task_ce + 2.0 * kl) / (2 + 2.0))
+
+
+def test_preserve_rows_hold_the_model_to_the_base(tiny_llama, facts_jsonl, tmp_path):
+    import torch
+    import torch.nn.functional as F
+    from conftest import write_jsonl
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chats = [
+        ("Name a large planet.", "Jupiter is the largest planet of the solar system."),
+        ("Say something about rivers.", "Rivers carry water from the hills to the sea."),
+        ("What is a verb?", "A verb is a word for an action, such as run or write."),
+        ("Give me a colour.", "Blue is the colour of a clear sky."),
+    ]
+    preserve = write_jsonl(
+        tmp_path / "general.jsonl",
+        [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in chats
+        ],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=True
+        )
+        for q, a in chats
+    ]
+
+    def drift(adapter) -> float:
+        """Mean KL(base ‖ tuned) over the preserve rows' positions."""
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        tuned = PeftModel.from_pretrained(base, adapter)
+        total = []
+        with torch.no_grad():
+            for row in ids:
+                x = torch.tensor([row])
+                own = F.log_softmax(tuned(x).logits[0], -1)
+                with tuned.disable_adapter():
+                    ref = F.log_softmax(tuned(x).logits[0], -1)
+                total.append((ref.exp() * (ref - own)).sum(-1).mean())
+        return float(torch.stack(total).mean())
+
+    settings = TrainSettings(method="lora", **{**FAST, "max_steps": 20})
+    plain = train(str(tiny_llama), facts_jsonl, tmp_path / "plain", settings, progress=False)
+    held = train(
+        str(tiny_llama),
+        facts_jsonl,
+        tmp_path / "held",
+        TrainSettings(method="lora", preserve_weight=10.0, **{**FAST, "max_steps": 20}),
+        preserve=preserve,
+        progress=False,
+    )
+    assert held.eval_loss < held.eval_loss_before * 0.7  # it still learns the data
+    assert drift(tmp_path / "held") < 0.5 * drift(tmp_path / "plain")
+    record = json.loads((tmp_path / "held" / "edgeft.json").read_text())
+    assert record["results"]["preserve_rows"] == 4
+    assert len(record["inputs"]["preserve"]["sha256"]) == 64
+    assert record["settings"]["preserve_weight"] == 10.0
+    assert plain.eval_loss_before == pytest.approx(held.eval_loss_before)  # same eval rows
