@@ -70,6 +70,16 @@ SETTINGS: dict[str, dict] = {
     "extra, 248 replay rows as KL to base (weight 1), 2 epochs, lr 2e-3": dict(
         extra=True, preserve=248, epochs=2, learning_rate=2e-3, preserve_weight=1.0
     ),
+    "extra, 224 replay rows as KL to base (weight 1), 2 epochs, lr 2e-3, LoRA on attention only": (
+        dict(
+            extra=True,
+            preserve=224,
+            epochs=2,
+            learning_rate=2e-3,
+            preserve_weight=1.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
+    ),
 }
 DATA_KEYS = ("extra", "replay", "preserve")
 SHOTS = (0, 2, 4, 8, 16)
@@ -165,8 +175,11 @@ def render(results: dict) -> str:
         "rows; `N replay rows as KL to base (weight w)`: the first N rows of that file are "
         "preserve rows instead (`edgeft train --preserve`): each is trained on the KL divergence "
         "of the model's next-token distribution from the base model's at every position, "
-        "counting w times a cooking row. Rows 112-248 of the file are short general questions "
-        "(`benchmarks/replay_requests.jsonl`, answered by `benchmarks/replay_rows.py`). Rank "
+        "counting w times a cooking row. The 248-row setting ran with rows 112-248 of the file "
+        "being 137 short general questions (answered by `benchmarks/replay_rows.py`); 24 of "
+        "them whose subjects came near the general test questions (one was a test question "
+        "word for word, caught by a test) were removed after that run: the file and the demo "
+        "have the other 224 (`benchmarks/replay_requests.jsonl`), not run again here. Rank "
         "32, alpha 64, batch 8, NEFTune 5 in every setting. Train seconds are wall time on a "
         "shared machine: the second row's ran partly beside a test run (about 3.1 s a step "
         "alone, 202 steps).",
@@ -237,6 +250,8 @@ def main() -> None:
             preserve = None
             if spec.get("preserve"):  # the first N replay rows, held to the base by KL
                 replay = general_path("replay.jsonl").read_text(encoding="utf-8").splitlines()
+                if len(replay) < spec["preserve"]:
+                    raise SystemExit(f"{name}: general/replay.jsonl has {len(replay)} rows")
                 preserve = work / "data" / "preserve.jsonl"
                 preserve.write_text("\n".join(replay[: spec["preserve"]]) + "\n")
             trained = train(
