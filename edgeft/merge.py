@@ -176,6 +176,24 @@ def nf4_round_trip(settings: dict, compute_dtype):
     return round_trip
 
 
+def quantized_weights(model_dir: Path) -> frozenset[str]:
+    """The weights QLoRA training holds in 4-bit, adapted or not: every Linear's but the output
+    projection's (what bitsandbytes quantizes, and what :func:`_as_trained_weights` rounds)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    return frozenset(
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    )
+
+
 def _as_trained_weights(trained: dict):
     """How the as-trained model sees each base weight, for :func:`streamed_model`: its Linear
     weights through the NF4/FP4 round trip for QLoRA (every Linear of the decoder layers is
@@ -315,10 +333,13 @@ def _write_merged(
     transpose: bool,
     start,
     progress: bool,
+    started: frozenset[str] = frozenset(),
 ) -> None:
     """Write the merged checkpoint tensor by tensor: ``W' = start(W) + scale · B A`` for each
     adapted Linear (``start``: the NF4 round trip for ``dequantized``, else ``W`` itself),
-    every other tensor as stored (converted where ``dtype`` differs). One tensor in memory."""
+    ``start(W)`` for the other weights named in ``started`` (the Linears QLoRA held in 4-bit
+    without adapting them), every other tensor as stored (converted where ``dtype`` differs).
+    One tensor in memory."""
     import torch
     from tqdm.auto import tqdm
 
@@ -328,20 +349,22 @@ def _write_merged(
     writer = ShardedWriter(folder, [(t.name, out_dtype, t.shape) for t in order])
     for stored in tqdm(order, desc="merging", unit="tensor", disable=not progress):
         module = adapted.get(stored.name)
-        if module is None:  # copied in row chunks: an 8B model's tables are 1 GB each
-            if stored.dtype == out_dtype:
+        rounded = start is not None and (module is not None or stored.name in started)
+        if module is None and not rounded:  # copied in row chunks: an 8B model's tables are
+            if stored.dtype == out_dtype:  # 1 GB each
                 writer.write(stored.name, row_chunks(stored, raw=True))
             else:
                 writer.write(stored.name, (encode(c, out_dtype) for c in row_chunks(stored)))
             continue
-        a, b = lora[module]
         weight = torch.from_numpy(read_f32(stored))
-        base = start(weight) if start is not None else weight
-        delta = (b.float() @ a.float()) * scales[module]
-        merged = base + (delta.T if transpose else delta)
+        merged = start(weight) if rounded else weight
+        if module is not None:
+            a, b = lora[module]
+            delta = (b.float() @ a.float()) * scales[module]
+            merged = merged + (delta.T if transpose else delta)
         if not torch.isfinite(merged).all():
             raise EdgeftError(
-                f"merged weight {module} has non-finite values; the adapter "
+                f"merged weight {module or stored.name} has non-finite values; the adapter "
                 "or base weights are corrupt"
             )
         writer.write(stored.name, encode(merged.numpy(), out_dtype))
@@ -461,6 +484,7 @@ def merge(
                 if merge_base == "dequantized"
                 else None,
                 progress=progress,
+                started=quantized_weights(base_dir) if merge_base == "dequantized" else frozenset(),
             )
             shutil.copy(base_dir / "config.json", work / "config.json")
             # The as-trained model (streamed: one layer in memory) against the files written.

@@ -361,3 +361,25 @@ def test_preserve_rows_hold_the_model_to_the_base(tiny_llama, facts_jsonl, tmp_p
     assert len(record["inputs"]["preserve"]["sha256"]) == 64
     assert record["settings"]["preserve_weight"] == 10.0
     assert plain.eval_loss_before == pytest.approx(held.eval_loss_before)  # same eval rows
+
+
+def test_qlora_on_some_modules_merges_every_4bit_weight_dequantized(
+    tiny_llama, facts_jsonl, tmp_path
+):
+    """QLoRA holds every decoder Linear in 4-bit, adapted or not: the dequantized merge rounds
+    the unadapted ones too, or the merged model is not the one that was trained."""
+    from safetensors.torch import load_file
+
+    settings = TrainSettings(
+        method="qlora", target_modules=["q_proj", "v_proj"], **{**FAST, "max_steps": 6}
+    )
+    train(str(tiny_llama), facts_jsonl, tmp_path / "adapter", settings, progress=False)
+    result = merge(tmp_path / "adapter", tmp_path / "merged")
+    assert result.parity.top1_agreement == 1.0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(tiny_llama / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"  # not adapted, 4-bit in training
+    assert not (merged[name] == base[name]).all()
+    assert (merged[name] - base[name]).abs().max() < 0.2 * base[name].abs().max()
+    norm = "model.layers.0.input_layernorm.weight"  # never 4-bit
+    assert (merged[norm] == base[norm]).all()
