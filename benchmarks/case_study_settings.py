@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
+from edgeft._io import sha256_file
 from edgeft.demo import (
     DEMO_SETTINGS,
     INCONTEXT_SYSTEM,
@@ -204,6 +206,21 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def inputs(spec: dict, folder: Path) -> tuple[Path, Path | None]:
+    """A setting's training file and preserve file (the first N replay rows) under ``folder``."""
+    data = training_data(folder, spec.get("replay", 0), extra=spec["extra"])
+    if not spec.get("preserve"):
+        return data, None
+    replay = general_path("replay.jsonl").read_text(encoding="utf-8").splitlines()
+    if len(replay) < spec["preserve"]:
+        raise SystemExit(
+            f"{spec['preserve']} preserve rows: general/replay.jsonl has {len(replay)}"
+        )
+    preserve = folder / "preserve.jsonl"
+    preserve.write_text("\n".join(replay[: spec["preserve"]]) + "\n", encoding="utf-8")
+    return data, preserve
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", action="append", help="setting names to (re)run")
@@ -218,7 +235,8 @@ def main() -> None:
         default=[],
         metavar="NAME=DIR",
         help="score DIR/merged for setting NAME instead of training it (DIR/adapter must have "
-        "been trained with that setting, e.g. an edgeft demo folder)",
+        "been trained on that setting's data with its settings, e.g. an edgeft demo folder; "
+        "DIR/merged is made if missing)",
     )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -240,20 +258,22 @@ def main() -> None:
             work = Path(reuse)
             record = json.loads((work / "adapter" / "edgeft.json").read_text())
             trained_with = {k: record["settings"][k] for k in overrides}
-            if trained_with != overrides or any(spec.get(k) for k in DATA_KEYS):
-                raise SystemExit(f"{work}/adapter was trained with {trained_with}, not {name}")
+            with tempfile.TemporaryDirectory() as folder:
+                files = inputs(spec, Path(folder))
+                same_data = [sha256_file(f) if f else None for f in files] == [
+                    (record["inputs"].get(k) or {}).get("sha256") for k in ("data", "preserve")
+                ]
+            if trained_with != overrides or not same_data:
+                raise SystemExit(
+                    f"{work}/adapter was not trained with the data and settings of {name}"
+                )
+            if not (work / "merged").exists():
+                merge(work / "adapter", work / "merged")
             figures = record["results"]
             train_s, steps, eval_loss = figures["seconds"], figures["steps"], figures["eval_loss"]
         else:
             work = args.work / name.replace(" ", "_").replace(",", "").replace(":", "")
-            data = training_data(work / "data", spec.get("replay", 0), extra=spec["extra"])
-            preserve = None
-            if spec.get("preserve"):  # the first N replay rows, held to the base by KL
-                replay = general_path("replay.jsonl").read_text(encoding="utf-8").splitlines()
-                if len(replay) < spec["preserve"]:
-                    raise SystemExit(f"{name}: general/replay.jsonl has {len(replay)} rows")
-                preserve = work / "data" / "preserve.jsonl"
-                preserve.write_text("\n".join(replay[: spec["preserve"]]) + "\n")
+            data, preserve = inputs(spec, work / "data")
             trained = train(
                 DEFAULT_MODEL, data, work / "adapter", settings, preserve=preserve, force=True
             )
