@@ -291,6 +291,11 @@ def preserving_trainer(weight: float):
     return PreservingTrainer
 
 
+def _input_file(path: Path | None) -> dict | None:
+    """A data file as the train record names it: where it is and its sha256."""
+    return None if path is None else {"path": Path(path).resolve(), "sha256": sha256_file(path)}
+
+
 def disable_bnb_cpu_repacking(model) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference.
 
@@ -456,23 +461,20 @@ def train(
             neftune_noise_alpha=settings.neftune_alpha or None,
             ddp_find_unused_parameters=False,
         )
-        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_rows]
-        if preserve_rows:
-            rows = [{**row, "preserve": False} for row in rows] + [
-                {"input_ids": e.input_ids, "labels": e.labels, "preserve": True}
-                for e in preserve_rows
-            ]
-        trainer_class = preserving_trainer(settings.preserve_weight) if preserve_rows else None
-        trainer = (trainer_class or transformers.Trainer)(
+        def dataset(examples, held: bool = False) -> list[dict]:
+            """Trainer rows; with preserve rows in the run, every row says whether it is one."""
+            flag = {"preserve": held} if preserve_rows else {}
+            return [{"input_ids": e.input_ids, "labels": e.labels, **flag} for e in examples]
+
+        rows = dataset(train_rows) + dataset(preserve_rows, held=True)
+        trainer_class = (
+            preserving_trainer(settings.preserve_weight) if preserve_rows else transformers.Trainer
+        )
+        trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=rows,
-            eval_dataset=[
-                {"input_ids": e.input_ids, "labels": e.labels}
-                | ({"preserve": False} if preserve_rows else {})
-                for e in eval_rows
-            ]
-            or None,
+            eval_dataset=dataset(eval_rows) or None,
             data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         )
         eval_before = None
@@ -529,13 +531,9 @@ def train(
                         "weights_sha256": base_model.weights_sha256,
                         "model_type": model.get_base_model().config.model_type,
                     },
-                    "data": {"path": Path(data).resolve(), "sha256": sha256_file(data)},
-                    "eval_data": None
-                    if eval_data is None
-                    else {"path": Path(eval_data).resolve(), "sha256": sha256_file(eval_data)},
-                    "preserve": None
-                    if preserve is None
-                    else {"path": Path(preserve).resolve(), "sha256": sha256_file(preserve)},
+                    "data": _input_file(data),
+                    "eval_data": _input_file(eval_data),
+                    "preserve": _input_file(preserve),
                 },
                 settings={
                     **asdict(settings),
