@@ -215,6 +215,14 @@ def _add_merge(sub) -> None:
         help="dtype of the saved weights (default fp32)",
     )
     p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the adapter's delta by this, in (0, 1] (default 1: the model as "
+        "trained); less keeps more of the base model's general ability and less of what "
+        "was learned (choose it on held-out data, e.g. with edgeft bench --task)",
+    )
+    p.add_argument(
         "--base",
         default=None,
         help="base model location if it moved (must hash to the recorded weights)",
@@ -232,6 +240,7 @@ def _run_merge(args) -> int:
         args.out,
         merge_base=args.merge_base,
         dtype=args.dtype,
+        scale=args.scale,
         base=args.base,
         force=args.force,
         allow_pickle=args.allow_pickle,
@@ -239,7 +248,9 @@ def _run_merge(args) -> int:
     )
     verdict = "within tolerance" if result.gated else "reported (original base: not gated)"
     print(
-        f"merged {result.modules} modules into the {result.merge_base} weights ({result.dtype}); "
+        f"merged {result.modules} modules"
+        + (f" at scale {result.scale:g}" if result.scale != 1 else "")
+        + f" into the {result.merge_base} weights ({result.dtype}); "
         f"parity vs as-trained model: {result.parity.summary()} [{verdict}]; "
         f"checkpoint written to {result.out}"
     )

@@ -67,6 +67,7 @@ class MergeResult:
     out: Path
     merge_base: MergeBase
     dtype: OutDType
+    scale: float
     parity: Parity
     gated: bool  # whether a parity miss fails this merge (LoRA, or QLoRA into dequantized)
     modules: int
@@ -404,6 +405,7 @@ def merge(
     *,
     merge_base: MergeBase | None = None,
     dtype: OutDType = "fp32",
+    scale: float = 1.0,
     base: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
@@ -417,6 +419,10 @@ def merge(
         merge_base: ``dequantized`` (QLoRA default) or ``original``; LoRA adapters always merge
             into the original weights.
         dtype: dtype of the saved weights.
+        scale: multiplies the adapter's delta (``W + scale · alpha/r · B A``): 1 merges the
+            model as trained; below 1 moves it toward the base model, keeping more of what the
+            base did at the cost of some of what was learned (weight-space interpolation,
+            WiSE-FT). The parity check then compares against the adapter at that scale.
         base: override the base model location; its weights must hash to the recorded sha256.
         force: replace an existing ``out``.
         allow_pickle: accept a base whose only weights are pickled (``pytorch_model.bin``),
@@ -434,6 +440,11 @@ def merge(
 
     if dtype not in KL_TOLERANCE:
         raise EdgeftError(f"--dtype must be one of fp32, bf16, fp16; got {dtype!r}")
+    if not (math.isfinite(scale) and 0 < scale <= 1):
+        raise EdgeftError(
+            f"--scale must be in (0, 1]: 1 merges the adapter as trained, less moves the "
+            f"model toward the base; got {scale}"
+        )
     out = Path(out)
     check_output(out, force)
     adapter = Path(adapter)
@@ -471,7 +482,7 @@ def merge(
         index = safetensors_index(base_dir)
         _check_fit(index, lora, str(base_model.path))
         check_base_weights(base_model, record, adapter)
-        scales = {name: lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
+        scales = {name: scale * lora_scale(config, a.shape[0]) for name, (a, _) in lora.items()}
         with atomic_dir(out, force=force) as work:
             _write_merged(
                 index,
@@ -538,6 +549,7 @@ def merge(
                     settings={
                         "merge_base": merge_base,
                         "dtype": dtype,
+                        "scale": scale,
                         "lora_scale": sorted(set(scales.values())),
                         "modules": len(lora),
                     },
@@ -553,5 +565,11 @@ def merge(
                 ),
             )
     return MergeResult(
-        out=out, merge_base=merge_base, dtype=dtype, parity=parity, gated=gated, modules=len(lora)
+        out=out,
+        merge_base=merge_base,
+        dtype=dtype,
+        scale=scale,
+        parity=parity,
+        gated=gated,
+        modules=len(lora),
     )

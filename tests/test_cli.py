@@ -61,6 +61,18 @@ def test_train_then_merge_from_the_cli(tiny_llama, facts_jsonl, tmp_path, capsys
     assert "already exists" in capsys.readouterr().err
     assert main(["-q", "merge", "--adapter", str(adapter), "--out", str(merged), "--force"]) == 0
 
+    # A scale toward the base: said in the summary line and the record; out of range refused.
+    half = tmp_path / "half"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(half), "--scale", "0.5"]) == 0
+    assert "at scale 0.5" in capsys.readouterr().out
+    assert json.loads((half / "edgeft.json").read_text())["settings"]["scale"] == 0.5
+    code = main(
+        ["-q", "merge", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--scale", "2"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "--scale must be in (0, 1]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
 
 def test_bad_jsonl_line_is_one_line_error_and_nonzero_exit(tiny_llama, tmp_path):
     good = {"prompt": "q", "completion": "a"}

@@ -151,7 +151,16 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     report with every row."""
     import dataclasses
 
-    from edgeft.demo import BASE, IN_CONTEXT, TUNED, TUNED_LORA, demo, load_demo, write_report
+    from edgeft.demo import (
+        BASE,
+        BASE_Q8,
+        IN_CONTEXT,
+        TUNED,
+        TUNED_LORA,
+        demo,
+        load_demo,
+        write_report,
+    )
 
     settings = dataclasses.replace(
         DEMO_SETTINGS, max_steps=2, batch_size=4, rank=4, alpha=8, eval_fraction=0.02
@@ -167,8 +176,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     )
     labels = [label for label, _ in result.rows()]
     icl = IN_CONTEXT.format(k=2)
-    assert labels[:3] == [BASE, icl.replace("base", "base Q8_0"), icl.replace("base", "base int8")]
-    assert labels[3:] == [
+    assert labels[:4] == [
+        BASE,
+        BASE_Q8,
+        icl.replace("base", "base Q8_0"),
+        icl.replace("base", "base int8"),
+    ]
+    assert labels[4:] == [
         TUNED_LORA,
         TUNED,
         "GGUF Q8_0",
@@ -182,7 +196,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
         assert task["total"] == 3 and task["prompt_tokens"] > 0 and task["ttft_ms"] > 0
     # the in-context prompts are longer than the zero-shot ones
     assert (
-        result.row(labels[1])["accuracy"]["task"]["prompt_tokens"]
+        result.row(labels[2])["accuracy"]["task"]["prompt_tokens"]
         > (result.row(BASE)["accuracy"]["task"]["prompt_tokens"])
     )
     assert result.row(TUNED)["accuracy"]["tasks"]["general"]["total"] == 3

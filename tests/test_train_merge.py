@@ -6,7 +6,7 @@ import pytest
 from conftest import FAST_TRAIN as FAST
 from numerics import FP32_ORDER, assert_bug_caught, assert_logits_close, assert_parity_within
 
-from edgeft.errors import ModelError, OutputExistsError
+from edgeft.errors import EdgeftError, ModelError, OutputExistsError
 from edgeft.merge import KL_TOLERANCE, merge
 from edgeft.parity import model_logits
 from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
@@ -153,6 +153,30 @@ def test_merge_original_adds_the_delta_to_the_full_precision_weights(
     torch.testing.assert_close(merged[f"{name}.weight"], expected, rtol=0, atol=1e-6)
     # untouched tensors are copied exactly
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_merge_at_a_scale_adds_that_share_of_the_delta(qlora_adapter, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    merge(qlora_adapter.out, tmp_path / "full")
+    half = merge(qlora_adapter.out, tmp_path / "half", scale=0.5)
+    # gated: the as-trained model it is held to carries the adapter at the same scale
+    assert half.gated and half.parity.mean_kl <= KL_TOLERANCE["fp32"]
+    lora = load_file(qlora_adapter.out / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    a = lora[f"base_model.model.{name}.lora_A.weight"]
+    b = lora[f"base_model.model.{name}.lora_B.weight"]
+    weight = f"{name}.weight"
+    at_full = load_file(tmp_path / "full" / "model.safetensors")[weight]
+    at_half = load_file(tmp_path / "half" / "model.safetensors")[weight]
+    torch.testing.assert_close(at_full - at_half, 0.5 * (16 / 8) * (b @ a), rtol=0, atol=1e-6)
+    record = json.loads((tmp_path / "half" / "edgeft.json").read_text())
+    assert record["settings"]["scale"] == 0.5
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(EdgeftError, match="--scale must be in"):
+            merge(qlora_adapter.out, tmp_path / "bad", scale=bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_merge_bf16_output(qlora_adapter, tmp_path):
