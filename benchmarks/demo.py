@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeft.demo import (
     BASE,
+    BASE_Q8,
     TUNED,
     comparison_table,
     demo,
@@ -39,6 +40,7 @@ def readme_section(result, wall: float, machine: str) -> str:
     incontext = next(iter(result.incontext_labels.values()))
     long, short = (result.row(x)["accuracy"]["task"]["prompt_tokens"] for x in (incontext, TUNED))
     kept = retention(base, tuned)
+    floor = retention(base, result.row(BASE_Q8))
     cooking = base["accuracy"]["task"]
     return "\n".join(
         [
@@ -61,7 +63,14 @@ def readme_section(result, wall: float, machine: str) -> str:
             + f", with a {long}-token median prompt against the fine-tuned model's {short}. "
             "Fine-tuning kept "
             + (f"{kept[0]} of the {kept[1]}" if kept else "-")
-            + " general questions the base model answers. Mean KL is against the QLoRA "
+            + " general questions the base model answers"
+            + (
+                f" (the base model's own Q8_0 file keeps {floor[0]}: greedy answers flip on "
+                "small numeric changes)"
+                if floor
+                else ""
+            )
+            + ". Mean KL is against the QLoRA "
             "fine-tuned model in PyTorch fp32 on a cooking text; TTFT on the median cooking "
             "prompt; decode speed from an empty context, 2 threads.",
             END,

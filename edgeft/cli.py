@@ -298,6 +298,21 @@ def _add_export(sub, parser_class) -> None:
         action="store_true",
         help="quantize a GGUF --model that is itself quantized (adds rounding error)",
     )
+    g.add_argument(
+        "--imatrix",
+        metavar="auto|none|FILE",
+        default=None,
+        help="importance matrix for the quantized types: 'auto' computes it on --calibration, "
+        "else the fine-tuning data in the checkpoint's provenance, else text sampled from the "
+        "model, and writes it as imatrix.gguf; or a file from llama-imatrix (default: auto "
+        "when there is calibration data, else none; iq4_xs, iq3_m, iq3_s and q2_k need one)",
+    )
+    g.add_argument(
+        "--calibration",
+        type=Path,
+        help="text or JSONL the importance matrix is computed on (default: the fine-tuning "
+        "data named in the checkpoint's provenance)",
+    )
     g.add_argument("--force", action="store_true", help="replace an existing --out")
     g.set_defaults(handler=_run_export_gguf)
 
@@ -486,8 +501,16 @@ def _run_export_gguf(args) -> int:
         threads=args.threads,
         force=args.force,
         allow_requantize=args.allow_requantize,
+        imatrix=args.imatrix,
+        calibration=args.calibration,
         progress=_progress(args),
     )
+    if result.imatrix:
+        made = result.imatrix
+        print(
+            f"importance matrix: {made['file']} ({made['tokens']} tokens of {made['source']}, "
+            f"{made['entries']} tensors)"
+        )
     if result.tokenizer:
         print(
             f"llama.cpp token ids identical to the Hugging Face tokenizer on "

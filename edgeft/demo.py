@@ -447,7 +447,9 @@ def report_blocks(result: DemoResult, plot: Path | None = None) -> list:
                 "greedy answers). General ppl: perplexity on a general-domain text "
                 "(general/test.txt); cooking ppl: on a cooking text (eval/cooking.txt).",
                 "Mean KL: against the QLoRA fine-tuned model in PyTorch fp32 on the cooking "
-                "text. Prompt tokens and TTFT: the median-length cooking test prompt, prefill "
+                "text. The 4-bit files are calibrated on the training data: GGUF Q4_K_M with an "
+                "importance matrix (edgeft export gguf --imatrix), ONNX int4 with GPTQ. Prompt "
+                "tokens and TTFT: the median-length cooking test prompt, prefill "
                 f"and one greedy token, median of 3. Decode: {settings['threads']} threads, "
                 f"{settings['decode_tokens']} greedy tokens from an empty context, median of "
                 f"{settings['repeats']}. Peak RSS: the model's own process.",
@@ -609,7 +611,11 @@ def demo(
         done(f"merge {method}")
         runs[method] = Run.of(method, trained, merged, peak)
 
-    stage("export gguf", f"[4/7] GGUF export: {', '.join(GGUF_TYPES)}, and the base in Q8_0")
+    stage(
+        "export gguf",
+        f"[4/7] GGUF export: {', '.join(GGUF_TYPES)} (with an importance matrix from the "
+        "training data), and the base in Q8_0",
+    )
     gguf = export_gguf(out / "merged", out / "gguf", GGUF_TYPES, threads=threads, progress=quiet)
     base_gguf = export_gguf(model.path, out / "base-gguf", ("q8_0",), threads=threads)
     done("export gguf")

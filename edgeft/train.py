@@ -461,6 +461,7 @@ def train(
             neftune_noise_alpha=settings.neftune_alpha or None,
             ddp_find_unused_parameters=False,
         )
+
         def dataset(examples, held: bool = False) -> list[dict]:
             """Trainer rows; with preserve rows in the run, every row says whether it is one."""
             flag = {"preserve": held} if preserve_rows else {}

@@ -21,7 +21,14 @@ from edgeft.architectures import uniform_context
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.gguf.convert import OUT_TYPES, convert_checkpoint, read_model_spec
-from edgeft.export.gguf.quantize import QUANTIZED_TYPES, check_finite, quantize
+from edgeft.export.gguf.imatrix import Imatrix, collect, read_imatrix, write_imatrix
+from edgeft.export.gguf.quantize import (
+    IGNORES_IMATRIX,
+    NEEDS_IMATRIX,
+    QUANTIZED_TYPES,
+    check_finite,
+    quantize,
+)
 from edgeft.export.gguf.vocab import check_token_ids, corpus_for, read_vocab
 from edgeft.fidelity import (
     F16_KV_NOISE,
@@ -80,6 +87,7 @@ class GGUFExport:
     eval_tokens: int
     tokenizer: dict
     notes: list[str] = field(default_factory=list)
+    imatrix: dict | None = None  # what the quantized files were made with (edgeft.json's)
 
 
 def parse_types(spec: str | Sequence[str]) -> list[str]:
@@ -250,6 +258,8 @@ def export_gguf(
     threads: int = 2,
     force: bool = False,
     allow_requantize: bool = False,
+    imatrix: str | Path | None = None,
+    calibration: Path | None = None,
     progress=None,
 ) -> GGUFExport:
     """Convert a Hugging Face checkpoint to GGUF files and measure each against it.
@@ -263,11 +273,19 @@ def export_gguf(
         eval_text: text for logits parity and perplexity (default: a shipped cooking text).
         allow_requantize: quantize a GGUF source that is itself quantized (each rounding
             adds error; off by default).
+        imatrix: the importance matrix the quantized types are made with: ``"auto"``
+            computes it from ``calibration``, else the fine-tuning data named in the
+            checkpoint's provenance, else text sampled from the checkpoint; ``"none"``; or an
+            imatrix file (llama.cpp's GGUF or ``.dat`` format). Default: ``"auto"`` when
+            ``calibration`` or the fine-tuning data is there, else ``"none"``. A computed one
+            is written beside the files as ``imatrix.gguf``.
+        calibration: text or JSONL the importance matrix is computed from.
         progress: optional callable ``(message: str) -> None`` for stage messages.
 
     Raises:
         ModelError: unsupported architecture or tokenizer, or llama.cpp tokenizes differently.
         ParityError: a full-precision file differs from the checkpoint beyond tolerance.
+        EdgeftError: a type that needs an importance matrix without one.
     """
     say = progress or (lambda message: logger.info(message))
     model, out = Path(model), Path(out)
@@ -281,6 +299,7 @@ def export_gguf(
             threads=threads,
             force=force,
             allow_requantize=allow_requantize,
+            imatrix=imatrix,
             say=say,
         )
     spec = read_model_spec(model)
@@ -293,6 +312,7 @@ def export_gguf(
 
     full = [t for t in types if t in OUT_TYPES]
     quantized = [t for t in types if t in QUANTIZED_TYPES]
+    texts, dataset, given = _importance_source(model, imatrix, calibration, quantized)
     with atomic_dir(out, force) as work:
         timings: dict[str, float] = {}
         # The quantizer reads the most precise file there is; one that holds every weight
@@ -314,10 +334,28 @@ def export_gguf(
             )
             timings[out_type] = time.perf_counter() - start
         source = work / f"model-{source_type}.gguf"
+        importance, used = None, None
+        if texts is not None:
+            start = time.perf_counter()
+            say(f"computing the importance matrix on {dataset}")
+            importance = collect(model, texts, datasets=[dataset])
+            write_imatrix(importance, work / IMATRIX_FILE)
+            timings["imatrix"] = time.perf_counter() - start
+            used = _imatrix_record(importance, work / IMATRIX_FILE, dataset, computed=True)
+        elif given is not None:
+            importance = given
+            used = _imatrix_record(importance, Path(imatrix), dataset, computed=False)
         for quant in quantized:
             start = time.perf_counter()
             say(f"quantizing to {quant.upper()} with llama.cpp")
-            quantize(source, work / f"model-{quant}.gguf", quant, threads=threads)
+            quantize(
+                source,
+                work / f"model-{quant}.gguf",
+                quant,
+                threads=threads,
+                imatrix=importance,
+                metadata=_imatrix_metadata(used) if used and quant not in IGNORES_IMATRIX else None,
+            )
             timings[quant] = time.perf_counter() - start
 
         say("checking llama.cpp's token ids against the Hugging Face tokenizer")
@@ -384,6 +422,7 @@ def export_gguf(
                     "greedy_tokens": reference.greedy_tokens,
                     "tolerance": FULL_PRECISION_TOLERANCE,
                     "gguf_metadata": metadata,
+                    "imatrix": used,
                 },
                 results={
                     "reference": "the checkpoint in PyTorch fp32",
@@ -403,7 +442,80 @@ def export_gguf(
         eval_tokens=len(reference.eval_ids),
         tokenizer=tokenizer,
         notes=notes,
+        imatrix=used,
     )
+
+
+IMATRIX_FILE = "imatrix.gguf"
+
+
+def _importance_source(
+    model: Path, imatrix: str | Path | None, calibration: Path | None, quantized: list[str]
+) -> tuple[list[str] | None, str | None, Imatrix | None]:
+    """Where the importance matrix comes from: ``(texts to compute it on, their source,
+    None)``, ``(None, the file's datasets, the matrix read from it)``, or no matrix.
+
+    Raises:
+        EdgeftError: an imatrix file that is not there or not one; a type that needs a matrix
+            without one.
+    """
+    from edgeft.export.onnx.export import calibration_texts, fine_tuning_data
+
+    mode = str(imatrix) if imatrix is not None else None
+    if not [q for q in quantized if q not in IGNORES_IMATRIX]:
+        mode = "none"
+    elif mode is None:
+        mode = "auto" if calibration is not None or fine_tuning_data(model) else "none"
+    texts, dataset, given = None, None, None
+    if mode == "auto":
+        texts, dataset = calibration_texts(model, calibration)
+    elif mode != "none":
+        given, dataset = _read_given(Path(mode))
+    _check_needs(quantized, texts is not None or given is not None)
+    return texts, dataset, given
+
+
+def _read_given(path: Path) -> tuple[Imatrix, str]:
+    if not path.is_file():
+        raise EdgeftError(f"--imatrix {path}: no such file; pass auto, none or an imatrix file")
+    given = read_imatrix(path)
+    return given, ", ".join(given.datasets) or path.name
+
+
+def _check_needs(quantized: list[str], have: bool) -> None:
+    needs = [q for q in quantized if q in NEEDS_IMATRIX]
+    if needs and not have:
+        raise EdgeftError(
+            f"{', '.join(needs)} need an importance matrix: pass --imatrix auto (computed from "
+            "--calibration, the fine-tuning data or text sampled from the model) or --imatrix "
+            "FILE (from llama-imatrix or an earlier export)"
+        )
+
+
+def _imatrix_record(importance: Imatrix, path: Path, dataset: str, *, computed: bool) -> dict:
+    """What ``edgeft.json`` says of the importance matrix the quantized files were made with."""
+    return {
+        "file": path.name if computed else str(path.resolve()),
+        "sha256": sha256_file(path),
+        "source": dataset,
+        "computed": computed,
+        "entries": len(importance.sums),
+        "chunks": importance.chunks,
+        "tokens": max(importance.counts.values(), default=0),
+    }
+
+
+def _imatrix_metadata(used: dict) -> dict[str, str | int]:
+    """GGUF keys of a file quantized with an importance matrix: llama-quantize's own, and the
+    matrix's sha256."""
+    source = used["source"]
+    return {
+        "quantize.imatrix.file": Path(used["file"]).name,
+        "quantize.imatrix.dataset": Path(source).name if "/" in source else source,
+        "quantize.imatrix.entries_count": used["entries"],
+        "quantize.imatrix.chunks_count": used["chunks"],
+        "edgeft.imatrix.sha256": used["sha256"],
+    }
 
 
 def _lossless_type(model_dir: Path) -> str:
@@ -416,7 +528,16 @@ def _lossless_type(model_dir: Path) -> str:
 
 
 def _requantize(
-    source: Path, out: Path, types: list[str], *, eval_text, threads, force, allow_requantize, say
+    source: Path,
+    out: Path,
+    types: list[str],
+    *,
+    eval_text,
+    threads,
+    force,
+    allow_requantize,
+    imatrix,
+    say,
 ) -> GGUFExport:
     """Quantize a GGUF file with llama.cpp and measure each result against the file itself."""
     from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, file_type_name, gguf_metadata
@@ -436,6 +557,16 @@ def _requantize(
             "--allow-requantize"
         )
     check_finite(source)  # a NaN in the source would only be rounded into every output
+    given, used = None, None
+    if imatrix is not None and str(imatrix) == "auto":
+        raise EdgeftError(
+            f"--imatrix auto computes the importance matrix from the Hugging Face checkpoint; "
+            f"{source} is a GGUF file: pass the checkpoint as --model, or --imatrix FILE"
+        )
+    if imatrix is not None and str(imatrix) != "none":
+        given, dataset = _read_given(Path(imatrix))
+        used = _imatrix_record(given, Path(imatrix), dataset, computed=False)
+    _check_needs(types, given is not None)
     with atomic_dir(out, force) as work:
         timings = {}
         for quant in types:
@@ -447,6 +578,8 @@ def _requantize(
                 quant,
                 threads=threads,
                 allow_requantize=allow_requantize,
+                imatrix=given,
+                metadata=_imatrix_metadata(used) if used and quant not in IGNORES_IMATRIX else None,
             )
             timings[quant] = time.perf_counter() - start
         say(f"measuring every file against {source.name} in llama.cpp")
@@ -488,6 +621,7 @@ def _requantize(
                     "threads": threads,
                     "allow_requantize": allow_requantize,
                     "eval_tokens": len(reference.eval_ids),
+                    "imatrix": used,
                 },
                 results={
                     "reference": f"the source GGUF ({source_type}) in llama.cpp",
@@ -506,4 +640,5 @@ def _requantize(
         eval_tokens=len(reference.eval_ids),
         tokenizer={},
         notes=notes,
+        imatrix=used,
     )

@@ -310,6 +310,22 @@ def _write_fused(model: Path, folder: Path, matmuls=None, *, progress: bool = Fa
     return graph
 
 
+def fine_tuning_data(model: Path) -> Path | None:
+    """The data file a merged checkpoint was fine-tuned on, found through its provenance
+    (merge record → adapter record), when it is still there with the recorded sha256."""
+    from edgeft.provenance import read_record
+
+    try:
+        merge = read_record(model, "merge")
+        adapter = read_record(Path(merge["inputs"]["adapter"]["path"]), "train")
+        data = adapter["inputs"]["data"]
+        if Path(data["path"]).is_file() and sha256_file(Path(data["path"])) == data["sha256"]:
+            return Path(data["path"])
+    except (ModelError, KeyError, TypeError):
+        pass
+    return None
+
+
 def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str], str]:
     """Texts for GPTQ's statistics, and where they came from.
 
@@ -321,17 +337,8 @@ def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str],
     """
     from importlib import resources
 
-    from edgeft.provenance import read_record
-
     if calibration is None:
-        try:
-            merge = read_record(model, "merge")
-            adapter = read_record(Path(merge["inputs"]["adapter"]["path"]), "train")
-            data = adapter["inputs"]["data"]
-            if Path(data["path"]).is_file() and sha256_file(Path(data["path"])) == data["sha256"]:
-                calibration = Path(data["path"])
-        except (ModelError, KeyError, TypeError):
-            calibration = None
+        calibration = fine_tuning_data(model)
     if calibration is None and not should_stream(model):
         from edgeft.export.onnx.gptq import calibration_budget, sampled_texts
         from edgeft.weights import checkpoint_params
