@@ -1,16 +1,19 @@
 """What an importance matrix from the fine-tuning data buys each GGUF type, on the demo's model.
 
-    python benchmarks/gguf_imatrix.py [--demo edgeft-demo] [--work DIR] [--llama-imatrix FILE]
+    python benchmarks/gguf_imatrix.py [--demo edgeft-demo] [--work DIR] [--llama-imatrix BIN]
 
 Takes a finished ``edgeft demo`` folder (its merged QLoRA checkpoint, whose provenance names the
 fine-tuning data, and its ONNX int4 folder) and makes Q4_K_M, Q4_0, IQ4_XS, IQ3_M and Q2_K
 twice from the same F32 conversion: with the importance matrix ``edgeft export gguf --imatrix
 auto`` computes on the fine-tuning data, and without one (the low-bit types through
-``quantize(require_imatrix=False)``, which ``edgeft export`` refuses). With ``--llama-imatrix``,
-a third set is quantized with an imatrix file from llama.cpp's own ``llama-imatrix`` (run on
-the same data). Every file, and the ONNX int4 folder (GPTQ calibrated on the same data), is
-measured by ``edgeft bench`` against the merged model on the shipped cooking text (mean KL,
-top-1), on the demo's cooking test questions and general questions, in the same run.
+``quantize(require_imatrix=False)``, which ``edgeft export`` refuses). With ``--llama-imatrix``
+(llama.cpp's own ``llama-imatrix`` binary, built from the sources the llama-cpp-python sdist
+vendors: ``cmake -B build && cmake --build build --target llama-imatrix``), a third set is
+quantized with the imatrix it computes from the F32 file over the same fine-tuning rows
+(rendered through the chat template, the same number of 512-token chunks). Every file, and the
+ONNX int4 folder (GPTQ calibrated on the same data), is measured by ``edgeft bench`` against
+the merged model on the shipped cooking text (mean KL, top-1), on the demo's cooking test
+questions and general questions, in the same run.
 
 Writes results/gguf_imatrix.{md,json}.
 """
@@ -39,7 +42,7 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, default=Path("edgeft-demo"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeft-imatrix"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-imatrix", type=Path, help="an imatrix file from llama-imatrix")
+    parser.add_argument("--llama-imatrix", type=Path, help="llama.cpp's llama-imatrix binary")
     args = parser.parse_args()
     merged = args.demo / "merged"
     shutil.rmtree(args.work, ignore_errors=True)
@@ -58,7 +61,7 @@ def main() -> None:
     if args.llama_imatrix:
         theirs = args.work / "llama-imatrix"
         theirs.mkdir()
-        given = read_imatrix(args.llama_imatrix)
+        given = read_imatrix(llama_imatrix(args.llama_imatrix, merged, source, theirs, made))
         for quant in TYPES:
             quantize(source, theirs / f"model-{quant}.gguf", quant, threads=args.threads,
                      imatrix=given)  # fmt: skip
@@ -112,6 +115,27 @@ def main() -> None:
     (RESULTS / "gguf_imatrix.json").write_text(json.dumps(record, indent=1) + "\n")
     (RESULTS / "gguf_imatrix.md").write_text(render(record))
     print(render(record))
+
+
+def llama_imatrix(binary: Path, merged: Path, f32: Path, work: Path, made) -> Path:
+    """Run llama.cpp's own ``llama-imatrix`` on the F32 file over the fine-tuning rows edgeft
+    calibrated on (the same shuffled order, as many 512-token chunks)."""
+    import random
+    import subprocess
+
+    from edgeft.export.onnx.export import calibration_texts
+
+    texts, _ = calibration_texts(merged, Path(made.imatrix["source"]))
+    text = work / "calibration.txt"
+    text.write_text("".join(random.Random(0).sample(texts, len(texts))))
+    out = work / "imatrix.gguf"
+    subprocess.run(
+        [str(binary), "-m", str(f32), "-f", str(text), "-o", str(out), "-c", "512",
+         "--chunks", str(made.imatrix["chunks"]), "-t", "2", "--no-ppl"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return out
 
 
 def _f(value, fmt: str) -> str:
