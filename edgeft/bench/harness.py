@@ -186,7 +186,11 @@ def _run_worker(spec: dict, work: Path, label: str, timeout: float) -> dict:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                env={
+                    **os.environ,
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "EDGEFT_PARENT_PID": str(os.getpid()),
+                },
             )
         except subprocess.TimeoutExpired:
             return _failed(f"stopped after {timeout:.0f} s (--timeout)")

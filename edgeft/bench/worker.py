@@ -22,6 +22,7 @@ artifact decodes the same number of steps.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -29,7 +30,7 @@ import traceback
 from pathlib import Path
 
 from edgeft.bench.stats import summary, token_percentiles
-from edgeft.isolate import peak_rss_mb
+from edgeft.isolate import die_with_parent, peak_rss_mb
 
 _WARMUP_TOKENS = 8
 
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m edgeft.bench.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
+    die_with_parent(int(os.environ.get("EDGEFT_PARENT_PID") or os.getppid()))
     spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     result = run(spec)
     tmp = Path(args[1]).with_name(f".{Path(args[1]).name}.tmp")
