@@ -181,9 +181,8 @@ class DemoResult:
         ordered = [(label, zero[name]) for name, label in self.labels.items()]
         incontext = [(label, icl[name]) for name, label in self.incontext_labels.items()]
         base = [(label, row) for label, row in ordered if label in (BASE, BASE_Q8)]
-        return (
-            base + incontext + [(label, row) for label, row in ordered if (label, row) not in base]
-        )
+        rest = [(label, row) for label, row in ordered if label not in (BASE, BASE_Q8)]
+        return base + incontext + rest
 
     def row(self, label: str) -> dict:
         return dict(self.rows())[label]

@@ -354,7 +354,7 @@ def export_gguf(
                 quant,
                 threads=threads,
                 imatrix=importance,
-                metadata=_imatrix_metadata(used) if used and quant not in IGNORES_IMATRIX else None,
+                metadata=_imatrix_metadata(used, quant),
             )
             timings[quant] = time.perf_counter() - start
 
@@ -464,8 +464,9 @@ def _importance_source(
     mode = str(imatrix) if imatrix is not None else None
     if not [q for q in quantized if q not in IGNORES_IMATRIX]:
         mode = "none"
-    elif mode is None:
-        mode = "auto" if calibration is not None or fine_tuning_data(model) else "none"
+    if mode in (None, "auto"):  # the data is looked up (and hashed) once
+        calibration = calibration or fine_tuning_data(model)
+        mode = mode or ("auto" if calibration is not None else "none")
     texts, dataset, given = None, None, None
     if mode == "auto":
         texts, dataset = calibration_texts(model, calibration)
@@ -505,9 +506,12 @@ def _imatrix_record(importance: Imatrix, path: Path, dataset: str, *, computed: 
     }
 
 
-def _imatrix_metadata(used: dict) -> dict[str, str | int]:
-    """GGUF keys of a file quantized with an importance matrix: llama-quantize's own, and the
-    matrix's sha256."""
+def _imatrix_metadata(used: dict | None, quant: str) -> dict[str, str | int] | None:
+    """GGUF keys of a ``quant`` file quantized with the importance matrix ``used``:
+    llama-quantize's own, and the matrix's sha256; none where there is no matrix or the type
+    ignores it."""
+    if used is None or quant in IGNORES_IMATRIX:
+        return None
     source = used["source"]
     return {
         "quantize.imatrix.file": Path(used["file"]).name,
@@ -579,7 +583,7 @@ def _requantize(
                 threads=threads,
                 allow_requantize=allow_requantize,
                 imatrix=given,
-                metadata=_imatrix_metadata(used) if used and quant not in IGNORES_IMATRIX else None,
+                metadata=_imatrix_metadata(used, quant),
             )
             timings[quant] = time.perf_counter() - start
         say(f"measuring every file against {source.name} in llama.cpp")

@@ -16,7 +16,6 @@ both that format and the older ``.dat`` one are read back.
 
 from __future__ import annotations
 
-import logging
 import random
 import struct
 from collections.abc import Sequence
@@ -26,8 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
-
-logger = logging.getLogger(__name__)
 
 SUM2, COUNTS = ".in_sum2", ".counts"
 # Calibration tokens by default: a per-column mean square settles within a few thousand tokens
