@@ -358,7 +358,21 @@ def _add_export(sub, parser_class) -> None:
         "to one folder per precision (model.onnx, tokenizer, genai_config.json), check fp32 "
         "against PyTorch, and measure every folder in onnxruntime and onnxruntime-genai.",
     )
-    o.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    o.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="checkpoint directory (with --adapter: the base the adapters were trained on)",
+    )
+    o.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an edgeft train adapter of --model's base, repeatable: the folders take LoRA "
+        "inputs and each adapter is written as adapters/NAME.onnx_adapter, which onnxruntime "
+        "and onnxruntime-genai apply and swap at run time (types fp32, int8, int4)",
+    )
     o.add_argument(
         "--quant",
         default="fp32,int8,int4",
@@ -556,6 +570,7 @@ def _module_blocks(value: str) -> tuple[tuple[str, int], ...]:
 
 def _run_export_onnx(args) -> int:
     from edgeft.export.onnx import QuantSettings, export_onnx
+    from edgeft.export.onnx.lora import parse_adapters
 
     settings = QuantSettings(
         kv_cache=args.kv_cache,
@@ -580,6 +595,7 @@ def _run_export_onnx(args) -> int:
         eval_text=_read_eval_text(args.eval_text),
         ort_format=args.ort_format,
         max_length=args.max_length,
+        adapters=parse_adapters(args.adapter),
         threads=args.threads,
         force=args.force,
         progress=_progress(args),
@@ -603,6 +619,18 @@ def _run_export_onnx(args) -> int:
             f"  {f.folder:<14}{f.bytes / 1e6:>8.1f}MB{f.parity.mean_kl:>11.2e}"
             f"{f.parity.top1_agreement:>9.1%}{f.perplexity:>12.3f}  {greedy:<21}{genai}"
         )
+    for adapter in result.adapters:
+        print(
+            f"{adapter.file} ({adapter.bytes / 1e6:.2f} MB, {adapter.modules} modules, rank "
+            f"{adapter.rank}) against the adapter in PyTorch (perplexity "
+            f"{adapter.reference_perplexity:.3f}):"
+        )
+        for f in adapter.folders:
+            genai = "same tokens" if f.genai_greedy_identical else "other tokens"
+            print(
+                f"  {f.folder + ' + ' + adapter.name:<24}{f.parity.mean_kl:>11.2e}"
+                f"{f.parity.top1_agreement:>9.1%}{f.perplexity:>12.3f}  genai: {genai}"
+            )
     for note in result.notes:
         print(f"note: {note}")
     print(f"written to {result.out}")

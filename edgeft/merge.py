@@ -277,6 +277,24 @@ def load_as_trained(adapter: Path):
     return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
 
 
+def load_over_full_precision(adapter: Path, base: Path, record: dict, *, threads: int = 2):
+    """A torch session of the adapter, unmerged, over the full-precision (fp32) base at
+    ``base``: what a runtime applying LoRA over a full-precision base file computes, the
+    reference of the adapter exports (GGUF and ONNX)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from edgeft.runtimes.pytorch import LoadedTorchSession
+    from edgeft.train import load_base_model
+
+    torch.set_num_threads(threads)
+    model = load_base_model(base, record["settings"], torch.float32, quantized=False, device="cpu")
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
+    return LoadedTorchSession(model, tokenizer)
+
+
 @contextlib.contextmanager
 def _safetensors_base(path: Path, out: Path, allow_pickle: bool) -> Iterator[Path]:
     """The base checkpoint as safetensors: itself, or for a pickled base (``--allow-pickle``)

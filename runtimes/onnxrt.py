@@ -89,6 +89,32 @@ class OnnxSession(HFTokenizing):
         self._past: dict | None = None
         self._n_past = 0
         self._next_token: int | None = None
+        self._adapter_values: dict = {}  # LoRA input → OrtValue of the active adapter
+        self.adapter: Path | None = None
+
+    def set_adapter(self, adapter: Path | None) -> None:
+        """Apply an ``.onnx_adapter`` file (:mod:`edgeft.export.onnx.lora`) to the following
+        runs, or none; the KV cache of a prefilled sequence is dropped.
+
+        Its tensors are bound as the graph's LoRA inputs: onnxruntime 1.32 applies a
+        ``RunOptions`` active adapter to ``run`` but not to ``run_with_iobinding``, which
+        this session uses.
+
+        Raises:
+            ModelError: the graph cannot take the file (see ``check_adapter``).
+        """
+        import onnxruntime as ort
+
+        from edgeft.export.onnx.lora import check_adapter
+
+        self.close()
+        if adapter is None:
+            self._adapter_values, self.adapter = {}, None
+            return
+        check_adapter(Path(adapter), self.path)
+        reader = ort.AdapterFormat.read_adapter(str(adapter))
+        self._adapter_values, self.adapter = dict(reader.get_parameters()), Path(adapter)
+        self._adapter_file = reader  # holds the memory the values may point into
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position, [n, vocab] float32, from an empty KV cache. A prefilled
@@ -159,7 +185,7 @@ class OnnxSession(HFTokenizing):
         feeds = self._token_feeds(ids, n_past)  # bound by reference: alive until the run ends
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, _ortvalue(array))
-        for name, value in past.items():
+        for name, value in (*past.items(), *self._adapter_values.items()):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for present in self._cache.values():
@@ -222,6 +248,8 @@ class OnnxSession(HFTokenizing):
             value = _ortvalue(buffers[name])
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(self._cache[name], value)
+        for name, value in self._adapter_values.items():
+            binding.bind_ortvalue_input(name, value)
         self._buffers, self._binding = buffers, binding
 
 
@@ -329,9 +357,10 @@ class OnnxRuntime:
             return False
         return True
 
-    def load(self, artifact: Path, *, threads: int) -> OnnxSession:
+    def load(self, artifact: Path, *, threads: int, adapter: Path | None = None) -> OnnxSession:
         """Load an ONNX export folder (or the ``model.onnx`` inside it) for CPU inference,
-        with the Hugging Face tokenizer saved beside the graph.
+        with the Hugging Face tokenizer saved beside the graph; with ``adapter``, that
+        ``.onnx_adapter`` file applied (a base exported with ``--adapter``).
 
         Raises:
             ModelError: the folder, graph or tokenizer is missing or unreadable, or the graph
@@ -376,7 +405,7 @@ class OnnxRuntime:
             )
         tokenizer = load_tokenizer(folder)
         n_ctx = read_json(folder / "config.json").get("max_position_embeddings")
-        return OnnxSession(
+        loaded = OnnxSession(
             session,
             tokenizer,
             model,
@@ -384,6 +413,9 @@ class OnnxRuntime:
             n_ctx,
             share_buffer=share_buffer,
         )
+        if adapter is not None:
+            loaded.set_adapter(adapter)
+        return loaded
 
 
 RUNTIME = OnnxRuntime()

@@ -54,9 +54,18 @@ class GenaiSession:
     """
 
     def __init__(
-        self, model, tokenizer, path: Path, eos_token_ids, n_ctx: int, vocab_size: int
+        self,
+        model,
+        tokenizer,
+        path: Path,
+        eos_token_ids,
+        n_ctx: int,
+        vocab_size: int,
+        *,
+        model_file: str = "model.onnx",
     ) -> None:
         self.min_new_tokens = 0
+        self.model_file = model_file
         self.prefill_chunk = prefill_chunk(vocab_size)
         self.model = model
         self.tokenizer = tokenizer
@@ -65,6 +74,33 @@ class GenaiSession:
         self.n_ctx = n_ctx
         self._generator = None
         self._last: int | None = None
+        self._adapters = None  # og.Adapters, made at the first adapter
+        self.adapter: Path | None = None
+
+    def set_adapter(self, adapter: Path | None) -> None:
+        """Apply an ``.onnx_adapter`` file to the following generators (onnxruntime-genai's
+        ``set_active_adapter``), or none. A file is read once and kept loaded, so switching
+        back to it costs no read; a prefilled sequence is dropped.
+
+        Raises:
+            ModelError: the graph cannot take the file (see ``check_adapter``).
+        """
+        import onnxruntime_genai as og
+
+        from edgeft.export.onnx.lora import check_adapter
+
+        self.close()
+        if adapter is None:
+            self.adapter = None
+            return
+        adapter = Path(adapter).resolve()
+        if self._adapters is None or str(adapter) not in self._loaded:
+            check_adapter(adapter, self.path / self.model_file)
+            if self._adapters is None:
+                self._adapters, self._loaded = og.Adapters(self.model), set()
+            self._adapters.load(str(adapter), str(adapter))
+            self._loaded.add(str(adapter))
+        self.adapter = adapter
 
     def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids from onnxruntime-genai's tokenizer; with ``chat``, its own rendering of
@@ -160,6 +196,8 @@ class GenaiSession:
             min_length=min(len(ids) + self.min_new_tokens, self.n_ctx),
         )
         generator = og.Generator(self.model, params)
+        if self.adapter is not None:
+            generator.set_active_adapter(self._adapters, str(self.adapter))
         ids = np.asarray(ids, dtype=np.int32)
         step = chunk or len(ids)
         for start in range(0, len(ids), step):
@@ -177,9 +215,10 @@ class GenaiRuntime:
             return False
         return True
 
-    def load(self, artifact: Path, *, threads: int) -> GenaiSession:
+    def load(self, artifact: Path, *, threads: int, adapter: Path | None = None) -> GenaiSession:
         """Load an ONNX export folder (or a file inside it) that holds ``genai_config.json``,
-        with ``threads`` intra-op threads on the CPU.
+        with ``threads`` intra-op threads on the CPU; with ``adapter``, that ``.onnx_adapter``
+        file applied (a base exported with ``--adapter``).
 
         Raises:
             ModelError: the folder or its genai_config.json is missing or unreadable, or
@@ -204,6 +243,7 @@ class GenaiRuntime:
             eos = genai["model"]["eos_token_id"]
             n_ctx = int(genai["search"].get("max_length") or genai["model"]["context_length"])
             vocab_size = int(genai["model"].get("vocab_size") or 0)  # 0: the largest pieces
+            model_file = str(genai["model"]["decoder"].get("filename") or "model.onnx")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise ModelError(
                 f"{source} is not a usable genai config ({exc!r}); write it again"
@@ -222,7 +262,18 @@ class GenaiRuntime:
                 f"{GENAI_CONFIG} and model files"
             ) from exc
         eos = eos if isinstance(eos, list) else [eos]
-        return GenaiSession(model, tokenizer, folder, [int(e) for e in eos], n_ctx, vocab_size)
+        session = GenaiSession(
+            model,
+            tokenizer,
+            folder,
+            [int(e) for e in eos],
+            n_ctx,
+            vocab_size,
+            model_file=model_file,
+        )
+        if adapter is not None:
+            session.set_adapter(adapter)
+        return session
 
 
 def _check_model_files(folder: Path, source: Path, genai: dict) -> None:

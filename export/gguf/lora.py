@@ -150,13 +150,12 @@ def export_gguf_lora(
         ParityError: base + adapter in llama.cpp differs from PyTorch beyond tolerance
             (full-precision bases only).
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from edgeft.merge import check_base_weights, read_adapter, recorded_base
-    from edgeft.runtimes.pytorch import LoadedTorchSession
-    from edgeft.train import load_base_model
+    from edgeft.merge import (
+        check_base_weights,
+        load_over_full_precision,
+        read_adapter,
+        recorded_base,
+    )
 
     say = progress or (lambda message: None)
     if lora_type not in LORA_TYPES:
@@ -198,17 +197,11 @@ def export_gguf_lora(
         base_type = FULL_PRECISION_FILE_TYPES.get(base_meta.get("general.file_type", -1))
 
         say("measuring base + adapter in llama.cpp against PyTorch")
-        tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
-        model = load_base_model(
-            base_model.path, record["settings"], torch.float32, quantized=False, device="cpu"
-        )
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
         reference = Reference(
-            LoadedTorchSession(model, tokenizer),
+            load_over_full_precision(adapter, base_model.path, record, threads=threads),
             eval_text or default_eval_text(),
             uniform_context(spec.config),
         )
-        del model
         measured = measure_file(base_file, reference, threads, lora_path=lora_file)
         parity, ppl = measured.parity, measured.perplexity
         diverged = measured.greedy_first_divergence

@@ -28,6 +28,14 @@ from edgeft._io import atomic_dir, sha256_file, write_json
 from edgeft.architectures import architecture_of, supported
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
+from edgeft.export.onnx.lora import (
+    ADAPTER_SUFFIX,
+    ADAPTERS_DIR,
+    lora_modules,
+    mark_base,
+    read_adapters,
+    write_adapter,
+)
 from edgeft.export.onnx.quantize import (
     ONNX_TYPES,
     QuantSettings,
@@ -111,6 +119,26 @@ class OnnxExport:
     eval_tokens: int
     settings: QuantSettings
     notes: list[str] = field(default_factory=list)
+    adapters: list[AdapterReport] = field(default_factory=list)
+
+
+@dataclass
+class AdapterReport:
+    """One ``.onnx_adapter`` file written beside the base folders, and base + adapter in each
+    folder against the adapter over the full-precision base in PyTorch."""
+
+    name: str
+    file: str  # relative to the export folder
+    sha256: str
+    bytes: int
+    modules: int
+    rank: int
+    base_weights_sha256: str
+    reference_perplexity: float
+    folders: list[FolderReport]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "folders": [f.as_dict() for f in self.folders]}
 
 
 def parse_types(spec: str | Sequence[str]) -> list[str]:
@@ -270,7 +298,7 @@ SAMPLED = "text sampled from the model"
 SHIPPED = "a shipped mixed-domain text"
 
 
-def _export_fp32(model: Path, folder: Path, graph: str) -> None:
+def _export_fp32(model: Path, folder: Path, graph: str, lora=None) -> None:
     """The fp32 decoder: edgeft's fused graph, or optimum-onnx's trace."""
     if graph == "optimum":
         from edgeft.weights import read_f32, safetensors_index
@@ -280,13 +308,14 @@ def _export_fp32(model: Path, folder: Path, graph: str) -> None:
             read_f32(stored)
         _optimum_export(model, folder)
         return
-    _write_fused(model, folder)
+    _write_fused(model, folder, lora=lora)
 
 
-def _write_fused(model: Path, folder: Path, matmuls=None, *, progress: bool = False):
+def _write_fused(model: Path, folder: Path, matmuls=None, *, lora=None, progress: bool = False):
     """Build the fused graph of ``model`` into ``folder``, its weights written to the data
     file as they are made; a graph whose weights total at most :data:`EXTERNAL_DATA_BYTES`
-    is then saved as one file. Returns the graph (large weights external, not loaded)."""
+    is then saved as one file. ``lora``: the projections that take LoRA inputs. Returns the
+    graph (large weights external, not loaded)."""
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -294,7 +323,7 @@ def _write_fused(model: Path, folder: Path, matmuls=None, *, progress: bool = Fa
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / DATA_FILE
-    graph = build_fused_graph(model, matmuls=matmuls, data=data, progress=progress)
+    graph = build_fused_graph(model, matmuls=matmuls, data=data, lora=lora, progress=progress)
     check_finite_initializers(graph, folder)
     inline = [t for t in graph.graph.initializer if t.data_location != TensorProto.EXTERNAL]
     if data.stat().st_size + sum(len(t.raw_data) for t in inline) <= EXTERNAL_DATA_BYTES:
@@ -433,6 +462,7 @@ def _write_quantized(
     *,
     progress: bool,
     kv_scales=None,
+    lora=None,
 ) -> None:
     """The fused graph's ``int8`` or ``int4`` folder, quantized as it is written
     (:mod:`edgeft.export.onnx.nbits`); ``calibrate(bits by module)`` returns the int4 folder's
@@ -450,7 +480,7 @@ def _write_quantized(
         ]
         plan = matmuls.plan([*modules, "lm_head"])
         matmuls.calibration = calibrate({module: bits for module, bits in plan.items() if bits})
-    _write_fused(model, folder, matmuls, progress=progress)
+    _write_fused(model, folder, matmuls, lora=lora, progress=progress)
 
 
 def _ort_format(folder: Path) -> None:
@@ -483,14 +513,17 @@ def _ort_format(folder: Path) -> None:
         target.write_text("\n".join(lines) + "\n", "utf-8")
 
 
-def _measure_folder(folder: Path, quant: str, reference: Reference, threads: int):
-    """Parity in onnxruntime, and whether onnxruntime-genai answers the same greedy tokens."""
-    session = get_runtime("onnxruntime").load(folder, threads=threads)
+def _measure_folder(
+    folder: Path, quant: str, reference: Reference, threads: int, adapter: Path | None = None
+):
+    """Parity in onnxruntime, and whether onnxruntime-genai answers the same greedy tokens;
+    with ``adapter``, both with that ``.onnx_adapter`` file applied."""
+    session = get_runtime("onnxruntime").load(folder, threads=threads, adapter=adapter)
     try:
         result = measure(session, reference)
     finally:
         session.close()
-    genai = get_runtime("onnxruntime-genai").load(folder, threads=threads)
+    genai = get_runtime("onnxruntime-genai").load(folder, threads=threads, adapter=adapter)
     try:
         genai_greedy = generate(genai, reference.prompt_ids, len(result.greedy) or 1)
     finally:
@@ -516,6 +549,7 @@ def export_onnx(
     eval_text: str | None = None,
     ort_format: bool = False,
     max_length: int | None = None,
+    adapters: dict[str, Path] | None = None,
     threads: int = 2,
     force: bool = False,
     progress=None,
@@ -536,10 +570,16 @@ def export_onnx(
             allocates the whole KV cache for it up front when the cache is shared (the fused
             graph): for SmolLM2-135M, 46 KB a position in fp32 (377 MB at 8192, 189 MB at
             4096).
+        adapters: name → ``edgeft train`` adapter trained on ``model`` (the base): the
+            folders take LoRA inputs and each adapter is written to
+            ``adapters/<name>.onnx_adapter`` (:mod:`edgeft.export.onnx.lora`), then measured
+            over every folder against the adapter in PyTorch (fp32 gated, as the base is).
 
     Raises:
-        ModelError: unsupported or quantized checkpoint, or a folder a runtime cannot load.
-        ParityError: the fp32 (or fp16) folder differs from PyTorch beyond tolerance.
+        ModelError: unsupported or quantized checkpoint, a folder a runtime cannot load, or
+            an adapter of another base.
+        ParityError: the fp32 (or fp16) folder differs from PyTorch beyond tolerance, with or
+            without an adapter.
     """
     say = progress or (lambda message: logger.info(message))
     settings = settings or QuantSettings()
@@ -567,6 +607,8 @@ def export_onnx(
     # the context llama.cpp sessions get (MAX_DEFAULT_CTX), so the two run at the same one.
     context = max_length or min(int(trained_length or DEFAULT_LENGTH), DEFAULT_LENGTH)
     source_sha256 = weights_sha256(model)
+    lora_adapters = _lora_adapters(adapters or {}, model, source_sha256, types, graph)
+    lora = lora_modules(lora_adapters) or None
 
     with atomic_dir(out, force) as work:
         fp32 = work / "fp32" if "fp32" in types else work / ".fp32"
@@ -577,7 +619,7 @@ def export_onnx(
         if any(quant not in direct for quant in types):
             start = time.perf_counter()
             say(f"exporting {model} to ONNX ({graph} graph, fp32, KV cache)")
-            _export_fp32(model, fp32, graph)
+            _export_fp32(model, fp32, graph, lora)
             timings["fp32"] = time.perf_counter() - start
         calibrate, calibrated_on, streamed = None, None, should_stream(model)
         # GPTQ with norm tuning holds about four fp32 copies: it streams sooner
@@ -638,6 +680,7 @@ def export_onnx(
                     calibrate if quant == "int4" else None,
                     progress=progress is not None,
                     kv_scales=kv_scales,
+                    lora=lora,
                 )
             else:
                 _make_folder(quant, fp32, work / quant, settings, calibrate, kv_scales)
@@ -650,6 +693,8 @@ def export_onnx(
             folder = work / quant
             check_external_data(folder)
             write_genai_config(folder, share_buffer=graph == "fused", context_length=context)
+            if lora:
+                mark_base(folder, source_sha256)
             if ort_format:
                 say(f"converting {quant} to the ORT format")
                 _ort_format(folder)
@@ -696,6 +741,21 @@ def export_onnx(
                 f"(checkpoint {reference.perplexity:.3f})"
             )
             _gate(report, model)
+        adapter_reports = []
+        if lora_adapters:
+            adapter_reports = _write_adapters(
+                lora_adapters,
+                lora,
+                work,
+                types,
+                model,
+                source_sha256,
+                isolated,
+                say,
+                eval_text=eval_text,
+                context=config.get("max_position_embeddings"),
+                threads=threads,
+            )
         if "fp32" not in types and fp32.exists():
             shutil.rmtree(fp32)
 
@@ -767,11 +827,21 @@ def export_onnx(
                     ),
                     "eval_tokens": len(reference.eval_ids),
                     "fp32_tolerance": {"max_abs_diff": FP32_MAX_ABS_DIFF, "mean_kl": FP32_MAX_KL},
+                    "adapters": {
+                        a.name: {
+                            "path": a.source.resolve(),
+                            "sha256": a.sha256,
+                            "method": a.method,
+                            "rank": a.rank,
+                        }
+                        for a in lora_adapters
+                    },
                 },
                 results={
                     "reference": "the checkpoint in PyTorch fp32",
                     "reference_perplexity": reference.perplexity,
                     "folders": [r.as_dict() for r in reports],
+                    "adapters": [r.as_dict() for r in adapter_reports],
                     "genai_tokenizer": tokenizer,
                     "notes": notes,
                     # this process's own; each folder's runtime process: runtime_peak_rss_mb
@@ -786,7 +856,108 @@ def export_onnx(
         eval_tokens=len(reference.eval_ids),
         settings=settings,
         notes=notes,
+        adapters=adapter_reports,
     )
+
+
+# The types written straight from the checkpoint by the fused graph, which can take LoRA inputs;
+# fp16 and int8-dynamic are passes over a whole fp32 graph that would rewrite them.
+LORA_TYPES = ("fp32", "int8", "int4")
+
+
+def _lora_adapters(adapters: dict, model: Path, source_sha256: str, types, graph: str):
+    """The adapters to export over ``model``, read and checked (nothing written yet)."""
+    if not adapters:
+        return []
+    if graph != "fused":
+        raise EdgeftError("--adapter needs the fused graph (--graph fused)")
+    other = [quant for quant in types if quant not in LORA_TYPES]
+    if other:
+        raise EdgeftError(
+            f"--adapter: the {', '.join(other)} folder cannot take LoRA inputs; choose --type "
+            f"among {', '.join(LORA_TYPES)}"
+        )
+    return read_adapters(adapters, model, source_sha256)
+
+
+def _write_adapters(
+    adapters,
+    lora,
+    work: Path,
+    types,
+    model: Path,
+    source_sha256: str,
+    isolated,
+    say,
+    *,
+    eval_text,
+    context,
+    threads: int,
+) -> list[AdapterReport]:
+    """Write each adapter's ``.onnx_adapter`` file, then measure base + adapter in every
+    folder (onnxruntime, then onnxruntime-genai) against the adapter over the fp32 base in
+    PyTorch; the fp32 folder is gated like the base."""
+    from edgeft.merge import load_over_full_precision, read_adapter
+
+    folder = work / ADAPTERS_DIR
+    folder.mkdir()
+    reports = []
+    for adapter in adapters:
+        path = folder / f"{adapter.name}{ADAPTER_SUFFIX}"
+        write_adapter(path, adapter, lora, source_sha256)
+        say(f"measuring base + adapter {adapter.name} against the adapter in PyTorch")
+        record, _, _ = read_adapter(adapter.source)
+        reference = Reference(
+            load_over_full_precision(adapter.source, model, record, threads=threads),
+            eval_text or default_eval_text(),
+            context,
+        )
+        folders = []
+        for quant in types:
+            (result, genai_same), runtime_rss = isolated(
+                _measure_folder,
+                work / quant,
+                quant,
+                reference,
+                threads,
+                path,
+                what=f"measuring the {quant} folder with adapter {adapter.name}",
+            )
+            report = FolderReport(
+                folder=quant,
+                type=quant,
+                bytes=path.stat().st_size,
+                files={path.name: sha256_file(path)},
+                seconds=0.0,
+                parity=result.parity,
+                perplexity=result.perplexity,
+                greedy_first_divergence=result.greedy_first_divergence,
+                genai_greedy_identical=genai_same,
+                gated=quant == "fp32",
+                runtime_peak_rss_mb=runtime_rss,
+            )
+            say(
+                f"{quant} + {adapter.name}: {result.parity.summary()}, perplexity "
+                f"{result.perplexity:.3f} (adapter in PyTorch {reference.perplexity:.3f})"
+            )
+            _gate(report, model, f"with adapter {path.name}")
+            folders.append(report)
+        reports.append(
+            AdapterReport(
+                name=adapter.name,
+                file=f"{ADAPTERS_DIR}/{path.name}",
+                sha256=sha256_file(path),
+                bytes=path.stat().st_size,
+                modules=len(adapter.pairs),
+                rank=adapter.rank,
+                base_weights_sha256=source_sha256,
+                reference_perplexity=reference.perplexity,
+                folders=folders,
+            )
+        )
+        del reference
+        free_memory()
+    return reports
 
 
 def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
@@ -827,8 +998,10 @@ def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
     }
 
 
-def _gate(report: FolderReport, model: Path) -> None:
+def _gate(report: FolderReport, model: Path, adapted: str = "") -> None:
+    """Raise where a folder (``adapted``: with that adapter applied) is off beyond tolerance."""
     parity = report.parity
+    model = f"{model} {adapted}" if adapted else model
     finite = math.isfinite(parity.mean_kl) and math.isfinite(parity.max_abs_diff)
     if report.type == "fp16" and not finite:
         raise ParityError(
@@ -847,7 +1020,8 @@ def _gate(report: FolderReport, model: Path) -> None:
     if report.type == "fp32" and not report.genai_greedy_identical:
         raise ModelError(
             "onnxruntime-genai generates other greedy tokens than onnxruntime from the fp32 "
-            "folder; its genai_config.json does not describe the graph; nothing was written"
+            f"folder{adapted and ' ' + adapted}; its genai_config.json does not describe the "
+            "graph; nothing was written"
         )
     if report.type == "fp16" and not parity.mean_kl <= FP16_MAX_KL:
         raise ParityError(

@@ -114,10 +114,13 @@ class _Builder:
     """Collects nodes and initializers; names are unique by construction. With ``data``,
     large initializers are written there as they come."""
 
-    def __init__(self, data: ExternalData | None = None) -> None:
+    def __init__(self, data: ExternalData | None = None, lora: dict | None = None) -> None:
         self.nodes: list = []
         self.initializers: list = []
         self.data = data
+        # module → (in, out) of the projections that take a LoRA pair as graph inputs
+        self.lora = lora or {}
+        self.lora_used: set[str] = set()
         self._count = 0
 
     def weight(self, name: str, array: np.ndarray) -> str:
@@ -328,7 +331,12 @@ class _Weights:
 
 
 def build_fused_graph(
-    model_dir: Path, *, matmuls=None, data: Path | None = None, progress: bool = False
+    model_dir: Path,
+    *,
+    matmuls=None,
+    data: Path | None = None,
+    lora: dict[str, tuple[int, int]] | None = None,
+    progress: bool = False,
 ):
     """The fused decoder of ``model_dir`` as an ``onnx.ModelProto``, its weights read one
     tensor at a time.
@@ -337,6 +345,13 @@ def build_fused_graph(
         matmuls: how weights are stored (:class:`FloatMatmuls`, the fp32 graph, by default).
         data: write large initializers to this file as they are made (the returned graph
             points at it: save it next to it); without it they are held in the graph.
+        lora: projections (``model.layers.0.self_attn.q_proj`` → (in, out)) that also take a
+            LoRA pair as graph inputs: ``y = x·Wᵀ + (x·A)·B`` with ``{module}.lora_A``
+            ``[in, rank]`` and ``{module}.lora_B`` ``[rank, out]`` (the scale folded into B),
+            the rank a dynamic dimension. Each input defaults to an empty (rank 0) initializer,
+            so the graph without an adapter computes the base exactly; onnxruntime's
+            ``RunOptions.add_active_adapter`` and onnxruntime-genai's ``set_active_adapter``
+            feed an ``.onnx_adapter`` file's pairs by name (:mod:`edgeft.export.onnx.lora`).
         progress: show a progress bar over the decoder layers.
 
     Raises:
@@ -364,11 +379,15 @@ def build_fused_graph(
     matmuls = matmuls or FloatMatmuls()
     sink = ExternalData(data) if data is not None else None
     try:
-        g = _Builder(sink)
+        g = _Builder(sink, lora)
         _build(g, config, architecture, act, layers, tensor, matmuls, progress)
     finally:
         if sink is not None:
             sink.close()
+    if lora:
+        missing = sorted(set(lora) - g.lora_used)
+        if missing:
+            raise ModelError(f"{model_dir}: no projection {missing[0]} to take a LoRA pair")
     cache = ["batch_size", n_kv, "past_sequence_length", head_dim]
     present_shape = ["batch_size", n_kv, "total_sequence_length", head_dim]
     inputs = [
@@ -396,7 +415,10 @@ def build_fused_graph(
                     f"present.{i}.{kind}", TensorProto.FLOAT, present_shape
                 )
             )
-    graph = helper.make_graph(g.nodes, "edgeft-decoder", inputs, outputs, g.initializers)
+    inputs += lora_inputs(lora or {})
+    graph = helper.make_graph(
+        g.nodes, "edgeft-decoder", inputs, outputs, g.initializers + lora_defaults(lora or {})
+    )
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
@@ -456,7 +478,9 @@ def _build(g: _Builder, config, architecture, act, layers, tensor, matmuls, prog
         kinds = ("q_proj", "k_proj", "v_proj")
         packed = None
         biased = any(f"{prefix}.self_attn.{kind}.bias" in tensor for kind in kinds)
-        if not architecture.qk_norm and not biased:  # GroupQueryAttention reads q|k|v packed
+        adapted = any(f"{prefix}.self_attn.{kind}" in g.lora for kind in kinds)
+        # GroupQueryAttention reads q|k|v packed; a LoRA pair needs each projection's output
+        if not architecture.qk_norm and not biased and not adapted:
             modules = [
                 (f"{prefix}.self_attn.{kind}", partial(tensor, f"{prefix}.self_attn.{kind}.weight"))
                 for kind in kinds
@@ -569,4 +593,42 @@ def _linear(g: _Builder, tensor: _Weights, matmuls, prefix: str, x: str, name: s
     if f"{prefix}.bias" in tensor:
         bias = g.weight(f"{prefix}.bias", tensor(f"{prefix}.bias"))
         (y,) = g.node("Add", [y, bias], name=f"{name}/Add")
+    if prefix in g.lora:
+        g.lora_used.add(prefix)
+        a, b = lora_names(prefix)
+        (down,) = g.node("MatMul", [x, a], name=f"{name}/lora_A/MatMul")
+        (delta,) = g.node("MatMul", [down, b], name=f"{name}/lora_B/MatMul")
+        (y,) = g.node("Add", [y, delta], name=f"{name}/lora/Add")
     return y
+
+
+def lora_names(module: str) -> tuple[str, str]:
+    """The graph inputs of ``module``'s LoRA pair."""
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def lora_defaults(lora: dict[str, tuple[int, int]]) -> list:
+    """Rank-0 initializers under the LoRA inputs' names: what onnxruntime uses for an input
+    that is not fed (no adapter active), making ``(x·A)·B`` an exact zero."""
+    from onnx import numpy_helper
+
+    defaults = []
+    for module, (n_in, n_out) in sorted(lora.items()):
+        a, b = lora_names(module)
+        defaults.append(numpy_helper.from_array(np.zeros((n_in, 0), np.float32), a))
+        defaults.append(numpy_helper.from_array(np.zeros((0, n_out), np.float32), b))
+    return defaults
+
+
+def lora_inputs(lora: dict[str, tuple[int, int]]) -> list:
+    """The LoRA graph inputs: ``lora_A`` ``[in, rank]`` and ``lora_B`` ``[rank, out]``, float,
+    the rank dynamic (onnxruntime-genai makes the inputs of an adapter that is not active
+    empty by zeroing the smaller of the last two dimensions, which is the rank)."""
+    from onnx import TensorProto, helper
+
+    inputs = []
+    for module, (n_in, n_out) in sorted(lora.items()):
+        a, b = lora_names(module)
+        inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [n_in, "lora_rank"]))
+        inputs.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, ["lora_rank", n_out]))
+    return inputs
