@@ -735,6 +735,15 @@ def _add_bench(sub) -> None:
         action="store_true",
         help="also compare against the adapter the reference was merged from, as trained",
     )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        type=Path,
+        default=[],
+        help="a LoRA adapter file (.onnx_adapter from 'edgeft export onnx --adapter', or a LoRA "
+        ".gguf from 'edgeft export gguf-lora'), repeatable: every artifact it applies to is "
+        "also measured with it applied, as its own row",
+    )
     p.add_argument("--eval", type=Path, help="text or JSONL for perplexity and KL")
     p.add_argument(
         "--task",
@@ -770,6 +779,7 @@ def _add_bench(sub) -> None:
         help="seconds per artifact (default %(default)s)",
     )
     budgets = p.add_argument_group("budgets (override the device profile's)")
+    budgets.add_argument("--max-size-mb", type=float, help="file size, 10^6 bytes")
     budgets.add_argument("--max-rss-mb", type=float)
     budgets.add_argument("--min-decode-tok-s", type=float)
     budgets.add_argument("--max-ttft-ms", type=float)
@@ -820,6 +830,7 @@ def _run_bench(args) -> int:
         timeout_s=args.timeout,
     )
     budgets = Budgets(
+        max_size_mb=args.max_size_mb,
         max_rss_mb=args.max_rss_mb,
         min_decode_tok_s=args.min_decode_tok_s,
         max_ttft_ms=args.max_ttft_ms,
@@ -842,6 +853,7 @@ def _run_bench(args) -> int:
         settings=settings,
         budgets=budgets,
         compare=args.compare,
+        adapters=args.adapter,
         force=args.force,
         log=log,
     )
@@ -891,7 +903,14 @@ def _add_package(sub) -> None:
     p.add_argument("--target", required=True, choices=TARGETS)
     p.add_argument("--out", required=True, type=Path, help="bundle folder (or .zip with --zip)")
     p.add_argument("--zip", action="store_true", help="write one .zip instead of a folder")
-    p.add_argument("--lora", action="append", type=Path, help="LoRA GGUF to ship (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=Path,
+        help="a LoRA adapter to ship beside the model, repeatable: a LoRA GGUF (edgeft export "
+        "gguf-lora) for a GGUF, an .onnx_adapter (edgeft export onnx --adapter) for an ONNX "
+        "folder; each gets its own golden output",
+    )
     p.add_argument(
         "--bench", type=Path, help="a results.json of 'edgeft bench' holding this artifact's row"
     )
@@ -936,6 +955,8 @@ def _run_verify(args) -> int:
 
     report = verify(args.bundle, threads=args.threads, load=not args.no_load)
     golden = "" if args.no_load else f", golden output reproduced ({report.golden_tokens} tokens)"
+    if report.adapters:
+        golden += f"; {report.adapters} LoRA adapter(s) checked against the model"
     print(f"{args.bundle}: {report.files} files match the manifest{golden}")
     return 0
 

@@ -4,6 +4,7 @@ A bundle is a folder (or a zip of it)::
 
     manifest.json          what everything else is, with sizes and sha256
     model/                 the GGUF file (+ LoRA GGUFs), or the ONNX folder's files
+    adapters/              an ONNX bundle's .onnx_adapter files (edgeft export onnx --adapter)
     tokenizer/             tokenizer.json, tokenizer_config.json, chat_template.jinja
     generation.json        generation defaults
 
@@ -14,6 +15,7 @@ A bundle is a folder (or a zip of it)::
      "runtime": {"name": "llama.cpp" | "onnxruntime-genai", "min_version": str,
                  "tested_with": {package: version}},
      "model": {"format": "gguf" | "onnx", "quant": str, "path": str, "lora": [str]},
+     "adapters": [{"path": str, "base_sha256": str, "golden": {...as golden...}}],
      "tokenizer": {"files": [str], "chat_template": str | null,
                    "bos_token_id": int | null, "eos_token_ids": [int]},
      "generation": {...generation.json...},
@@ -24,6 +26,11 @@ A bundle is a folder (or a zip of it)::
      "golden": {"prompt": str, "prompt_token_ids": [int], "max_new_tokens": int,
                 "output_token_ids": [int], "output_text": str},
      "notes": [str]}
+
+Each LoRA adapter (``lora``; described in ``adapters``) has its own golden output, with it
+applied over the model, and the identity of the base it was made for: the LoRA GGUF's
+``edgeft.base.sha256`` (the base file's sha256), or the ``.onnx_adapter``'s base weights'
+sha256, which the ONNX graph records. ``edgeft verify`` checks both for every adapter.
 
 The golden output is greedy and reproduces exactly with the same runtime version on the same
 kind of CPU; another CPU or runtime version may break a near tie between two tokens.
@@ -77,6 +84,7 @@ class VerifyReport:
     files: int
     golden_tokens: int
     notes: list[str] = field(default_factory=list)
+    adapters: int = 0  # LoRA adapters checked (base identity, and golden output when loaded)
 
 
 def _record(path: Path) -> dict | None:
@@ -225,9 +233,11 @@ def package(
             f"{artifact.path}: a {artifact.format} artifact does not run on phones; package a "
             "GGUF file (edgeft export gguf) or an ONNX folder (edgeft export onnx)"
         )
-    if lora and artifact.format != "gguf":
-        raise EdgeftError("--lora applies to GGUF bundles only")
     runtime_name = FORMAT_RUNTIME[artifact.format]
+    adapters = [_check_lora(Path(adapter), artifact) for adapter in lora or []]
+    names = [adapter.name for adapter, _ in adapters]
+    if len(set(names)) < len(names):
+        raise EdgeftError("--lora: two adapters have the same file name; rename one")
     final = Path(out)
     if make_zip and final.suffix != ".zip":
         final = final.with_suffix(".zip")
@@ -244,6 +254,13 @@ def package(
         bos = _bos_token_id(session)
     finally:
         session.close()
+    adapter_goldens = []
+    for adapter, base_sha in adapters:
+        session = _load_with(runtime_name, artifact.path, adapter, threads)
+        try:
+            adapter_goldens.append((adapter, base_sha, _golden(session)))
+        finally:
+            session.close()
 
     staging = None
     if make_zip:
@@ -263,16 +280,20 @@ def package(
                     shutil.copy2(item, model_dir / item.name)
             model_path = "model"
             tokenizer_source = artifact.path
-        lora_paths = []
-        for adapter in lora or []:
-            _check_lora(Path(adapter), artifact.path)
-            if (model_dir / Path(adapter).name).exists():
+        lora_paths, adapter_entries = [], []
+        place = "model" if artifact.format == "gguf" else "adapters"
+        (work / place).mkdir(exist_ok=True)
+        for adapter, base_sha, adapter_golden in adapter_goldens:
+            if (work / place / adapter.name).exists():
                 raise EdgeftError(
-                    f"--lora {adapter}: a file named {Path(adapter).name} is already in the "
+                    f"--lora {adapter}: a file named {adapter.name} is already in the "
                     "bundle; rename the adapter"
                 )
-            shutil.copy2(adapter, model_dir / Path(adapter).name)
-            lora_paths.append(f"model/{Path(adapter).name}")
+            shutil.copy2(adapter, work / place / adapter.name)
+            lora_paths.append(f"{place}/{adapter.name}")
+            adapter_entries.append(
+                {"path": lora_paths[-1], "base_sha256": base_sha, "golden": adapter_golden}
+            )
         tokenizer_files = []
         (work / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
@@ -303,6 +324,7 @@ def package(
                 "path": model_path,
                 "lora": lora_paths,
             },
+            "adapters": adapter_entries,
             "tokenizer": {
                 "files": tokenizer_files,
                 "chat_template": "tokenizer/chat_template.jinja"
@@ -335,18 +357,55 @@ def _bos_token_id(session) -> int | None:
     return getattr(getattr(session, "tokenizer", None), "bos_token_id", None)
 
 
-def _check_lora(adapter: Path, base: Path) -> None:
-    from edgeft.export.gguf.reader import gguf_metadata
+def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
+    """``(adapter, the base identity it records)``, refusing an adapter of another kind or
+    made for another base than ``artifact``.
 
-    meta = gguf_metadata(adapter)
-    if meta.get("general.type") != "adapter":
-        raise EdgeftError(f"--lora {adapter}: not a LoRA GGUF (edgeft export gguf-lora)")
+    Raises:
+        EdgeftError: naming the adapter.
+    """
+    if not adapter.is_file():
+        raise EdgeftError(f"--lora {adapter}: no such file")
+    if artifact.format == "gguf":
+        from edgeft.export.gguf.reader import gguf_metadata
+
+        if adapter.suffix != ".gguf":
+            raise EdgeftError(f"--lora {adapter}: a GGUF bundle takes LoRA GGUFs")
+        meta = gguf_metadata(adapter)
+        if meta.get("general.type") != "adapter":
+            raise EdgeftError(f"--lora {adapter}: not a LoRA GGUF (edgeft export gguf-lora)")
+        _check_gguf_base(adapter, meta, artifact.path)
+        return adapter, meta.get("edgeft.base.sha256") or ""
+    from edgeft.export.onnx.lora import ADAPTER_SUFFIX, check_adapter, graph_lora_inputs
+
+    if not adapter.name.endswith(ADAPTER_SUFFIX):
+        raise EdgeftError(
+            f"--lora {adapter}: an ONNX bundle takes {ADAPTER_SUFFIX} files (edgeft export "
+            "onnx --adapter)"
+        )
+    try:
+        check_adapter(adapter, artifact.path / "model.onnx")
+    except ModelError as exc:
+        raise EdgeftError(f"--lora {exc}") from None
+    return adapter, graph_lora_inputs(artifact.path / "model.onnx")[1] or ""
+
+
+def _check_gguf_base(adapter: Path, meta: dict, base: Path) -> None:
     expected = meta.get("edgeft.base.sha256")
     if expected and expected != sha256_file(base):
         raise EdgeftError(
             f"--lora {adapter} was made for another base (sha256 {expected[:12]}); export it "
             f"over {base.name}"
         )
+
+
+def _load_with(runtime_name: str, model: Path, adapter: Path, threads: int):
+    """A session of ``model`` with the LoRA ``adapter`` applied."""
+    from edgeft.runtimes import get_runtime
+
+    if runtime_name == "llama.cpp":
+        return get_runtime(runtime_name).load(model, threads=threads, lora_path=adapter)
+    return get_runtime(runtime_name).load(model, threads=threads, adapter=adapter)
 
 
 def _tested_with(runtime_name: str) -> dict:
@@ -479,23 +538,75 @@ def verify(bundle: Path, *, threads: int = 2, load: bool = True) -> VerifyReport
         manifest = _manifest(root)
         files = _check_files(root, manifest)
         report = VerifyReport(bundle, files, 0)
+        adapters = _check_adapters(root, manifest)
         if load:
             report.golden_tokens = _check_golden(root, manifest, threads)
+            for path, golden in adapters:
+                report.golden_tokens += _check_golden(root, manifest, threads, path, golden)
+        report.adapters = len(manifest["model"].get("lora") or [])
     return report
 
 
-def _check_golden(root: Path, manifest: dict, threads: int) -> int:
+def _check_adapters(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
+    """Each adapter of the bundle with its golden output, its base identity checked against
+    the bundle's model.
+
+    Raises:
+        EdgeftError: an adapter entry that is malformed, missing from ``lora``, or made for
+            another base.
+    """
+    lora = manifest["model"].get("lora") or []
+    # bundles written before adapters had golden outputs: their base identity only
+    entries = manifest.get("adapters", [{"path": p, "golden": None} for p in lora])
+    if not isinstance(entries, list) or sorted(e.get("path", "") for e in entries) != sorted(
+        lora
+    ):
+        raise EdgeftError(f"{MANIFEST}: 'adapters' must describe each file of model.lora")
+    model = root / manifest["model"]["path"]
+    checked = []
+    for entry in entries:
+        path = root / entry["path"]
+        if not _safe_member(entry["path"]) or not isinstance(entry.get("golden"), dict | None):
+            raise EdgeftError(f"{MANIFEST}: adapter {entry['path']!r} needs a path and golden")
+        if manifest["model"].get("format") == "gguf":
+            from edgeft.export.gguf.reader import gguf_metadata
+
+            _check_gguf_base(path, gguf_metadata(path), model)
+        else:
+            from edgeft.export.onnx.lora import check_adapter, graph_lora_inputs
+
+            try:
+                check_adapter(path, model / "model.onnx")
+            except ModelError as exc:
+                raise EdgeftError(str(exc)) from None
+            recorded = graph_lora_inputs(model / "model.onnx")[1]
+            if "base_sha256" in entry and entry["base_sha256"] != recorded:
+                raise EdgeftError(
+                    f"{entry['path']}: the manifest's base sha256 is not the model's "
+                    f"({str(entry.get('base_sha256'))[:12]} vs {str(recorded)[:12]})"
+                )
+        if entry["golden"] is not None:
+            checked.append((path, entry["golden"]))
+    return checked
+
+
+def _check_golden(
+    root: Path, manifest: dict, threads: int, adapter: Path | None = None, golden=None
+) -> int:
     from edgeft.runtimes import RUNTIMES, get_runtime
 
     runtime_name = manifest["runtime"].get("name")
     if runtime_name not in RUNTIMES:
         raise EdgeftError(f"{MANIFEST}: unknown runtime {runtime_name!r}")
-    golden = manifest["golden"]
+    golden = golden or manifest["golden"]
     prompt, expected = golden.get("prompt_token_ids"), golden.get("output_token_ids")
     if not (isinstance(prompt, list) and isinstance(expected, list)):
         raise EdgeftError(f"{MANIFEST}: golden needs prompt_token_ids and output_token_ids")
     model = root / manifest["model"]["path"]
-    session = get_runtime(runtime_name).load(model, threads=threads)
+    if adapter is None:
+        session = get_runtime(runtime_name).load(model, threads=threads)
+    else:
+        session = _load_with(runtime_name, model, adapter, threads)
     try:
         from edgeft.runtimes import generate
 
@@ -507,9 +618,10 @@ def _check_golden(root: Path, manifest: dict, threads: int) -> int:
             )
             got = session.detokenize(output[at : at + 1]) if at < len(output) else "(end)"
             want = session.detokenize(expected[at : at + 1]) if at < len(expected) else "(end)"
+            applied = f" with {adapter.relative_to(root).as_posix()}" if adapter else ""
             raise EdgeftError(
                 f"golden output differs at token {at}: got {got!r}, the manifest has {want!r} "
-                f"(model {manifest['model']['path']})"
+                f"(model {manifest['model']['path']}{applied})"
             )
     finally:
         session.close()

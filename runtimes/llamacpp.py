@@ -93,6 +93,7 @@ class LlamaCppSession:
         self._free_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._n_past = 0
         self._next_token: int | None = None
+        self._adapters: dict[Path, object] = {}  # LoRA GGUF → llama.cpp's loaded adapter
 
     def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids without an added bos, special tokens in the text matched (like Hugging
@@ -156,6 +157,38 @@ class LlamaCppSession:
         token = self._next_token
         self._next_token = int(np.argmax(self._eval([token], every_position=False)[0]))
         return token
+
+    def set_adapter(self, adapter: Path | None) -> None:
+        """Apply a LoRA GGUF (``edgeft export gguf-lora``) to the following evaluations
+        instead of the current one, or none (``llama_set_adapters_lora``); a file is read
+        once and kept with the model, so switching back costs no read. The KV cache is
+        cleared: its keys and values came from other weights.
+
+        Raises:
+            ModelError: the file is missing, made for another base, or llama.cpp refuses it.
+        """
+        import ctypes
+
+        import llama_cpp
+
+        self._reset()
+        if adapter is None:
+            llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            return
+        adapter = Path(adapter).resolve()
+        loaded = self._adapters.get(adapter)
+        if loaded is None:
+            if not adapter.is_file():
+                raise ModelError(f"LoRA adapter {adapter} not found; pass a .gguf adapter file")
+            _check_lora_base(adapter, self.path)
+            loaded = llama_cpp.llama_adapter_lora_init(self.llm.model, str(adapter).encode())
+            if not loaded:
+                raise _lora_error(adapter, self.path)
+            self._adapters[adapter] = loaded  # freed with the model
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(loaded)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, handles, 1, scales) != 0:
+            raise _lora_error(adapter, self.path)
 
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int

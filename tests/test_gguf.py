@@ -321,6 +321,25 @@ def test_lora_gguf_matches_the_adapter(lora_export, lora_adapter):
     assert _record(result.out)["stage"] == "export-gguf-lora"
 
 
+def test_llama_cpp_switches_the_adapter_in_one_session(lora_export, llama_export):
+    base = llama_export.out / "model-f32.gguf"
+    ids = list(range(3, 40))
+    runtime = get_runtime("llama.cpp")
+    expected = {}
+    for adapter in (lora_export.file, None):
+        session = runtime.load(base, threads=2, lora_path=adapter)
+        expected[adapter] = session.logits(ids)
+        session.close()
+    session = runtime.load(base, threads=2)
+    try:
+        for adapter in (lora_export.file, None, lora_export.file):
+            session.set_adapter(adapter)
+            assert np.array_equal(session.logits(ids), expected[adapter]), adapter
+    finally:
+        session.close()
+    assert not np.array_equal(expected[lora_export.file], expected[None])
+
+
 def _with_alpha(adapter: Path, alpha: float, out: Path) -> Path:
     """A copy of a LoRA GGUF whose alpha is changed: the scale alpha/rank that llama.cpp
     applies is then off, the classic bug of an adapter converted with the wrong alpha."""

@@ -171,3 +171,61 @@ def test_adapter_options_are_checked(tiny_llama, adapters, tmp_path):
     with pytest.raises(EdgeftError, match="NAME=DIR"):
         parse_adapters(["../a=x"])
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_measures_the_base_with_each_adapter(lora_export, tmp_path):
+    from edgeft.bench.harness import BenchSettings, bench
+
+    files = lora_export.out / "adapters"
+    settings = BenchSettings(
+        threads=1, prompt_tokens=16, decode_tokens=4, depths=(0,), repeats=1, warmup=0
+    )
+    results = bench(
+        [str(lora_export.out / "fp32")],
+        tmp_path / "bench",
+        adapters=[files / "every.onnx_adapter", files / "qv.onnx_adapter"],
+        settings=settings,
+        progress=False,
+        log=lambda _: None,
+    )
+    rows = results["artifacts"]
+    assert [r["name"] for r in rows] == ["fp32", "fp32 + every", "fp32 + qv"]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert rows[0]["adapter"] is None and rows[1]["adapter"].endswith("every.onnx_adapter")
+    # the reference is the base: the adapter rows are measurably other models
+    kl = [next(iter(r["accuracy"]["vs"].values()))["mean_kl"] for r in rows]
+    assert kl[0] < 1e-5 < kl[1] and kl[2] > 1e-5
+    assert (
+        rows[1]["size_bytes"]
+        == rows[0]["size_bytes"] + (files / "every.onnx_adapter").stat().st_size
+    )
+
+
+def test_bundle_ships_adapters_each_with_its_golden_output(lora_export, tmp_path):
+    from edgeft.package import MANIFEST, package, verify
+
+    files = lora_export.out / "adapters"
+    adapters = [files / "every.onnx_adapter", files / "qv.onnx_adapter"]
+    bundle = package(str(lora_export.out / "int4"), tmp_path / "b", "android", lora=adapters)
+    manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["model"]["lora"] == ["adapters/every.onnx_adapter", "adapters/qv.onnx_adapter"]
+    goldens = [a["golden"]["output_token_ids"] for a in manifest["adapters"]]
+    assert manifest["golden"]["output_token_ids"] not in goldens  # the adapters change it
+    report = verify(bundle)
+    assert report.adapters == 2
+    assert report.golden_tokens == sum(
+        len(g) for g in [manifest["golden"]["output_token_ids"], *goldens]
+    )
+    # a golden output that is not what the adapter produces fails, naming the adapter
+    manifest["adapters"][0]["golden"]["output_token_ids"] = goldens[1]
+    (bundle / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    if goldens[0] != goldens[1]:
+        with pytest.raises(EdgeftError, match="with adapters/every.onnx_adapter"):
+            verify(bundle)
+    # an adapter for another base is refused when packaging
+    folder = tmp_path / "other"
+    shutil.copytree(lora_export.out / "int4", folder)
+    mark_base(folder, "f" * 64)
+    with pytest.raises(EdgeftError, match="made for another base"):
+        package(str(folder), tmp_path / "b2", "android", lora=adapters)
+    assert not (tmp_path / "b2").exists()

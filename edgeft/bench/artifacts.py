@@ -7,6 +7,10 @@ An artifact is a path, optionally followed by ``@RUNTIME``:
   onnxruntime without a genai_config (``folder@onnxruntime`` picks it explicitly);
 * a Hugging Face checkpoint folder (``config.json`` + safetensors) → torch;
 * an ``edgeft train`` adapter folder → torch, the adapter on its 4-bit base as trained.
+
+With adapter files (``edgeft bench --adapter``), each base that takes one is also measured
+with it applied, as its own row: an ``.onnx_adapter`` on an ONNX folder exported with LoRA
+inputs, a LoRA GGUF on the GGUF of its base.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Artifact:
     quant: str | None
     files: tuple[Path, ...]  # the model's weight files (hashed and sized), tokenizer excluded
     shape: ModelShape | None
+    adapter: Path | None = None  # a LoRA adapter file applied over the base (among files)
 
     @property
     def size_bytes(self) -> int:
@@ -115,6 +120,65 @@ def resolve_artifact(spec: str, runtime: str | None = None) -> Artifact:
     if not files:
         raise EdgeftError(f"{path}: no weight files found")
     return Artifact(path.name, path, runtime, fmt, quant, files, shape)
+
+
+def with_adapters(artifacts: list[Artifact], adapters: list[Path]) -> list[Artifact]:
+    """Each artifact, followed by one row per adapter file that applies to it (named
+    ``int4 + cooking``).
+
+    Raises:
+        EdgeftError: an adapter file that is missing, of an unknown kind, or that applies to
+            none of the artifacts.
+    """
+    from dataclasses import replace
+
+    expanded = [[artifact] for artifact in artifacts]
+    for adapter in map(Path, adapters):
+        if not adapter.is_file():
+            raise EdgeftError(f"--adapter {adapter}: no such file")
+        if adapter.name.endswith(".onnx_adapter"):
+            fits = [a for a in artifacts if a.format == "onnx" and _takes_onnx_adapter(a.path)]
+        elif adapter.suffix == ".gguf":
+            fits = [a for a in artifacts if a.format == "gguf" and _lora_fits(adapter, a.path)]
+        else:
+            raise EdgeftError(
+                f"--adapter {adapter}: expected an .onnx_adapter file (edgeft export onnx "
+                "--adapter) or a LoRA .gguf (edgeft export gguf-lora)"
+            )
+        if not fits:
+            raise EdgeftError(
+                f"--adapter {adapter}: none of the artifacts is its base; pass the base "
+                "exported with it"
+            )
+        for artifact in fits:
+            row = replace(
+                artifact,
+                name=f"{artifact.name} + {adapter.name.split('.')[0]}",
+                files=(*artifact.files, adapter),
+                adapter=adapter,
+            )
+            expanded[artifacts.index(artifact)].append(row)
+    return [row for rows in expanded for row in rows]
+
+
+def _takes_onnx_adapter(folder: Path) -> bool:
+    from edgeft.export.onnx.lora import graph_lora_inputs
+
+    return bool(graph_lora_inputs(folder / "model.onnx")[0])
+
+
+def _lora_fits(adapter: Path, base: Path) -> bool:
+    from edgeft.export.gguf.lora import check_base
+    from edgeft.export.gguf.reader import gguf_metadata
+
+    meta = gguf_metadata(adapter)
+    if meta.get("general.type") != "adapter":
+        raise EdgeftError(f"--adapter {adapter}: not a LoRA GGUF (edgeft export gguf-lora)")
+    try:
+        check_base(meta, gguf_metadata(base), adapter, base)
+    except ModelError:
+        return False
+    return True
 
 
 def unique_names(artifacts: list[Artifact]) -> list[Artifact]:

@@ -26,12 +26,20 @@ from edgeft.bench.artifacts import (
     inferred_reference,
     resolve_artifact,
     unique_names,
+    with_adapters,
 )
 from edgeft.bench.schema import SCHEMA, decode_at
 from edgeft.errors import DataError, EdgeftError
 
 # Figures a budget can bound: name → (direction, how the report words it).
-BUDGET_NAMES = ("max_rss_mb", "min_decode_tok_s", "max_ttft_ms", "max_mean_kl", "min_task_accuracy")
+BUDGET_NAMES = (
+    "max_size_mb",
+    "max_rss_mb",
+    "min_decode_tok_s",
+    "max_ttft_ms",
+    "max_mean_kl",
+    "min_task_accuracy",
+)
 _RUNTIME_PACKAGES = ("llama-cpp-python", "onnxruntime", "onnxruntime-genai")
 
 
@@ -75,8 +83,9 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class Budgets:
-    """Limits an artifact must meet; ``None`` is no limit."""
+    """Limits an artifact must meet; ``None`` is no limit. Sizes in MB are 10⁶ bytes."""
 
+    max_size_mb: float | None = None
     max_rss_mb: float | None = None
     min_decode_tok_s: float | None = None
     max_ttft_ms: float | None = None
@@ -251,6 +260,7 @@ def _budget_rows(artifact: dict, budgets: Budgets, device: bool, reference: str 
         decode = decode0.get("predicted_tok_s") if device else None
         decode = decode if decode is not None else decode0["tok_s"]["median"]
     values = {
+        "max_size_mb": artifact["size_bytes"] / 1e6 if artifact.get("size_bytes") else None,
         "max_rss_mb": latency.get("peak_rss_mb"),
         "min_decode_tok_s": decode,
         "max_ttft_ms": (latency.get("ttft_ms") or {}).get("median"),
@@ -286,6 +296,7 @@ def bench(
     settings: BenchSettings | None = None,
     budgets: Budgets | None = None,
     compare: Path | None = None,
+    adapters: list[Path] | None = None,
     force: bool = False,
     progress: bool = True,
     log=print,
@@ -307,6 +318,8 @@ def bench(
         remote: ``adb:SERIAL`` or ``ssh:user@host``: latency measured on that device.
         budgets: limits; unset ones come from the device profile.
         compare: an earlier results.json: ``comparison.md`` shows the change.
+        adapters: LoRA adapter files (``.onnx_adapter``, LoRA ``.gguf``): each artifact they
+            apply to is also measured with each applied, as a row of its own.
 
     Returns:
         The results object (``edgeft.bench.schema``); ``results["passed"]`` is False when an
@@ -323,6 +336,9 @@ def bench(
     if not artifact_specs:
         raise EdgeftError("no artifacts given; pass .gguf files or ONNX/checkpoint folders")
     artifacts = unique_names([resolve_artifact(s, runtime) for s in artifact_specs])
+    artifacts = with_adapters(artifacts, adapters or [])
+    if remote and adapters:
+        raise EdgeftError("--adapter is measured on this machine only; leave out --remote")
     eval_text = read_eval_text(eval_path)
     task = load_qa(task_path) if task_path else None
     more_tasks = {name: load_qa(path) for name, path in (extra_tasks or {}).items()}
@@ -406,6 +422,7 @@ def bench(
             }
             spec = {
                 "artifact": str(artifact.path),
+                "adapter": str(artifact.adapter) if artifact.adapter else None,
                 "runtime": artifact.runtime,
                 "threads": threads,
                 "emulation": asdict(emulation) if emulation else None,
@@ -516,6 +533,7 @@ def _artifact_row(artifact, result, profile, machine, references, budgets, remot
     row = {
         "name": artifact.name,
         "path": str(artifact.path),
+        "adapter": str(artifact.adapter) if artifact.adapter else None,
         "runtime": artifact.runtime,
         "format": artifact.format,
         "quant": artifact.quant,

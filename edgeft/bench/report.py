@@ -34,6 +34,7 @@ PLOTS = {
 
 # budget name -> (what it limits, comparison, unit); unknown names print as they are.
 BUDGETS = {
+    "max_size_mb": ("file size", "≤", "MB"),
     "max_rss_mb": ("peak RSS", "≤", "MB"),
     "min_decode_tok_s": ("decode speed", "≥", "tok/s"),
     "max_ttft_ms": ("time to first token", "≤", "ms"),
@@ -225,7 +226,7 @@ def _first_line(text: Any, limit: int = _ERROR_CHARS) -> str:
 def _budget_figure(name: str, value: Any) -> str:
     if name == "max_mean_kl":
         return _kl(value)
-    if name in ("max_rss_mb", "min_decode_tok_s", "max_ttft_ms"):
+    if name in ("max_size_mb", "max_rss_mb", "min_decode_tok_s", "max_ttft_ms"):
         return _fixed(value)
     return _g(value)
 

@@ -18,7 +18,8 @@ A results file is one JSON object::
                    "remote": str | null},
       "device": null | {"name": str, "title": str, "bandwidth_gbs": float, "ram_gb": float,
                         "threads": int, "applied": [str], "not_emulated": [str]},
-      "budgets": {"max_rss_mb": float | null, "min_decode_tok_s": float | null,
+      "budgets": {"max_size_mb": float | null, "max_rss_mb": float | null,
+                  "min_decode_tok_s": float | null,
                   "max_ttft_ms": float | null, "max_mean_kl": float | null,
                   "min_task_accuracy": float | null},
       "references": [{"name": str, "path": str, "runtime": str, "perplexity": float}],
@@ -29,6 +30,7 @@ A results file is one JSON object::
     ARTIFACT = {
       "name": str,                       # unique within the file; the row label
       "path": str, "runtime": str, "format": "gguf" | "onnx" | "hf" | "adapter",
+      "adapter": str | null,               # a LoRA file applied over the base at ``path``
       "quant": str | null,               # "q4_k_m", "int4", "fp32", ...
       "sha256": str, "size_bytes": int,  # of the model file(s), tokenizer excluded
       "context": int | null,             # tokens the session was loaded for (its KV cache)

@@ -225,7 +225,17 @@ def run(spec: dict) -> dict:
             notes += apply_emulation(Emulation(**spec["emulation"]))
         base_rss = _rss_mb()
         start = time.perf_counter()
-        session = runtime.load(Path(spec["artifact"]), threads=spec["threads"])
+        adapter = spec.get("adapter")
+        if adapter is None:
+            session = runtime.load(Path(spec["artifact"]), threads=spec["threads"])
+        elif spec["runtime"] == "llama.cpp":
+            session = runtime.load(
+                Path(spec["artifact"]), threads=spec["threads"], lora_path=Path(adapter)
+            )
+        else:
+            session = runtime.load(
+                Path(spec["artifact"]), threads=spec["threads"], adapter=Path(adapter)
+            )
         load_s = time.perf_counter() - start
         try:
             accuracy = spec.get("accuracy")

@@ -1,0 +1,459 @@
+"""``edgeft recommend``: the file to ship to a device, found by exporting and measuring the
+candidates instead of guessing.
+
+1. **Export** every candidate with the exporters (:data:`DEFAULT_CANDIDATES`: GGUF types with
+   the importance matrix from the fine-tuning data and the common ones without, ONNX int8 and
+   int4), into an exports folder that later runs reuse: an export whose ``edgeft.json`` names
+   the same checkpoint weights and covers the types is not made again.
+2. **Screen.** Each export already measured its files against the checkpoint (size, mean KL
+   on the eval text). A candidate whose file is over ``max_size_mb``, or whose export KL is
+   over twice ``max_mean_kl``, can no longer meet the budget and is not benchmarked.
+3. **Bench** the rest in one ``edgeft bench`` run with the device profile (threads, memory
+   cap, bandwidth-scaled decode speed, the profile's budgets under the user's) and the task.
+4. **Choose**: among the files that meet every budget, the most accurate (task accuracy when
+   a task is given, then mean KL against the checkpoint, then size); the Pareto front over
+   size, decode speed and accuracy; and for every other candidate why it lost.
+
+The output folder is a normal ``edgeft bench`` results folder plus ``recommendation.json``
+(schema ``edgeft.recommendation/1``), which ``edgeft package`` takes in place of an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeft._io import write_json
+from edgeft.errors import EdgeftError
+
+SCHEMA = "edgeft.recommendation/1"
+RECOMMENDATION = "recommendation.json"
+# An export's KL on its eval text and the bench's on the same text differ by the context
+# they are scored at; a candidate is dropped before benchmarking only when it is this far over.
+KL_SCREEN_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file to consider: ``gguf:q4_k_m`` (importance matrix where the data allows),
+    ``gguf:q4_k_m:none`` (without), ``onnx:int4``."""
+
+    format: str
+    type: str
+    imatrix: bool = True  # GGUF only
+
+    @property
+    def name(self) -> str:
+        if self.format == "gguf" and not self.imatrix:
+            return f"gguf {self.type} (no imatrix)"
+        return f"{self.format} {self.type}"
+
+    @property
+    def spec(self) -> str:
+        tail = ":none" if self.format == "gguf" and not self.imatrix else ""
+        return f"{self.format}:{self.type}{tail}"
+
+
+DEFAULT_CANDIDATES = (
+    "gguf:q8_0,gguf:q6_k,gguf:q5_k_m,gguf:q4_k_m,gguf:q4_k_m:none,gguf:q4_0,gguf:q4_0:none,"
+    "gguf:iq4_xs,gguf:iq3_m,gguf:q2_k,onnx:int8,onnx:int4"
+)
+
+
+def parse_candidates(spec: str) -> list[Candidate]:
+    """``"gguf:q4_k_m,gguf:q4_k_m:none,onnx:int4"`` → candidates, checked.
+
+    Raises:
+        EdgeftError: an unknown format or type, or one written twice.
+    """
+    from edgeft.export.gguf.export import GGUF_TYPES
+    from edgeft.export.gguf.quantize import IGNORES_IMATRIX, NEEDS_IMATRIX
+    from edgeft.export.onnx.quantize import ONNX_TYPES
+
+    candidates: list[Candidate] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        fmt, _, rest = item.partition(":")
+        kind, _, flag = rest.partition(":")
+        types = {"gguf": GGUF_TYPES, "onnx": ONNX_TYPES}.get(fmt)
+        if types is None or kind not in types or flag not in ("", "none"):
+            raise EdgeftError(
+                f"--candidates: {item!r} is not FORMAT:TYPE[:none]; formats gguf "
+                f"({', '.join(GGUF_TYPES)}) and onnx ({', '.join(ONNX_TYPES)}), ':none' for a "
+                "GGUF without importance matrix"
+            )
+        if flag == "none" and (fmt != "gguf" or kind in NEEDS_IMATRIX):
+            raise EdgeftError(
+                f"--candidates: {item!r}: ':none' is for GGUF types that can do without an "
+                "importance matrix"
+            )
+        candidate = Candidate(fmt, kind, imatrix=flag != "none" or kind in IGNORES_IMATRIX)
+        if candidate in candidates:
+            raise EdgeftError(
+                f"--candidates: {item!r} is listed twice (or is the same file as another)"
+            )
+        candidates.append(candidate)
+    if not candidates:
+        raise EdgeftError("--candidates: no candidate given")
+    return candidates
+
+
+@dataclass
+class Option:
+    """A candidate's file and what is known of it."""
+
+    candidate: Candidate
+    path: Path | None = None
+    export_bytes: int | None = None
+    export_kl: float | None = None
+    screened: str | None = None  # why it was not benchmarked
+    row: dict | None = None  # its edgeft bench row
+    verdict: str = ""
+    on_front: bool = False
+
+    def figures(self, reference: str | None, device: bool) -> dict:
+        """Size, decode speed (the device's prediction with a profile), TTFT, KL, task."""
+        from edgeft.bench.schema import decode_at
+
+        row = self.row or {}
+        latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
+        decode = decode_at(latency) if latency else None
+        speed = None
+        if decode:
+            speed = decode.get("predicted_tok_s") if device else None
+            speed = speed if speed is not None else decode["tok_s"]["median"]
+        vs = (accuracy.get("vs") or {}).get(reference) or {}
+        return {
+            "size_mb": (row.get("size_bytes") or self.export_bytes or 0) / 1e6 or None,
+            "decode_tok_s": speed,
+            "ttft_ms": (latency.get("ttft_ms") or {}).get("median"),
+            "peak_rss_mb": latency.get("peak_rss_mb"),
+            "mean_kl": vs.get("mean_kl", self.export_kl),
+            "task_accuracy": (accuracy.get("task") or {}).get("accuracy"),
+        }
+
+
+@dataclass
+class Recommendation:
+    out: Path
+    options: list[Option]
+    pick: Option | None
+    objective: str  # "task accuracy" or "mean KL"
+    reference: str | None
+    device: bool
+
+    def as_dict(self) -> dict:
+        def entry(option: Option) -> dict:
+            return {
+                "candidate": option.candidate.spec,
+                "name": option.candidate.name,
+                "path": str(option.path) if option.path else None,
+                "bench_row": (option.row or {}).get("name"),
+                "benchmarked": option.row is not None,
+                "on_front": option.on_front,
+                "verdict": option.verdict,
+                **option.figures(self.reference, self.device),
+            }
+
+        return {
+            "schema": SCHEMA,
+            "objective": self.objective,
+            "reference": self.reference,
+            "pick": entry(self.pick) if self.pick else None,
+            "front": [o.candidate.name for o in self.options if o.on_front],
+            "candidates": [entry(o) for o in self.options],
+            "results": "results.json",
+        }
+
+
+def _cached(folder: Path, stage: str, weights_sha256: str, types: list[str]) -> dict | None:
+    """The record of an earlier export in ``folder`` that covers ``types`` of these weights."""
+    record_path = folder / "edgeft.json"
+    if not record_path.is_file():
+        if folder.exists():
+            raise EdgeftError(
+                f"{folder} exists and is not an edgeft export; pass another --exports folder"
+            )
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        same = record["stage"] == stage and (
+            record["inputs"]["model"]["weights_sha256"] == weights_sha256
+        )
+        covered = set(types) <= set(record["settings"]["types"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record if same and covered else None
+
+
+def _export(model: Path, exports: Path, options: list[Option], calibration, threads, say):
+    """Export every candidate (or reuse an earlier export of the same weights) and note each
+    file's path, size and export KL."""
+    from edgeft.export.gguf import export_gguf
+    from edgeft.export.onnx import export_onnx
+    from edgeft.models import weights_sha256
+
+    sha = weights_sha256(model)
+    groups = {
+        ("gguf", True): exports / "gguf",
+        ("gguf", False): exports / "gguf-no-imatrix",
+        ("onnx", True): exports / "onnx",
+    }
+    for (fmt, imatrix), folder in groups.items():
+        members = [
+            o
+            for o in options
+            if o.candidate.format == fmt and (fmt == "onnx" or o.candidate.imatrix == imatrix)
+        ]
+        if not members:
+            continue
+        types = [o.candidate.type for o in members]
+        stage = f"export-{fmt}"
+        record = _cached(folder, stage, sha, types)
+        if record is not None:
+            say(f"reusing {folder} ({', '.join(types)})")
+        else:
+            say(f"exporting {', '.join(types)} to {folder}")
+            if fmt == "gguf":
+                export_gguf(
+                    model,
+                    folder,
+                    types,
+                    imatrix=None if imatrix else "none",
+                    calibration=calibration,
+                    threads=threads,
+                    force=True,
+                )
+            else:
+                export_onnx(
+                    model, folder, types, calibration=calibration, threads=threads, force=True
+                )
+            record = json.loads((folder / "edgeft.json").read_text(encoding="utf-8"))
+        reports = record["results"]["files" if fmt == "gguf" else "folders"]
+        by_type = {r["type"]: r for r in reports}
+        for option in members:
+            report = by_type[option.candidate.type]
+            option.path = folder / (report["file"] if fmt == "gguf" else report["folder"])
+            option.export_bytes = int(report["bytes"])
+            option.export_kl = float(report["parity"]["mean_kl"])
+
+
+def _screen(options: list[Option], budgets) -> None:
+    for option in options:
+        size_mb = (option.export_bytes or 0) / 1e6
+        if budgets.max_size_mb is not None and size_mb > budgets.max_size_mb:
+            option.screened = f"too big: {size_mb:.1f} MB > {budgets.max_size_mb:g} MB"
+        elif (
+            budgets.max_mean_kl is not None
+            and option.export_kl is not None
+            and option.export_kl > KL_SCREEN_FACTOR * budgets.max_mean_kl
+        ):
+            option.screened = (
+                f"too far from the checkpoint: mean KL {option.export_kl:.3g} at export, over "
+                f"{KL_SCREEN_FACTOR:g}× the {budgets.max_mean_kl:g} budget"
+            )
+        if option.screened:
+            option.verdict = f"not benchmarked: {option.screened}"
+
+
+def _accuracy_key(figures: dict, by_task: bool) -> tuple:
+    """Sorts the most accurate first."""
+    task = figures["task_accuracy"]
+    kl = figures["mean_kl"]
+    return (
+        -(task if by_task and task is not None else 0.0),
+        kl if kl is not None else float("inf"),
+        figures["size_mb"] or float("inf"),
+    )
+
+
+def _dominates(a: dict, b: dict, by_task: bool) -> bool:
+    """``a`` is no bigger, no slower and no less accurate than ``b``, and better in one."""
+    acc = "task_accuracy" if by_task else "mean_kl"
+    sign = 1 if by_task else -1
+    if any(a[k] is None or b[k] is None for k in ("size_mb", "decode_tok_s", acc)):
+        return False
+    no_worse = (
+        a["size_mb"] <= b["size_mb"]
+        and a["decode_tok_s"] >= b["decode_tok_s"]
+        and sign * a[acc] >= sign * b[acc]
+    )
+    better = (
+        a["size_mb"] < b["size_mb"]
+        or a["decode_tok_s"] > b["decode_tok_s"]
+        or sign * a[acc] > sign * b[acc]
+    )
+    return no_worse and better
+
+
+def _describe(name: str, value, limit) -> str:
+    from edgeft.bench.report import BUDGETS
+
+    what, op, unit = BUDGETS.get(name, (name, "limit", ""))
+    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{what} {shown} (needs {op} {limit:g}{' ' + unit if unit else ''})"
+
+
+def _choose(options: list[Option], reference, device: bool, by_task: bool) -> Option | None:
+    """Set each option's verdict and front membership; return the pick."""
+    benched = [o for o in options if o.row is not None and o.row["status"] == "ok"]
+    figures = {id(o): o.figures(reference, device) for o in benched}
+    for option in benched:
+        option.on_front = not any(
+            _dominates(figures[id(other)], figures[id(option)], by_task)
+            for other in benched
+            if other is not option
+        )
+    meeting = [o for o in benched if o.row["passed"]]
+    pick = min(meeting, key=lambda o: _accuracy_key(figures[id(o)], by_task), default=None)
+    accuracy = "task accuracy" if by_task else "mean KL"
+    for option in options:
+        if option.screened:
+            continue
+        if option.row is None or option.row["status"] != "ok":
+            error = (option.row or {}).get("error") or "not run"
+            option.verdict = f"failed: {str(error).splitlines()[0][:160]}"
+            continue
+        mine = figures[id(option)]
+        if option is pick:
+            option.verdict = f"meets every budget, and the best {accuracy} of those that do"
+            continue
+        missed = [b for b in option.row.get("budgets", []) if not b["passed"]]
+        if missed:
+            option.verdict = "misses " + "; ".join(
+                _describe(b["name"], b["value"], b["limit"]) for b in missed
+            )
+        else:
+            theirs = figures[id(pick)]
+            if by_task and mine["task_accuracy"] != theirs["task_accuracy"]:
+                detail = (
+                    f"task accuracy {mine['task_accuracy']:.1%} vs {theirs['task_accuracy']:.1%}"
+                )
+            elif mine["mean_kl"] != theirs["mean_kl"]:
+                detail = f"mean KL {mine['mean_kl']:.3g} vs {theirs['mean_kl']:.3g}"
+            else:
+                detail = f"{mine['size_mb']:.1f} MB vs {theirs['size_mb']:.1f} MB"
+            option.verdict = (
+                f"meets every budget, less accurate than {pick.candidate.name} ({detail})"
+            )
+        dominator = next(
+            (
+                other
+                for other in benched
+                if other is not option and _dominates(figures[id(other)], mine, by_task)
+            ),
+            None,
+        )
+        if dominator is not None:
+            option.verdict += (
+                f"; {dominator.candidate.name} is smaller or as small, faster or as fast and "
+                "at least as accurate"
+            )
+    return pick
+
+
+def recommend(
+    model: Path,
+    out: Path,
+    *,
+    device: str | None = None,
+    budgets=None,
+    task: Path | None = None,
+    candidates: Sequence[Candidate] | str = DEFAULT_CANDIDATES,
+    calibration: Path | None = None,
+    exports: Path | None = None,
+    settings=None,
+    force: bool = False,
+    log=print,
+) -> Recommendation:
+    """Export the candidates, bench them on ``device``, and choose one (see the module).
+
+    Args:
+        model: the merged checkpoint to ship.
+        out: the bench results folder, plus ``recommendation.json``.
+        device: a device profile name or .toml (its budgets apply under ``budgets``).
+        budgets: :class:`edgeft.bench.harness.Budgets`; ``max_size_mb`` also screens exports.
+        task: held-out questions; the pick is then the best task accuracy that meets the
+            budgets (else the lowest mean KL against the checkpoint).
+        exports: where the candidate files are written and found again (default
+            ``<out>-exports`` beside ``out``).
+
+    Raises:
+        EdgeftError: bad candidates, an output that exists without ``force``, an exports
+            folder that holds something else.
+    """
+    from edgeft._io import check_output
+    from edgeft.bench.harness import Budgets, bench
+
+    model, out = Path(model), Path(out)
+    budgets = budgets or Budgets()
+    if isinstance(candidates, str):
+        candidates = parse_candidates(candidates)
+    check_output(out, force)
+    if not (model / "config.json").is_file():
+        raise EdgeftError(f"--model {model}: not a Hugging Face checkpoint folder (no config.json)")
+    exports = Path(exports) if exports else out.with_name(f"{out.name}-exports")
+    options = [Option(candidate) for candidate in candidates]
+    threads = settings.threads if settings else 2
+    _export(model, exports, options, calibration, threads, log)
+    if device:
+        from edgeft.devices import get_profile
+
+        budgets = budgets.over(Budgets(**vars(get_profile(device).budgets)))
+    _screen(options, budgets)
+    chosen = [o for o in options if not o.screened]
+    results = None
+    if chosen:
+        log(f"benchmarking {len(chosen)} of {len(options)} candidates")
+        results = bench(
+            [str(o.path) for o in chosen],
+            out,
+            task_path=task,
+            device=device,
+            settings=settings,
+            budgets=budgets,
+            force=force,
+            progress=False,
+            log=log,
+        )
+        for option, row in zip(chosen, results["artifacts"], strict=True):
+            option.row = row
+    reference = results["references"][0]["name"] if results and results["references"] else None
+    by_task = task is not None
+    pick = _choose(options, reference, device is not None, by_task)
+    recommendation = Recommendation(
+        out=out,
+        options=options,
+        pick=pick,
+        objective="task accuracy" if by_task else "mean KL",
+        reference=reference,
+        device=device is not None,
+    )
+    if results is None:
+        out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RECOMMENDATION, recommendation.as_dict())
+    return recommendation
+
+
+def read_pick(path: Path) -> tuple[Path, Path | None]:
+    """``(the picked file, the bench results it was measured in)`` from a ``recommend`` folder
+    or its ``recommendation.json``.
+
+    Raises:
+        EdgeftError: no recommendation there, or it picked nothing.
+    """
+    path = Path(path)
+    file = path / RECOMMENDATION if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EdgeftError(f"{file}: not a readable recommendation ({exc})") from None
+    if data.get("schema") != SCHEMA:
+        raise EdgeftError(f"{file}: schema is not {SCHEMA!r}")
+    if not data.get("pick"):
+        raise EdgeftError(f"{file}: no candidate met the budgets; there is nothing to package")
+    results = file.parent / str(data.get("results") or "results.json")
+    return Path(data["pick"]["path"]), results if results.is_file() else None
