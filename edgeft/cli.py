@@ -778,13 +778,7 @@ def _add_bench(sub) -> None:
         default=d.timeout_s,
         help="seconds per artifact (default %(default)s)",
     )
-    budgets = p.add_argument_group("budgets (override the device profile's)")
-    budgets.add_argument("--max-size-mb", type=float, help="file size, 10^6 bytes")
-    budgets.add_argument("--max-rss-mb", type=float)
-    budgets.add_argument("--min-decode-tok-s", type=float)
-    budgets.add_argument("--max-ttft-ms", type=float)
-    budgets.add_argument("--max-mean-kl", type=float)
-    budgets.add_argument("--min-task-accuracy", type=float, help="0-1")
+    _add_budget_options(p)
     p.add_argument(
         "--compare",
         type=Path,
@@ -805,7 +799,7 @@ def _by_stem(paths: list[Path]) -> dict[str, Path]:
 
 
 def _run_bench(args) -> int:
-    from edgeft.bench.harness import BenchSettings, Budgets, bench
+    from edgeft.bench.harness import BenchSettings, bench
     from edgeft.bench.report import render_comparison
     from edgeft.bench.schema import read_results
 
@@ -829,14 +823,7 @@ def _run_bench(args) -> int:
         warmup=args.warmup,
         timeout_s=args.timeout,
     )
-    budgets = Budgets(
-        max_size_mb=args.max_size_mb,
-        max_rss_mb=args.max_rss_mb,
-        min_decode_tok_s=args.min_decode_tok_s,
-        max_ttft_ms=args.max_ttft_ms,
-        max_mean_kl=args.max_mean_kl,
-        min_task_accuracy=args.min_task_accuracy,
-    )
+    budgets = _budgets_from(args)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     results = bench(
         args.artifacts,
@@ -888,6 +875,134 @@ def _run_devices(args) -> int:
     return 0
 
 
+def _add_recommend(sub) -> None:
+    from edgeft.recommend import DEFAULT_CANDIDATES
+
+    p = sub.add_parser(
+        "recommend",
+        help="export the candidate files, bench them on a device profile, pick one",
+        description="Export GGUF types (with and without an importance matrix) and ONNX int8 "
+        "and int4 from a merged checkpoint, screen out those that cannot meet the budgets, "
+        "bench the rest with the device profile, print the Pareto front (size, decode speed, "
+        "accuracy) and the most accurate file that meets every budget, and say why each other "
+        "one lost. Writes a bench results folder plus recommendation.json, which 'edgeft "
+        "package' takes as its artifact. Exit code 3 when no candidate meets the budgets.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="the merged checkpoint to ship")
+    p.add_argument("--device", help="a device profile name or .toml (its budgets apply)")
+    p.add_argument("--out", required=True, type=Path, help="results folder")
+    p.add_argument(
+        "--task",
+        type=Path,
+        help="held-out JSONL of question/answers rows: the pick is then the best task "
+        "accuracy (else the lowest mean KL against the checkpoint); a dev split",
+    )
+    p.add_argument(
+        "--report-task",
+        action="append",
+        type=Path,
+        default=[],
+        help="further question sets, scored and reported but not chosen on (a test split; "
+        "repeatable)",
+    )
+    p.add_argument(
+        "--candidates",
+        default=DEFAULT_CANDIDATES,
+        help="FORMAT:TYPE[:none] list; ':none' is a GGUF without importance matrix (default "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="text or JSONL for the importance matrix and GPTQ (default: the fine-tuning data "
+        "the checkpoint's provenance names)",
+    )
+    p.add_argument(
+        "--exports",
+        type=Path,
+        help="where candidate files are written and reused by later runs (default: OUT-exports)",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--depths", default="0,512", help="decode depths to time (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="default %(default)s")
+    _add_budget_options(p)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(handler=_run_recommend)
+
+
+def _add_budget_options(p) -> None:
+    budgets = p.add_argument_group("budgets (override the device profile's)")
+    budgets.add_argument("--max-size-mb", type=float, help="file size, 10^6 bytes")
+    budgets.add_argument("--max-rss-mb", type=float)
+    budgets.add_argument("--min-decode-tok-s", type=float)
+    budgets.add_argument("--max-ttft-ms", type=float)
+    budgets.add_argument("--max-mean-kl", type=float)
+    budgets.add_argument("--min-task-accuracy", type=float, help="0-1")
+
+
+def _budgets_from(args):
+    from edgeft.bench.harness import Budgets
+
+    return Budgets(
+        max_size_mb=args.max_size_mb,
+        max_rss_mb=args.max_rss_mb,
+        min_decode_tok_s=args.min_decode_tok_s,
+        max_ttft_ms=args.max_ttft_ms,
+        max_mean_kl=args.max_mean_kl,
+        min_task_accuracy=args.min_task_accuracy,
+    )
+
+
+def _run_recommend(args) -> int:
+    from edgeft.bench.harness import BenchSettings
+    from edgeft.recommend import recommend
+
+    try:
+        depths = tuple(int(x) for x in _csv(args.depths))
+    except ValueError:
+        raise EdgeftError(f"--depths: expected integers like 0,512, got {args.depths!r}") from None
+    settings = BenchSettings(threads=args.threads, depths=depths, repeats=args.repeats)
+    result = recommend(
+        args.model,
+        args.out,
+        device=args.device,
+        budgets=_budgets_from(args),
+        task=args.task,
+        report_tasks=_by_stem(args.report_task),
+        candidates=args.candidates,
+        calibration=args.calibration,
+        exports=args.exports,
+        settings=settings,
+        force=args.force,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    accuracy = "task" if result.objective == "task accuracy" else "mean KL"
+    print(f"  {'candidate':<26}{'size':>9}{'decode':>12}{'TTFT':>9}{accuracy:>10}  front  verdict")
+    for option in result.options:
+        f = option.figures(result.reference, result.device)
+        size = f"{f['size_mb']:.1f}MB" if f["size_mb"] else "-"
+        speed = f"{f['decode_tok_s']:.1f}tok/s" if f["decode_tok_s"] else "-"
+        ttft = f"{f['ttft_ms']:.0f}ms" if f["ttft_ms"] else "-"
+        if result.objective == "task accuracy":
+            acc = _percent(f["task_accuracy"])
+        else:
+            acc = "-" if f["mean_kl"] is None else f"{f['mean_kl']:.3g}"
+        front = "  *  " if option.on_front else "     "
+        print(
+            f"  {option.candidate.name:<26}{size:>9}{speed:>12}{ttft:>9}{acc:>10}  {front}  "
+            f"{option.verdict}"
+        )
+    print("(* on the Pareto front of size, decode speed and accuracy)")
+    if result.pick is None:
+        print(f"no candidate meets the budgets; see {result.out / 'report.md'}")
+        return EXIT_BUDGET
+    print(
+        f"pick: {result.pick.candidate.name} ({result.pick.path}); package it with: edgeft "
+        f"package {result.out} --target android --out bundle/"
+    )
+    return 0
+
+
 def _add_package(sub) -> None:
     from edgeft.package import TARGETS
 
@@ -899,7 +1014,9 @@ def _add_package(sub) -> None:
         "minimum version, quantization recipe, provenance, bench figures, and a golden greedy "
         "output for 'edgeft verify' and the app's own tests).",
     )
-    p.add_argument("artifact", help="a .gguf file or an ONNX folder")
+    p.add_argument(
+        "artifact", help="a .gguf file, an ONNX folder, or an edgeft recommend folder (its pick)"
+    )
     p.add_argument("--target", required=True, choices=TARGETS)
     p.add_argument("--out", required=True, type=Path, help="bundle folder (or .zip with --zip)")
     p.add_argument("--zip", action="store_true", help="write one .zip instead of a folder")
@@ -1015,6 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_export(sub, parser_class)
     _add_bench(sub)
+    _add_recommend(sub)
     _add_devices(sub)
     _add_package(sub)
     _add_verify(sub)

@@ -210,7 +210,8 @@ def package(
     threads: int = 2,
     force: bool = False,
 ) -> Path:
-    """Write a bundle for ``target`` from a GGUF file or an ONNX folder.
+    """Write a bundle for ``target`` from a GGUF file or an ONNX folder (or the pick of an
+    ``edgeft recommend`` folder, with the bench figures it was chosen on).
 
     The artifact is loaded in its runtime once, to record the golden greedy output that
     ``edgeft verify`` and the app's own tests compare against.
@@ -227,6 +228,12 @@ def package(
 
     if target not in TARGETS:
         raise EdgeftError(f"unknown --target {target!r}; choose from: {', '.join(TARGETS)}")
+    from edgeft.recommend import RECOMMENDATION, read_pick
+
+    given = Path(artifact_spec)
+    if given.name == RECOMMENDATION or (given.is_dir() and (given / RECOMMENDATION).is_file()):
+        pick, measured = read_pick(given)  # edgeft recommend's pick, with its bench figures
+        artifact_spec, bench_results = str(pick), bench_results or measured
     artifact = resolve_artifact(artifact_spec)
     if artifact.format not in FORMAT_RUNTIME:
         raise EdgeftError(
@@ -558,9 +565,7 @@ def _check_adapters(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
     lora = manifest["model"].get("lora") or []
     # bundles written before adapters had golden outputs: their base identity only
     entries = manifest.get("adapters", [{"path": p, "golden": None} for p in lora])
-    if not isinstance(entries, list) or sorted(e.get("path", "") for e in entries) != sorted(
-        lora
-    ):
+    if not isinstance(entries, list) or sorted(e.get("path", "") for e in entries) != sorted(lora):
         raise EdgeftError(f"{MANIFEST}: 'adapters' must describe each file of model.lora")
     model = root / manifest["model"]["path"]
     checked = []

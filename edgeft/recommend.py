@@ -362,6 +362,7 @@ def recommend(
     device: str | None = None,
     budgets=None,
     task: Path | None = None,
+    report_tasks: dict[str, Path] | None = None,
     candidates: Sequence[Candidate] | str = DEFAULT_CANDIDATES,
     calibration: Path | None = None,
     exports: Path | None = None,
@@ -377,7 +378,9 @@ def recommend(
         device: a device profile name or .toml (its budgets apply under ``budgets``).
         budgets: :class:`edgeft.bench.harness.Budgets`; ``max_size_mb`` also screens exports.
         task: held-out questions; the pick is then the best task accuracy that meets the
-            budgets (else the lowest mean KL against the checkpoint).
+            budgets (else the lowest mean KL against the checkpoint): a dev split.
+        report_tasks: further question sets by name, scored and reported but not chosen on
+            (a test split no choice looked at).
         exports: where the candidate files are written and found again (default
             ``<out>-exports`` beside ``out``).
 
@@ -412,6 +415,7 @@ def recommend(
             [str(o.path) for o in chosen],
             out,
             task_path=task,
+            extra_tasks=report_tasks,
             device=device,
             settings=settings,
             budgets=budgets,
