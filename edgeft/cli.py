@@ -906,6 +906,14 @@ def _add_recommend(sub) -> None:
         "repeatable)",
     )
     p.add_argument(
+        "--accuracy-margin",
+        type=float,
+        default=0.0,
+        help="with --task: pick the smallest file whose task accuracy is within this of the "
+        "best, e.g. 0.03 for three points (default %(default)s: the best; the smaller file on "
+        "a tie)",
+    )
+    p.add_argument(
         "--candidates",
         default=DEFAULT_CANDIDATES,
         help="FORMAT:TYPE[:none] list; ':none' is a GGUF without importance matrix (default "
@@ -969,6 +977,7 @@ def _run_recommend(args) -> int:
         budgets=_budgets_from(args),
         task=args.task,
         report_tasks=_by_stem(args.report_task),
+        accuracy_margin=args.accuracy_margin,
         candidates=args.candidates,
         calibration=args.calibration,
         exports=args.exports,

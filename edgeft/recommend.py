@@ -21,6 +21,7 @@ The output folder is a normal ``edgeft bench`` results folder plus ``recommendat
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,9 @@ class Recommendation:
                 "on_front": option.on_front,
                 "verdict": option.verdict,
                 **option.figures(self.reference, self.device),
+                "paired_with_pick": paired(self.pick.row, option.row)
+                if self.pick and option.row and option is not self.pick
+                else None,
             }
 
         return {
@@ -297,7 +301,48 @@ def _describe(name: str, value, limit) -> str:
     return f"{what} {shown} (needs {op} {limit:g}{' ' + unit if unit else ''})"
 
 
-def _choose(options: list[Option], reference, device: bool, by_task: bool) -> Option | None:
+def _correct(row: dict) -> list[bool] | None:
+    replies = ((row.get("accuracy") or {}).get("task") or {}).get("replies")
+    return [bool(r.get("correct")) for r in replies] if replies else None
+
+
+def paired(pick: dict, other: dict) -> dict | None:
+    """The two files' answers to the same questions: how many only the pick gets right, how
+    many only the other, and the exact two-sided sign test's p-value of that split (McNemar's
+    test): a difference of a few questions is often within what a re-run of the same file on
+    other wording would move."""
+    a, b = _correct(pick), _correct(other)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    only_pick = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_other = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = only_pick + only_other
+    tail = sum(math.comb(n, k) for k in range(min(only_pick, only_other) + 1)) / 2**n if n else 1
+    return {"only_pick": only_pick, "only_other": only_other, "p": min(1.0, 2 * tail)}
+
+
+def _pick(meeting: list[Option], figures: dict, by_task: bool, margin: float) -> Option | None:
+    """The most accurate option, or with a task the smallest of those within ``margin`` of
+    the best accuracy (equal accuracy: the smaller file)."""
+    if not meeting:
+        return None
+    if not by_task:
+        return min(meeting, key=lambda o: _accuracy_key(figures[id(o)], by_task))
+    best = max(figures[id(o)]["task_accuracy"] or 0.0 for o in meeting)
+    near = [o for o in meeting if (figures[id(o)]["task_accuracy"] or 0.0) >= best - margin - 1e-9]
+    return min(
+        near,
+        key=lambda o: (
+            figures[id(o)]["size_mb"] or float("inf"),
+            -(figures[id(o)]["decode_tok_s"] or 0.0),
+            _accuracy_key(figures[id(o)], by_task),
+        ),
+    )
+
+
+def _choose(
+    options: list[Option], reference, device: bool, by_task: bool, margin: float = 0.0
+) -> Option | None:
     """Set each option's verdict and front membership; return the pick."""
     benched = [o for o in options if o.row is not None and o.row["status"] == "ok"]
     figures = {id(o): o.figures(reference, device) for o in benched}
@@ -308,7 +353,7 @@ def _choose(options: list[Option], reference, device: bool, by_task: bool) -> Op
             if other is not option
         )
     meeting = [o for o in benched if o.row["passed"]]
-    pick = min(meeting, key=lambda o: _accuracy_key(figures[id(o)], by_task), default=None)
+    pick = _pick(meeting, figures, by_task, margin)
     accuracy = "task accuracy" if by_task else "mean KL"
     for option in options:
         if option.screened:
@@ -319,7 +364,20 @@ def _choose(options: list[Option], reference, device: bool, by_task: bool) -> Op
             continue
         mine = figures[id(option)]
         if option is pick:
-            option.verdict = f"meets every budget, and the best {accuracy} of those that do"
+            best = by_task and all(
+                (mine["task_accuracy"] or 0) >= (figures[id(o)]["task_accuracy"] or 0)
+                for o in meeting
+            )
+            option.verdict = (
+                f"meets every budget, and the best {accuracy} of those that do"
+                if best or not by_task
+                else f"meets every budget, the smallest within {margin:.1%} of the best {accuracy}"
+            )
+            if best and any(
+                o is not pick and figures[id(o)]["task_accuracy"] == mine["task_accuracy"]
+                for o in meeting
+            ):
+                option.verdict += " (the smallest of those that tie)"
             continue
         missed = [b for b in option.row.get("budgets", []) if not b["passed"]]
         if missed:
@@ -328,17 +386,33 @@ def _choose(options: list[Option], reference, device: bool, by_task: bool) -> Op
             )
         else:
             theirs = figures[id(pick)]
-            if by_task and mine["task_accuracy"] != theirs["task_accuracy"]:
-                detail = (
-                    f"task accuracy {mine['task_accuracy']:.1%} vs {theirs['task_accuracy']:.1%}"
+            mine_acc, their_acc = mine["task_accuracy"] or 0, theirs["task_accuracy"] or 0
+            if by_task and mine_acc < their_acc:
+                detail = f"task accuracy {mine_acc:.1%} vs {their_acc:.1%}"
+                split = paired(pick.row, option.row)
+                if split:
+                    detail += (
+                        f"; {split['only_pick']} questions only the pick answers, "
+                        f"{split['only_other']} only this one, paired p = {split['p']:.2g}"
+                    )
+                option.verdict = (
+                    f"meets every budget, less accurate than {pick.candidate.name} ({detail})"
                 )
-            elif mine["mean_kl"] != theirs["mean_kl"]:
-                detail = f"mean KL {mine['mean_kl']:.3g} vs {theirs['mean_kl']:.3g}"
+            elif by_task:
+                option.verdict = (
+                    f"meets every budget and answers as well or better (task accuracy "
+                    f"{mine_acc:.1%}), but {pick.candidate.name} is smaller "
+                    f"({theirs['size_mb']:.1f} MB vs {mine['size_mb']:.1f} MB)"
+                )
             else:
-                detail = f"{mine['size_mb']:.1f} MB vs {theirs['size_mb']:.1f} MB"
-            option.verdict = (
-                f"meets every budget, less accurate than {pick.candidate.name} ({detail})"
-            )
+                detail = (
+                    f"mean KL {mine['mean_kl']:.3g} vs {theirs['mean_kl']:.3g}"
+                    if mine["mean_kl"] != theirs["mean_kl"]
+                    else f"{mine['size_mb']:.1f} MB vs {theirs['size_mb']:.1f} MB"
+                )
+                option.verdict = (
+                    f"meets every budget, less accurate than {pick.candidate.name} ({detail})"
+                )
         dominator = next(
             (
                 other
@@ -363,6 +437,7 @@ def recommend(
     budgets=None,
     task: Path | None = None,
     report_tasks: dict[str, Path] | None = None,
+    accuracy_margin: float = 0.0,
     candidates: Sequence[Candidate] | str = DEFAULT_CANDIDATES,
     calibration: Path | None = None,
     exports: Path | None = None,
@@ -381,6 +456,8 @@ def recommend(
             budgets (else the lowest mean KL against the checkpoint): a dev split.
         report_tasks: further question sets by name, scored and reported but not chosen on
             (a test split no choice looked at).
+        accuracy_margin: with a task, the pick is the smallest file whose task accuracy is
+            within this of the best (0: the best, the smaller file on a tie).
         exports: where the candidate files are written and found again (default
             ``<out>-exports`` beside ``out``).
 
@@ -393,6 +470,8 @@ def recommend(
 
     model, out = Path(model), Path(out)
     budgets = budgets or Budgets()
+    if not 0 <= accuracy_margin < 1:
+        raise EdgeftError(f"--accuracy-margin must be in [0, 1); got {accuracy_margin}")
     if isinstance(candidates, str):
         candidates = parse_candidates(candidates)
     check_output(out, force)
@@ -427,7 +506,7 @@ def recommend(
             option.row = row
     reference = results["references"][0]["name"] if results and results["references"] else None
     by_task = task is not None
-    pick = _choose(options, reference, device is not None, by_task)
+    pick = _choose(options, reference, device is not None, by_task, accuracy_margin)
     recommendation = Recommendation(
         out=out,
         options=options,

@@ -98,3 +98,50 @@ def test_candidates_are_checked():
     ]:
         with pytest.raises(EdgeftError, match=message):
             parse_candidates(bad)
+
+
+def _option(spec: str, size_mb: float, correct: list[bool], kl: float = 0.1):
+    from edgeft.recommend import Option
+
+    fmt, _, kind = spec.partition(":")
+    row = {
+        "name": spec,
+        "status": "ok",
+        "passed": True,
+        "budgets": [],
+        "size_bytes": int(size_mb * 1e6),
+        "latency": {"decode": [{"depth": 0, "tok_s": {"median": 100.0 / size_mb}}]},
+        "accuracy": {
+            "vs": {"ref": {"mean_kl": kl}},
+            "task": {
+                "accuracy": sum(correct) / len(correct),
+                "replies": [{"correct": c} for c in correct],
+            },
+        },
+    }
+    return Option(parse_candidates(spec)[0], row=row)
+
+
+def test_a_tie_goes_to_the_smaller_file_and_a_margin_to_the_smallest_near_the_best():
+    from edgeft.recommend import _choose, paired
+
+    right = [True] * 12 + [False] * 8  # 60%
+    options = [
+        _option("gguf:q8_0", 145, right, kl=0.005),
+        _option("gguf:q4_k_m", 105, right[::-1][:8] + right[:12], kl=0.06),  # 60%, others
+        _option("onnx:int4", 100, [True] * 11 + [False] * 9, kl=0.14),  # 55%
+    ]
+    pick = _choose(options, "ref", False, by_task=True)
+    assert pick.candidate.spec == "gguf:q4_k_m"  # ties q8_0 at 60%, and is smaller
+    assert "smallest of those that tie" in pick.verdict
+    assert "answers as well or better" in options[0].verdict
+    assert "paired p =" in options[2].verdict
+    assert _choose(options, "ref", False, by_task=True, margin=0.05).candidate.spec == "onnx:int4"
+    # without a task: the lowest mean KL
+    assert _choose(options, "ref", False, by_task=False).candidate.spec == "gguf:q8_0"
+    split = paired(options[0].row, options[2].row)
+    assert (split["only_pick"], split["only_other"]) == (1, 0) and split["p"] == 1.0
+    lopsided = paired(
+        _option("gguf:q8_0", 1, [True] * 10).row, _option("gguf:q2_k", 1, [False] * 10).row
+    )
+    assert lopsided["only_pick"] == 10 and lopsided["p"] == pytest.approx(2 / 2**10)
