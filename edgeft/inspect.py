@@ -18,7 +18,8 @@ from edgeft.errors import ModelError
 # Suffixes of pickled checkpoints: refused by name, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED = (
-    ".gguf, .onnx (or a folder holding model.onnx), .safetensors, a Hugging Face checkpoint folder"
+    ".gguf, .onnx (or a folder holding model.onnx), .onnx_adapter, .safetensors, a Hugging Face "
+    "checkpoint folder"
 )
 ONNX_MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -122,6 +123,8 @@ def inspect_file(path: Path) -> dict:
         return inspect_onnx(path)
     if suffix == ".safetensors":
         return inspect_safetensors(path)
+    if suffix == ".onnx_adapter":
+        return inspect_onnx_adapter(path)
     kind = f"{suffix!r} files" if suffix else "files without an extension"
     raise ModelError(f"{path}: edgeft cannot inspect {kind}; supported: {SUPPORTED}")
 
@@ -458,6 +461,53 @@ def inspect_onnx(model_path: Path) -> dict:
         ],
         "external_data": external,
         "genai_config": _genai_summary(folder),
+        "lora": _lora_summary(model),
+    }
+
+
+def _lora_summary(model) -> dict | None:
+    """The LoRA inputs of a base exported with ``--adapter`` and the base identity it records."""
+    names = [v.name for v in model.graph.input if v.name.endswith((".lora_A", ".lora_B"))]
+    if not names:
+        return None
+    base = next((p.value for p in model.metadata_props if p.key == "edgeft.source.sha256"), None)
+    return {"modules": len(names) // 2, "base_weights_sha256": base}
+
+
+def inspect_onnx_adapter(path: Path) -> dict:
+    """An onnxruntime adapter file (``.onnx_adapter``): its versions and LoRA pairs.
+
+    Raises:
+        ModelError: a file onnxruntime cannot read as an adapter.
+    """
+    import onnxruntime as ort
+
+    try:
+        reader = ort.AdapterFormat.read_adapter(str(path))
+        parameters = reader.get_parameters()
+    except Exception as exc:  # onnxruntime raises plain RuntimeError/Fail on a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not an onnxruntime adapter file ({reason})") from None
+    ranks: dict[int, int] = {}
+    empty = 0
+    for name, value in parameters.items():
+        if name.endswith("lora_A"):
+            rank = value.shape()[-1]
+            if rank:
+                ranks[rank] = ranks.get(rank, 0) + 1
+            else:
+                empty += 1
+    return {
+        "format": "onnx_adapter",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "format_version": reader.get_format_version(),
+        "adapter_version": reader.get_adapter_version(),
+        "model_version": reader.get_model_version(),
+        "parameters": len(parameters),
+        "ranks": dict(sorted(ranks.items())),
+        "empty_modules": empty,
+        "types": sorted({str(v.data_type()) for v in parameters.values()}),
     }
 
 
@@ -590,6 +640,7 @@ def render_inspection(info: dict) -> str:
         "onnx": _render_onnx,
         "safetensors": _render_safetensors,
         "checkpoint": _render_checkpoint,
+        "onnx_adapter": _render_onnx_adapter,
     }
     return "\n".join(render[info["format"]](info)).rstrip() + "\n"
 
@@ -617,6 +668,18 @@ def _short(value, width: int = 80) -> str:
 def _rows(rows: list[tuple[str, object]], indent: int = 2) -> list[str]:
     width = max((len(k) for k, _ in rows), default=0)
     return [f"{' ' * indent}{k.ljust(width)}  {v}" for k, v in rows if v is not None]
+
+
+def _render_onnx_adapter(info: dict) -> list[str]:
+    lines = [f"{info['path']}: onnxruntime LoRA adapter, {_size(info['bytes'])}"]
+    ranks = ", ".join(f"rank {r} ×{n}" for r, n in info["ranks"].items()) or "-"
+    rows = [
+        ("versions", f"format {info['format_version']}, adapter {info['adapter_version']}"),
+        ("base", f"model_version {info['model_version']} (edgeft: the base weights' identity)"),
+        ("tensors", f"{info['parameters']}: {', '.join(info['types'])}"),
+        ("modules", f"{ranks}; {info['empty_modules']} empty (left as the base)"),
+    ]
+    return lines + _rows(rows)
 
 
 def _render_checkpoint(info: dict) -> list[str]:
@@ -711,6 +774,10 @@ def _render_onnx(info: dict) -> list[str]:
                 ),
             )
         )
+    lora = info.get("lora")
+    if lora:
+        base = (lora["base_weights_sha256"] or "unrecorded")[:12]
+        rows.append(("LoRA inputs", f"{lora['modules']} projections, base weights {base}"))
     genai = info["genai_config"]
     if genai:
         rows.append(

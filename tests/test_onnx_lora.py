@@ -229,3 +229,15 @@ def test_bundle_ships_adapters_each_with_its_golden_output(lora_export, tmp_path
     with pytest.raises(EdgeftError, match="made for another base"):
         package(str(folder), tmp_path / "b2", "android", lora=adapters)
     assert not (tmp_path / "b2").exists()
+
+
+def test_inspect_describes_the_adapter_and_the_base(lora_export):
+    from edgeft.inspect import inspect_file, render_inspection
+
+    qv = inspect_file(lora_export.out / "adapters" / "qv.onnx_adapter")
+    assert qv["format"] == "onnx_adapter" and qv["parameters"] == 28
+    assert qv["ranks"] == {4: 4} and qv["empty_modules"] == 10
+    assert "rank 4 ×4; 10 empty" in render_inspection(qv)
+    base = inspect_file(lora_export.out / "int4")
+    assert base["lora"]["modules"] == 14
+    assert "LoRA inputs" in render_inspection(base)
