@@ -178,8 +178,8 @@ def test_a_wrong_graph_fails_the_export_and_writes_nothing(tiny, tmp_path, monke
 
     real = export._export_fp32
 
-    def broken(model, folder, graph):
-        real(model, folder, graph)
+    def broken(model, folder, graph, lora=None):
+        real(model, folder, graph, lora)
         graph = onnx.load(str(folder / "model.onnx"))
         weight = next(w for w in graph.graph.initializer if "norm" in w.name)
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
