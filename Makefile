@@ -25,7 +25,7 @@ WHEELS_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/edgeft/wheels
 wheels_for = $(WHEELS_ROOT)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-$(1)
 WHEELS = $(call wheels_for,$(LLAMA_BUILD))$(CPU_KEY)
 
-.PHONY: install llama-wheel demo test test-all test-kernels lint clean
+.PHONY: install llama-wheel demo test test-kernels lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,9 +57,6 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeft demo --force
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
-
-test-all: $(STAMP)
 	$(PY) -m pytest
 
 # The tests that compare floats across runtimes, kernels and computation orders, again on other

@@ -254,19 +254,6 @@ def apply_emulation(emulation: Emulation) -> list[str]:
     return failed
 
 
-def device_record(profile: Profile, emulation: Emulation, failed: Iterable[str] = ()) -> dict:
-    """The ``device`` object of a bench results file (``edgeft.bench.schema``)."""
-    return {
-        "name": profile.name,
-        "title": profile.title,
-        "bandwidth_gbs": profile.memory_bandwidth_gbs,
-        "ram_gb": profile.ram_gb,
-        "threads": emulation.threads,
-        "applied": list(emulation.applied),
-        "not_emulated": list(emulation.not_emulated) + list(failed),
-    }
-
-
 def kv_bytes_per_token(
     n_layers: int, n_kv_heads: int, head_dim: int, bytes_per_element: float = 2
 ) -> float:

@@ -4,10 +4,6 @@ Each format's module is imported only when used, so a missing optional dependenc
 to the format that needs it.
 """
 
-# format name → module under edgeft.export. Later formats add rows here.
-FORMATS = {"gguf": "gguf", "onnx": "onnx"}
-
-
 def parse_types(spec, choices, what: str) -> list[str]:
     """``"f16,q8_0"`` → ``["f16", "q8_0"]`` in the given order, checked against ``choices``
     and de-duplicated.

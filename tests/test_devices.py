@@ -25,7 +25,6 @@ from edgeft.devices import (
 )
 from edgeft.devices.emulate import (
     ADDRESS_SPACE_FLOOR_BYTES,
-    device_record,
     kv_bytes_per_token,
     measure_host_bandwidth,
     plan_emulation,
@@ -238,22 +237,6 @@ def test_plan_memory_cap_edges(tmp_path):
     assert e.memory_limit_bytes == ADDRESS_SPACE_FLOOR_BYTES
     assert any("2.5 GB of address space above the runtime's libraries" in n for n in e.applied)
     assert any("app memory 0.5 GB: below the 2.5 GB" in n for n in e.not_emulated)
-
-
-def test_device_record_matches_the_bench_schema():
-    p = get_profile("iphone-15-pro")
-    e = plan_emulation(p, host_cores=2, host_ram_bytes=24 * 10**9)
-    record = device_record(p, e, ["pinning failed"])
-    assert record == {
-        "name": "iphone-15-pro",
-        "title": "Apple iPhone 15 Pro",
-        "bandwidth_gbs": 40.0,
-        "ram_gb": 8.0,
-        "threads": 2,
-        "applied": e.applied,
-        "not_emulated": [*e.not_emulated, "pinning failed"],
-    }
-    json.dumps(record)
 
 
 @linux_only
