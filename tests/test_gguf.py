@@ -497,3 +497,24 @@ def test_damaged_gguf_headers_are_refused(name, content, message, llama_export, 
     with pytest.raises(ModelError, match=message):
         read_gguf(path)
     assert time.perf_counter() - start < 5
+
+
+def test_gguf_lora_through_the_cli(lora_adapter, llama_export, tmp_path, capsys):
+    from edgeft.cli import main
+
+    base = llama_export.out / "model-f32.gguf"
+    out = tmp_path / "lora"
+    args = ["export", "gguf-lora", "--adapter", str(lora_adapter), "--base-gguf", str(base)]
+    args += ["--out", str(out), "--type", "f32", "--eval-text", str(_eval_file(tmp_path))]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "14 LoRA modules (alpha 16) written to" in printed and "within tolerance" in printed
+    assert gguf_metadata(out / "lora-f32.gguf")["general.type"] == "adapter"
+    assert main(args) == 2  # the output exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+
+
+def _eval_file(tmp_path: Path) -> Path:
+    path = tmp_path / "eval.txt"
+    path.write_text(SHORT_EVAL, encoding="utf-8")
+    return path

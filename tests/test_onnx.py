@@ -852,3 +852,26 @@ def onnx_graph(folder):
     import onnx
 
     return onnx.load(str(folder / "model.onnx")).graph
+
+
+def test_the_ort_format_file_loads_and_matches_the_graph(onnx_export):
+    """``model.ort`` (the mobile build's file) runs in onnxruntime and gives the logits of the
+    ``model.onnx`` beside it."""
+    import onnxruntime as ort
+
+    folder = onnx_export.out / "int4"
+    ids = np.array([list(range(3, 19))], dtype=np.int64)
+
+    def run(model: str) -> np.ndarray:
+        session = ort.InferenceSession(str(folder / model), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for value in session.get_inputs():
+            if value.name.startswith("past_key_values"):
+                _, heads, _, size = value.shape
+                dtype = np.int8 if "int8" in value.type else np.float32
+                feeds[value.name] = np.zeros((1, heads, 0, size), dtype)
+        return session.run(["logits"], feeds)[0]
+
+    graph, mobile = run("model.onnx"), run("model.ort")
+    assert graph.shape[:2] == (1, 16) and np.isfinite(graph).all()
+    assert_logits_close(mobile, graph, FP32_ORDER)

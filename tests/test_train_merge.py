@@ -433,3 +433,24 @@ def test_qlora_on_some_modules_merges_every_4bit_weight_dequantized(
     assert (merged[name] - base[name]).abs().max() < 0.2 * base[name].abs().max()
     norm = "model.layers.0.input_layernorm.weight"  # never 4-bit
     assert (merged[norm] == base[norm]).all()
+
+
+def test_a_non_finite_adapter_fails_the_merge_and_writes_nothing(qlora_adapter, tmp_path):
+    """The merge's own gate: a NaN in one lora_B makes that module's merged weight NaN, and
+    the merge refuses, naming the module, before anything lands under the output name."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(qlora_adapter.out, broken)
+    weights = broken / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in sorted(tensors) if n.endswith("q_proj.lora_B.weight"))
+    tensors[name][0, 0] = torch.nan
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(EdgeftError, match="q_proj has non-finite values") as info:
+        merge(broken, tmp_path / "merged", merge_base="original")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
