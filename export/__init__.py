@@ -4,6 +4,7 @@ Each format's module is imported only when used, so a missing optional dependenc
 to the format that needs it.
 """
 
+
 def parse_types(spec, choices, what: str) -> list[str]:
     """``"f16,q8_0"`` → ``["f16", "q8_0"]`` in the given order, checked against ``choices``
     and de-duplicated.
