@@ -897,7 +897,7 @@ def _write_adapters(
     """Write each adapter's ``.onnx_adapter`` file, then measure base + adapter in every
     folder (onnxruntime, then onnxruntime-genai) against the adapter over the fp32 base in
     PyTorch; the fp32 folder is gated like the base."""
-    from edgeft.merge import load_over_full_precision, read_adapter
+    from edgeft.merge import load_over_full_precision
 
     folder = work / ADAPTERS_DIR
     folder.mkdir()
@@ -906,9 +906,8 @@ def _write_adapters(
         path = folder / f"{adapter.name}{ADAPTER_SUFFIX}"
         write_adapter(path, adapter, lora, source_sha256)
         say(f"measuring base + adapter {adapter.name} against the adapter in PyTorch")
-        record, _, _ = read_adapter(adapter.source)
         reference = Reference(
-            load_over_full_precision(adapter.source, model, record, threads=threads),
+            load_over_full_precision(adapter.source, model, adapter.record, threads=threads),
             eval_text or default_eval_text(),
             context,
         )

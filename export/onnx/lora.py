@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft._io import sha256_file
 from edgeft.errors import EdgeftError, ModelError
 
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -45,6 +46,7 @@ class OnnxAdapter:
     base_sha256: str  # of the base weights it was trained on
     rank: int
     method: str
+    record: dict  # the adapter's edgeft.json
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # module → (A [in, r], scale·B [r, out])
 
 
@@ -134,20 +136,15 @@ def read_adapters(adapters: dict[str, Path], base: Path, base_sha256: str) -> li
             OnnxAdapter(
                 name=name,
                 source=Path(path),
-                sha256=_sha256(Path(path) / "adapter_model.safetensors"),
+                sha256=sha256_file(Path(path) / "adapter_model.safetensors"),
                 base_sha256=trained_on,
                 rank=int(next(iter(lora.values()))[0].shape[0]),
                 method=str(record.get("settings", {}).get("method", "")),
+                record=record,
                 pairs=pairs,
             )
         )
     return read
-
-
-def _sha256(path: Path) -> str:
-    from edgeft._io import sha256_file
-
-    return sha256_file(path)
 
 
 def lora_modules(adapters: Sequence[OnnxAdapter]) -> dict[str, tuple[int, int]]:
