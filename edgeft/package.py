@@ -398,12 +398,15 @@ def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
 
 
 def _check_gguf_base(adapter: Path, meta: dict, base: Path) -> None:
-    expected = meta.get("edgeft.base.sha256")
-    if expected and expected != sha256_file(base):
-        raise EdgeftError(
-            f"--lora {adapter} was made for another base (sha256 {expected[:12]}); export it "
-            f"over {base.name}"
-        )
+    """Refuse a LoRA GGUF made for another base than ``base`` (the check llama.cpp loading
+    applies: the adapter's recorded base weights against the base's source weights)."""
+    from edgeft.export.gguf.lora import check_base
+    from edgeft.export.gguf.reader import gguf_metadata
+
+    try:
+        check_base(meta, gguf_metadata(base), adapter, base)
+    except ModelError as exc:
+        raise EdgeftError(f"--lora {exc}") from None
 
 
 def _load_with(runtime_name: str, model: Path, adapter: Path, threads: int):

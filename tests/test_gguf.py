@@ -518,3 +518,15 @@ def _eval_file(tmp_path: Path) -> Path:
     path = tmp_path / "eval.txt"
     path.write_text(SHORT_EVAL, encoding="utf-8")
     return path
+
+
+def test_a_gguf_bundle_ships_its_lora_and_verifies_it(lora_export, llama_export, tmp_path):
+    """package --lora takes the LoRA GGUF exported over that very base (its recorded base
+    weights, not the base file's own sha256) and verify reproduces its golden output."""
+    from edgeft.package import package, verify
+
+    base = llama_export.out / "model-f32.gguf"
+    bundle = package(str(base), tmp_path / "b", "android", lora=[lora_export.file])
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["model"]["lora"] == [f"model/{lora_export.file.name}"]
+    assert verify(bundle).adapters == 1
