@@ -33,10 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeft.provenance import machine_summary
+from shapes import PUBLISHED
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import PUBLISHED  # noqa: E402
+from edgeft.provenance import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -150,7 +150,7 @@ def llama_imatrix(binary: Path, merged: Path, f32: Path, work: Path, made) -> Pa
     import random
     import subprocess
 
-    from edgeft.export.onnx.export import calibration_texts
+    from edgeft.calibration import calibration_texts
 
     texts, _ = calibration_texts(merged, Path(made["imatrix"]["source"]))
     text = work / "calibration.txt"

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from edgeft.bench.stats import percentile
+from edgeft.bench.worker import first_token_s
 from edgeft.export.gguf import export_gguf, export_gguf_lora
 from edgeft.export.onnx import export_onnx
 from edgeft.merge import read_adapter, recorded_base
@@ -102,13 +103,6 @@ def export(demo: Path, work: Path, threads: int) -> dict:
     }
 
 
-def first_token_s(session, ids: list[int]) -> float:
-    start = time.perf_counter()
-    session.prefill(ids)
-    session.decode_one()
-    return time.perf_counter() - start
-
-
 def switching(runtime: str, base: Path, files: dict[str, Path], rounds: int, threads: int):
     """Paired rounds in one session of ``base``: apply time, and time to the first token
     after a switch against after no switch."""
@@ -144,7 +138,7 @@ def switching(runtime: str, base: Path, files: dict[str, Path], rounds: int, thr
         answers = {}
         for name, path in files.items():  # the adapters really differ
             session.set_adapter(path)
-            from edgeft.runtimes import generate
+            from edgeft.session import generate
 
             answers[name] = session.detokenize(generate(session, ids, 24))
     finally:

@@ -48,8 +48,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_export import machine  # noqa: E402
+from gguf_export import machine
 
 DEFAULT_VENV = Path.home() / ".cache" / "edgeft" / "bench" / "genai-builder-venv"
 DEFAULT_TORCH = "torch==2.13.0"

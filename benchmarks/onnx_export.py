@@ -25,16 +25,16 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from gguf_export import machine
+from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builder
 
-from gguf_export import machine  # noqa: E402
-from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builder  # noqa: E402
+from edgeft.bench.worker import timed_round
+
+HERE = Path(__file__).resolve().parent
 
 # Other int4 recipes measured beside the default one: row name → QuantSettings fields.
 # (onnx_int4_recipes.py compares more of them, on the dev half of the held-out text.)
@@ -82,22 +82,14 @@ def speeds(artifacts: dict, prompt_ids: list[int], new_tokens: int, repeats: int
     sessions = {}
     for name, (runtime, path) in artifacts.items():
         sessions[name] = get_runtime(runtime).load(path, threads=2)
-        # Every runtime decodes exactly new_tokens steps, through end tokens (genai masks them).
-        sessions[name].min_new_tokens = new_tokens
     names = list(sessions)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     try:
         for round_ in range(repeats):
             shift = round_ % len(names)
             for name in names[shift:] + names[:shift]:
-                session = sessions[name]
-                start = time.perf_counter()
-                session.prefill(prompt_ids)
-                middle = time.perf_counter()
-                for _ in range(new_tokens):
-                    session.decode_one()
-                end = time.perf_counter()
-                runs[name].append((len(prompt_ids) / (middle - start), new_tokens / (end - middle)))
+                # timed as edgeft bench times it, each runtime decoding new_tokens steps
+                runs[name].append(timed_round(sessions[name], prompt_ids, new_tokens))
     finally:
         for session in sessions.values():
             session.close()

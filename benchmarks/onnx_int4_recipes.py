@@ -25,12 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from gguf_export import machine  # noqa: E402
-from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builder  # noqa: E402
-from onnx_export import (  # noqa: E402
+from gguf_export import machine
+from onnx_builder_reference import DEFAULT_VENV, ensure_builder_venv, run_builder
+from onnx_export import (
     folder_bytes,
     heldout_chunks,
     speed_row,
@@ -38,6 +35,8 @@ from onnx_export import (  # noqa: E402
     weighted,
     with_our_tokenizer,
 )
+
+HERE = Path(__file__).resolve().parent
 
 # name → extra options of `edgeft export onnx --quant int4`.
 RECIPES = {

@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import run  # noqa: E402  one CLI stage in its own process
+from architectures import run  # one CLI stage in its own process
 
-from edgeft.provenance import machine_summary  # noqa: E402
+from edgeft.provenance import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

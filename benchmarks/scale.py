@@ -43,12 +43,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from architectures import run  # one CLI stage in its own process
+from shapes import PUBLISHED
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import run  # noqa: E402  one CLI stage in its own process
-from shapes import PUBLISHED  # noqa: E402
-
-from edgeft.provenance import machine_summary  # noqa: E402
+from edgeft.provenance import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

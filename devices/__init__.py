@@ -7,12 +7,19 @@ a user passes the path of their own file in the same format. Figures are SI unit
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from edgeft.errors import EdgeftError
 from edgeft.runtimes import RUNTIMES
@@ -31,66 +38,104 @@ if TYPE_CHECKING:
 Kind = Literal["phone", "sbc", "laptop", "embedded"]
 
 
-@dataclass(frozen=True)
-class Budgets:
+def _nonblank(value: str) -> str:
+    if not value.strip():
+        raise ValueError(f"must be a non-blank string, got {value!r}")
+    return value
+
+
+def _known_runtimes(names: tuple[str, ...]) -> tuple[str, ...]:
+    for name in names:
+        if name not in RUNTIMES:
+            raise ValueError(
+                f"has unknown runtime {name!r}; choose from: {', '.join(sorted(RUNTIMES))}"
+            )
+    return names
+
+
+# Each type carries the words an error uses for it (the last string of its metadata).
+Text = Annotated[str, Field(strict=True), AfterValidator(_nonblank), "string"]
+Count = Annotated[int, Field(strict=True, gt=0), "positive integer"]
+Amount = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False), "positive number"]
+Runtimes = Annotated[
+    tuple[str, ...],
+    Field(min_length=1),
+    AfterValidator(_known_runtimes),
+    "non-empty list of runtime names",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budgets(_Frozen):
     """Default pass/fail limits for an interactive assistant on the device (None: no limit)."""
 
-    max_rss_mb: float | None = None
-    min_decode_tok_s: float | None = None
-    max_ttft_ms: float | None = None
+    max_rss_mb: Amount | None = None
+    min_decode_tok_s: Amount | None = None
+    max_ttft_ms: Amount | None = None
 
 
-@dataclass(frozen=True)
-class Profile:
-    """One device: its hardware figures, usable runtimes and default budgets."""
+class Profile(_Frozen):
+    """One device: its hardware figures, usable runtimes and default budgets (a profile file's
+    keys are these fields but ``name``, its file name)."""
 
     name: str
-    title: str
-    kind: Kind
-    soc: str
-    cpu: str
-    cores: int
-    threads: int  # threads an LLM decode should use (the big/performance cores)
-    ram_gb: float
-    app_memory_gb: float  # what one app may realistically use before the OS kills it
-    memory_bandwidth_gbs: float  # CPU-achievable, not the datasheet peak
-    os: str
-    runtimes: tuple[str, ...]
-    budgets: Budgets
-    notes: str | None = None
+    title: Text
+    kind: Annotated[Kind, " | ".join(get_args(Kind))]
+    soc: Text
+    cpu: Text
+    cores: Count
+    threads: Count  # threads an LLM decode should use (the big/performance cores)
+    ram_gb: Amount
+    app_memory_gb: Amount  # what one app may realistically use before the OS kills it
+    memory_bandwidth_gbs: Amount  # CPU-achievable, not the datasheet peak
+    os: Text
+    runtimes: Runtimes
+    budgets: Annotated[Budgets, "table"] = Budgets()
+    notes: Text | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> Profile:
+        if self.threads > self.cores:
+            raise ValueError(f"key 'threads' ({self.threads}) is more than 'cores' ({self.cores})")
+        if self.app_memory_gb > self.ram_gb:
+            raise ValueError(
+                f"key 'app_memory_gb' ({self.app_memory_gb:g}) is more than "
+                f"'ram_gb' ({self.ram_gb:g})"
+            )
+        return self
 
 
 _SUFFIX = ".toml"
+_BUDGET_KEYS = tuple(Budgets.model_fields)
 
-# key → (expected type name, check); the order is the order errors and renders follow.
-_STR = ("string", lambda v: isinstance(v, str) and v.strip() != "")
-_INT = ("positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)
-_NUM = (
-    "positive number",
-    lambda v: (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    ),
-)
-_KIND = (" | ".join(get_args(Kind)), lambda v: v in get_args(Kind))
-_RUNTIMES = (
-    "non-empty list of runtime names",
-    lambda v: isinstance(v, list) and v != [] and all(isinstance(r, str) for r in v),
-)
-_KEYS = {
-    "title": _STR,
-    "kind": _KIND,
-    "soc": _STR,
-    "cpu": _STR,
-    "cores": _INT,
-    "threads": _INT,
-    "ram_gb": _NUM,
-    "app_memory_gb": _NUM,
-    "memory_bandwidth_gbs": _NUM,
-    "os": _STR,
-    "runtimes": _RUNTIMES,
-}
-_OPTIONAL_KEYS = {"notes": _STR}
-_BUDGET_KEYS = ("max_rss_mb", "min_decode_tok_s", "max_ttft_ms")
+
+def _expected(loc: tuple) -> str:
+    """The words for what the key at ``loc`` takes (its type's last metadata string)."""
+    fields = Budgets.model_fields if len(loc) > 1 else Profile.model_fields
+    field = fields.get(str(loc[-1]))
+    words = [m for m in field.metadata if isinstance(m, str)] if field else []
+    return words[-1] if words else "value"
+
+
+def _message(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if not loc:  # a check across keys: its message names them
+        return error["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        return f"missing key {key!r} ({_expected(loc)}); add it to the file"
+    if kind == "extra_forbidden":
+        fields = Budgets.model_fields if len(loc) > 1 else Profile.model_fields
+        keys = sorted(k for k in fields if k != "name")
+        return f"unknown key {key!r}; expected keys: {', '.join(keys)}"
+    if kind == "value_error":  # the validators above phrase theirs after the key
+        return f"key {key!r} {error['msg'].removeprefix('Value error, ')}"
+    return f"key {key!r} must be a {_expected(loc)}, got {error['input']!r}"
 
 
 def _profile_files() -> dict[str, Traversable]:
@@ -109,60 +154,12 @@ def _parse(text: str, name: str, where: str) -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise EdgeftError(f"{where}: not valid TOML ({exc})") from None
-    known = {*_KEYS, *_OPTIONAL_KEYS, "budgets"}
-    for key in data:
-        if key not in known:
-            raise EdgeftError(
-                f"{where}: unknown key {key!r}; expected keys: {', '.join(sorted(known))}"
-            )
-    for key, (expected, ok) in (_KEYS | _OPTIONAL_KEYS).items():
-        if key not in data:
-            if key in _OPTIONAL_KEYS:
-                continue
-            raise EdgeftError(f"{where}: missing key {key!r} ({expected}); add it to the file")
-        if not ok(data[key]):
-            raise EdgeftError(f"{where}: key {key!r} must be a {expected}, got {data[key]!r}")
-    for runtime in data["runtimes"]:
-        if runtime not in RUNTIMES:
-            raise EdgeftError(
-                f"{where}: key 'runtimes' has unknown runtime {runtime!r}; "
-                f"choose from: {', '.join(sorted(RUNTIMES))}"
-            )
-    if data["threads"] > data["cores"]:
-        raise EdgeftError(
-            f"{where}: key 'threads' ({data['threads']}) is more than 'cores' ({data['cores']})"
-        )
-    if data["app_memory_gb"] > data["ram_gb"]:
-        raise EdgeftError(
-            f"{where}: key 'app_memory_gb' ({data['app_memory_gb']}) is more than "
-            f"'ram_gb' ({data['ram_gb']})"
-        )
-    budgets = data.get("budgets", {})
-    if not isinstance(budgets, dict):
-        raise EdgeftError(f"{where}: key 'budgets' must be a table, got {budgets!r}")
-    for key, value in budgets.items():
-        if key not in _BUDGET_KEYS:
-            raise EdgeftError(
-                f"{where}: unknown key 'budgets.{key}'; expected: {', '.join(_BUDGET_KEYS)}"
-            )
-        if not _NUM[1](value):
-            raise EdgeftError(f"{where}: key 'budgets.{key}' must be a {_NUM[0]}, got {value!r}")
-    return Profile(
-        name=name,
-        title=data["title"],
-        kind=data["kind"],
-        soc=data["soc"],
-        cpu=data["cpu"],
-        cores=data["cores"],
-        threads=data["threads"],
-        ram_gb=float(data["ram_gb"]),
-        app_memory_gb=float(data["app_memory_gb"]),
-        memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]),
-        os=data["os"],
-        runtimes=tuple(data["runtimes"]),
-        budgets=Budgets(**{k: float(v) for k, v in budgets.items()}),
-        notes=data.get("notes"),
-    )
+    if "name" in data:
+        raise EdgeftError(f"{where}: unknown key 'name'; a profile's name is its file name")
+    try:
+        return Profile.model_validate({"name": name, **data})
+    except ValidationError as exc:
+        raise EdgeftError(f"{where}: {_message(exc)}") from None
 
 
 def list_profiles() -> list[Profile]:

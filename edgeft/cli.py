@@ -9,21 +9,20 @@ from pathlib import Path
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
+from edgeft.options import DEFAULT_THREADS, HelpFormatter, add_options, settings_from
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 # An artifact failed or missed a budget: edgeft bench as a CI gate.
 EXIT_BUDGET = 3
-
-
-def _csv(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
+# recommend times every candidate: an empty and a conversation-long context, not a long
+# document's, keeps the screening run short
+RECOMMEND_DEPTHS = (0, 512)
 
 
 def _add_train(sub) -> None:
     from edgeft.train import TrainSettings
 
-    d = TrainSettings()
     p = sub.add_parser(
         "train",
         help="QLoRA/LoRA fine-tuning on a JSONL dataset",
@@ -48,83 +47,6 @@ def _add_train(sub) -> None:
         "their KL divergence from the base model so fine-tuning does not make it forget them",
     )
     p.add_argument(
-        "--preserve-weight",
-        type=float,
-        default=d.preserve_weight,
-        help="weight of a --preserve row against a --data row (default %(default)s)",
-    )
-    p.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help="share of --data held out for eval loss (default %(default)s)",
-    )
-    p.add_argument(
-        "--method",
-        choices=["qlora", "lora"],
-        default=d.method,
-        help="qlora: 4-bit base (default); lora: full-precision base",
-    )
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], default=d.quant_type)
-    p.add_argument(
-        "--no-double-quant",
-        dest="double_quant",
-        action="store_false",
-        help="do not quantize the 4-bit block scales",
-    )
-    p.add_argument(
-        "--compute-dtype",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        default=d.compute_dtype,
-        help="auto: bf16 on GPU, fp32 on CPU",
-    )
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument(
-        "--target-modules",
-        default="all-linear",
-        help="'all-linear' (default) or comma-separated module names, e.g. q_proj,v_proj",
-    )
-    p.add_argument("--lr", type=float, default=d.learning_rate, dest="learning_rate")
-    p.add_argument(
-        "--lr-scheduler",
-        default=d.lr_scheduler,
-        help="transformers scheduler name (default %(default)s)",
-    )
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="> 0 overrides --epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument(
-        "--no-group-by-length",
-        dest="group_by_length",
-        action="store_false",
-        help="batch rows in random order instead of by similar length",
-    )
-    p.add_argument(
-        "--neftune-alpha",
-        type=float,
-        default=d.neftune_alpha,
-        help="NEFTune embedding noise during training (default 0: off)",
-    )
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=d.max_length,
-        help="tokens per row; longer rows are truncated and counted",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    p.add_argument(
-        "--save-steps",
-        type=int,
-        default=d.save_steps,
-        help="checkpoint interval (kept in OUT.partial until training ends)",
-    )
-    p.add_argument(
         "--skip-bad-rows",
         action="store_true",
         help="drop bad rows with a counted warning instead of failing",
@@ -136,6 +58,7 @@ def _add_train(sub) -> None:
     )
     _add_allow_pickle(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_options(p.add_argument_group("training settings (saved in edgeft.json)"), TrainSettings)
     p.set_defaults(handler=_run_train)
 
 
@@ -151,15 +74,11 @@ def _add_allow_pickle(p) -> None:
 def _run_train(args) -> int:
     from edgeft.train import TrainSettings, is_main_process, train
 
-    fields = TrainSettings.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    if args.target_modules != "all-linear":
-        values["target_modules"] = _csv(args.target_modules)
     result = train(
         args.base,
         args.data,
         args.out,
-        TrainSettings(**values),
+        settings_from(args, TrainSettings),
         eval_data=args.eval_data,
         preserve=args.preserve,
         skip_bad_rows=args.skip_bad_rows,
@@ -212,14 +131,14 @@ def _add_merge(sub) -> None:
         "--dtype",
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
-        help="dtype of the saved weights (default fp32)",
+        help="dtype of the saved weights",
     )
     p.add_argument(
         "--scale",
         type=float,
         default=1.0,
-        help="multiply the adapter's delta by this, in (0, 1] (default 1: the model as "
-        "trained); less keeps more of the base model's general ability and less of what "
+        help="multiply the adapter's delta by this, in (0, 1]: 1 is the model as trained; "
+        "less keeps more of the base model's general ability and less of what "
         "was learned (choose it on held-out data, e.g. with edgeft bench --task)",
     )
     p.add_argument(
@@ -268,7 +187,6 @@ def _add_export(sub, parser_class) -> None:
     )
     formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=parser_class)
     formats.required = True
-    threads = max(1, min(4, os.cpu_count() or 1))
 
     g = formats.add_parser(
         "gguf",
@@ -286,13 +204,13 @@ def _add_export(sub, parser_class) -> None:
     g.add_argument(
         "--quant",
         default="f16,q8_0,q4_k_m",
-        help=f"comma-separated types from: {', '.join(GGUF_TYPES)} (default %(default)s)",
+        help=f"comma-separated types from: {', '.join(GGUF_TYPES)}",
     )
     g.add_argument("--out", required=True, type=Path, help="output directory")
     g.add_argument(
         "--eval-text", type=Path, help="UTF-8 text for the parity check (default: a cooking text)"
     )
-    g.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
+    _add_threads(g)
     g.add_argument(
         "--allow-requantize",
         action="store_true",
@@ -330,27 +248,14 @@ def _add_export(sub, parser_class) -> None:
         help="the base GGUF apps ship (from edgeft export gguf); checked to be the adapter's base",
     )
     lo.add_argument("--base", help="base model location if it moved")
-    lo.add_argument(
-        "--type", choices=["f16", "f32"], default="f16", help="tensor type (default f16)"
-    )
+    lo.add_argument("--type", choices=["f16", "f32"], default="f16", help="tensor type")
     lo.add_argument("--eval-text", type=Path, help="UTF-8 text for the parity check")
-    lo.add_argument(
-        "--threads", type=int, default=threads, help="CPU threads (default %(default)s)"
-    )
+    _add_threads(lo)
     lo.add_argument("--force", action="store_true", help="replace an existing --out")
     lo.set_defaults(handler=_run_export_gguf_lora)
 
-    from edgeft.export.onnx.quantize import (
-        ACCURACY_LEVELS,
-        BLOCK_SIZES,
-        KV_CACHE_TYPES,
-        MODULE_KINDS,
-        ONNX_TYPES,
-        PRECISIONS,
-        QuantSettings,
-    )
+    from edgeft.export.onnx.quantize import ONNX_TYPES, QuantSettings
 
-    q = QuantSettings()
     o = formats.add_parser(
         "onnx",
         help="ONNX folders with a KV cache for onnxruntime and onnxruntime-genai",
@@ -376,73 +281,10 @@ def _add_export(sub, parser_class) -> None:
     o.add_argument(
         "--quant",
         default="fp32,int8,int4",
-        help=f"comma-separated types from: {', '.join(ONNX_TYPES)} (default %(default)s); "
-        "int8/int4 are weight-only (MatMulNBits), int8-dynamic quantizes activations too",
+        help=f"comma-separated types from: {', '.join(ONNX_TYPES)}; int8/int4 are weight-only "
+        "(MatMulNBits), int8-dynamic quantizes activations too",
     )
     o.add_argument("--out", required=True, type=Path, help="output directory")
-    o.add_argument(
-        "--block-size",
-        type=int,
-        choices=BLOCK_SIZES,
-        default=q.block_size,
-        help="weights per scale (default %(default)s)",
-    )
-    o.add_argument(
-        "--symmetric",
-        action=argparse.BooleanOptionalAction,
-        default=q.symmetric,
-        help="the int4 folder's 4-bit matrices without zero points: smaller, faster to "
-        "decode; --no-symmetric stores a zero point per block (default %(default)s)",
-    )
-    o.add_argument(
-        "--accuracy-level",
-        type=int,
-        choices=ACCURACY_LEVELS,
-        default=q.accuracy_level,
-        help="MatMulNBits compute precision: 0/1 fp32, 4 int8 activations (default %(default)s)",
-    )
-    o.add_argument(
-        "--lm-head",
-        choices=PRECISIONS,
-        default=q.lm_head,
-        help="lm_head precision in the int4 folder (default %(default)s)",
-    )
-    o.add_argument(
-        "--embeddings",
-        choices=PRECISIONS,
-        default=None,
-        help="embedding table precision in the int8/int4 folders (default: the folder's "
-        "lm_head precision, so a tied table is stored once)",
-    )
-    o.add_argument(
-        "--int8-modules",
-        default=",".join(q.int8_modules),
-        help=f"projections kept at 8 bits in the int4 folder, from: {', '.join(MODULE_KINDS)} "
-        "(default %(default)s; '' for none)",
-    )
-    o.add_argument(
-        "--module-blocks",
-        default=",".join(f"{kind}={size}" for kind, size in q.module_blocks),
-        help="block sizes in the int4 folder that differ from the uniform layout "
-        "(--block-size for 4-bit matrices, 64 for 8-bit ones), as module=size pairs: larger "
-        "blocks decode faster and are less accurate; modules as for --int8-modules, plus "
-        "lm_head (default %(default)s; '' for the uniform layout)",
-    )
-    o.add_argument(
-        "--algorithm",
-        choices=["gptq", "rtn"],
-        default=q.algorithm,
-        help="rounding of the int4 folder's 4-bit weights: gptq (calibrated) or rtn "
-        "(default %(default)s)",
-    )
-    o.add_argument(
-        "--norm-epochs",
-        type=int,
-        default=q.norm_epochs,
-        help="passes over the calibration text that tune the int4 folder's RMSNorm weights "
-        "after GPTQ, matching the checkpoint's next-token distribution (default "
-        "%(default)s; 0 to skip)",
-    )
     o.add_argument(
         "--calibration",
         type=Path,
@@ -450,19 +292,11 @@ def _add_export(sub, parser_class) -> None:
         "provenance, else text sampled from the model itself)",
     )
     o.add_argument(
-        "--sampled-tokens",
-        type=int,
-        default=q.sampled_tokens,
-        help="tokens of text sampled from the model that GPTQ and norm tuning also calibrate "
-        "on, after the fine-tuning data or --calibration, so that the int4 folder fits that "
-        "one domain less (default %(default)s: none; e.g. 16384)",
-    )
-    o.add_argument(
         "--graph",
         choices=["fused", "optimum"],
         default="fused",
         help="fused: edgeft's graph with onnxruntime's fused attention and norms (fast); "
-        "optimum: optimum-onnx's trace of the PyTorch model (default %(default)s)",
+        "optimum: optimum-onnx's trace of the PyTorch model",
     )
     o.add_argument(
         "--ort-format",
@@ -477,18 +311,14 @@ def _add_export(sub, parser_class) -> None:
         "4096, llama.cpp's default context); genai allocates its whole KV cache up front, so a "
         "shorter one saves memory on phones",
     )
-    o.add_argument(
-        "--kv-cache",
-        choices=KV_CACHE_TYPES,
-        default=q.kv_cache,
-        help="KV cache type of the int8 and int4 folders (default: int8 in the int4 folder, "
-        "fp32 in the int8 one): int8 is a quarter of fp32 (per-channel scales measured on the "
-        "calibration text); fp16 halves it but onnxruntime's x86 kernels ran it slower and "
-        "larger",
-    )
-    o.add_argument("--threads", type=int, default=threads, help="CPU threads (default %(default)s)")
+    _add_threads(o)
     o.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_options(o.add_argument_group("quantization of the int8 and int4 folders"), QuantSettings)
     o.set_defaults(handler=_run_export_onnx)
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="CPU threads")
 
 
 def _read_eval_text(path: Path | None) -> str | None:
@@ -557,39 +387,15 @@ def _run_export_gguf(args) -> int:
     return 0
 
 
-def _module_blocks(value: str) -> tuple[tuple[str, int], ...]:
-    """``gate_proj=64,up_proj=64`` → ``(("gate_proj", 64), ("up_proj", 64))``."""
-    pairs = []
-    for part in _csv(value):
-        kind, _, size = part.partition("=")
-        if not size.strip().isdigit():
-            raise EdgeftError(f"--module-blocks: {part!r} is not module=size (e.g. gate_proj=64)")
-        pairs.append((kind.strip(), int(size)))
-    return tuple(pairs)
-
-
 def _run_export_onnx(args) -> int:
     from edgeft.export.onnx import QuantSettings, export_onnx
     from edgeft.export.onnx.lora import parse_adapters
 
-    settings = QuantSettings(
-        kv_cache=args.kv_cache,
-        block_size=args.block_size,
-        symmetric=args.symmetric,
-        accuracy_level=args.accuracy_level,
-        lm_head=args.lm_head,
-        embeddings=args.embeddings,
-        int8_modules=tuple(_csv(args.int8_modules)),
-        algorithm=args.algorithm,
-        module_blocks=_module_blocks(args.module_blocks),
-        norm_epochs=args.norm_epochs,
-        sampled_tokens=args.sampled_tokens,
-    )
     result = export_onnx(
         args.model,
         args.out,
         args.quant,
-        settings=settings,
+        settings=settings_from(args, QuantSettings),
         graph=args.graph,
         calibration=args.calibration,
         eval_text=_read_eval_text(args.eval_text),
@@ -675,7 +481,7 @@ def _add_demo(sub) -> None:
         "--out",
         type=Path,
         default=Path("edgeft-demo"),
-        help="output directory (default %(default)s)",
+        help="output directory",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_demo)
@@ -706,7 +512,6 @@ def _percent(value: float | None) -> str:
 def _add_bench(sub) -> None:
     from edgeft.bench.harness import BenchSettings
 
-    d = BenchSettings()
     p = sub.add_parser(
         "bench",
         help="latency, memory and accuracy of GGUF, ONNX and PyTorch artifacts",
@@ -762,22 +567,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--device", help="device profile name or .toml (see 'edgeft devices list')")
     p.add_argument("--remote", help="run on a device: adb:SERIAL or ssh:user@host[:port]")
     p.add_argument("--runtime", help="runtime for every artifact without an @RUNTIME")
-    p.add_argument("--threads", type=int, default=d.threads, help="default %(default)s")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="default %(default)s")
-    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="default %(default)s")
-    p.add_argument(
-        "--depths",
-        default=",".join(map(str, d.depths)),
-        help="context depths for decode speed (default %(default)s)",
-    )
-    p.add_argument("--repeats", type=int, default=d.repeats, help="default %(default)s")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="default %(default)s")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=d.timeout_s,
-        help="seconds per artifact (default %(default)s)",
-    )
+    add_options(p.add_argument_group("timing and scoring"), BenchSettings)
     _add_budget_options(p)
     p.add_argument(
         "--compare",
@@ -808,21 +598,7 @@ def _run_bench(args) -> int:
         return 0
     if args.out is None:
         raise EdgeftError("--out is required to run a benchmark")
-    try:
-        depths = tuple(int(x) for x in _csv(args.depths))
-    except ValueError:
-        raise EdgeftError(
-            f"--depths: expected integers like 0,512,2048, got {args.depths!r}"
-        ) from None
-    settings = BenchSettings(
-        threads=args.threads,
-        prompt_tokens=args.prompt_tokens,
-        decode_tokens=args.decode_tokens,
-        depths=depths,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        timeout_s=args.timeout,
-    )
+    settings = settings_from(args, BenchSettings)
     budgets = _budgets_from(args)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     results = bench(
@@ -858,9 +634,9 @@ def _run_bench(args) -> int:
     return 0
 
 
-def _add_devices(sub) -> None:
+def _add_devices(sub, parser_class) -> None:
     p = sub.add_parser("devices", help="edge device profiles for 'edgeft bench --device'")
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=parser_class)
     actions.required = True
     actions.add_parser("list", help="the shipped profiles").set_defaults(handler=_run_devices)
     show = actions.add_parser("show", help="one profile in full")
@@ -876,6 +652,7 @@ def _run_devices(args) -> int:
 
 
 def _add_recommend(sub) -> None:
+    from edgeft.bench.harness import BenchSettings
     from edgeft.recommend import DEFAULT_CANDIDATES
 
     p = sub.add_parser(
@@ -910,14 +687,12 @@ def _add_recommend(sub) -> None:
         type=float,
         default=0.0,
         help="with --task: pick the smallest file whose task accuracy is within this of the "
-        "best, e.g. 0.03 for three points (default %(default)s: the best; the smaller file on "
-        "a tie)",
+        "best, e.g. 0.03 for three points (0: the best; the smaller file on a tie)",
     )
     p.add_argument(
         "--candidates",
         default=DEFAULT_CANDIDATES,
-        help="FORMAT:TYPE[:none] list; ':none' is a GGUF without importance matrix (default "
-        "%(default)s)",
+        help="FORMAT:TYPE[:none] list; ':none' is a GGUF without importance matrix",
     )
     p.add_argument(
         "--calibration",
@@ -930,9 +705,12 @@ def _add_recommend(sub) -> None:
         type=Path,
         help="where candidate files are written and reused by later runs (default: OUT-exports)",
     )
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--depths", default="0,512", help="decode depths to time (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="default %(default)s")
+    add_options(
+        p.add_argument_group("timing"),
+        BenchSettings,
+        only=("threads", "depths", "repeats"),
+        defaults={"depths": RECOMMEND_DEPTHS},
+    )
     _add_budget_options(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_recommend)
@@ -965,11 +743,7 @@ def _run_recommend(args) -> int:
     from edgeft.bench.harness import BenchSettings
     from edgeft.recommend import recommend
 
-    try:
-        depths = tuple(int(x) for x in _csv(args.depths))
-    except ValueError:
-        raise EdgeftError(f"--depths: expected integers like 0,512, got {args.depths!r}") from None
-    settings = BenchSettings(threads=args.threads, depths=depths, repeats=args.repeats)
+    settings = settings_from(args, BenchSettings)
     result = recommend(
         args.model,
         args.out,
@@ -1040,7 +814,7 @@ def _add_package(sub) -> None:
     p.add_argument(
         "--bench", type=Path, help="a results.json of 'edgeft bench' holding this artifact's row"
     )
-    p.add_argument("--threads", type=int, default=2)
+    _add_threads(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=_run_package)
 
@@ -1072,7 +846,7 @@ def _add_verify(sub) -> None:
     )
     p.add_argument("bundle", type=Path)
     p.add_argument("--no-load", action="store_true", help="check files only")
-    p.add_argument("--threads", type=int, default=2)
+    _add_threads(p)
     p.set_defaults(handler=_run_verify)
 
 
@@ -1110,6 +884,7 @@ def _run_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeft",
+        formatter_class=HelpFormatter,
         description="Fine-tune small language models with QLoRA, merge them correctly, and ship "
         "them to edge runtimes.",
     )
@@ -1133,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def parser_class(**kw):
-        return argparse.ArgumentParser(parents=[common], **kw)
+        return argparse.ArgumentParser(parents=[common], formatter_class=HelpFormatter, **kw)
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     sub.required = True
@@ -1142,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub, parser_class)
     _add_bench(sub)
     _add_recommend(sub)
-    _add_devices(sub)
+    _add_devices(sub, parser_class)
     _add_package(sub)
     _add_verify(sub)
     _add_inspect(sub)

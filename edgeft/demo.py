@@ -33,15 +33,15 @@ from edgeft.models import DEFAULT_MODEL, resolve_base
 from edgeft.provenance import machine_summary, package_versions
 from edgeft.train import TrainResult, TrainSettings, train
 
-# Chosen on the dev sets (benchmarks/results/case_study_settings.md, 2 CPU cores): of the
-# settings that raise cooking dev accuracy above the previous demo's 49%, the one that keeps the
-# most general ability. Two epochs over the cooking rows and their extra paraphrases at 2e-3,
-# with the general replay rows as preserve rows (held to the base model by their KL divergence
-# from it, weight 1) rather than trained on like cooking rows: cooking dev 60%, 27 of the 36
-# general questions the base answers kept, general-text perplexity 1.24x the base's (the same
-# replay rows trained on like cooking rows: 64%, 23 kept, 1.9x). At 1e-3 or one epoch, cooking
-# dev accuracy fell below the previous demo's. Rank 32 on all linear layers; NEFTune noise
-# helps answers carry over to unseen wordings.
+# Chosen on the dev sets: of the settings that raise cooking dev accuracy above the previous
+# demo's, the one that keeps the most general ability
+# (benchmarks/README.md#the-demos-settings-cooking-accuracy-against-what-is-forgotten-cpu-2-cores).
+# Two epochs over the cooking rows and their extra paraphrases at 2e-3, with the general replay
+# rows as preserve rows (held to the base model by their KL divergence from it, weight 1):
+# trained on like cooking rows, the same rows kept fewer general answers and raised the
+# general-text perplexity more. At 1e-3 or one epoch, cooking dev accuracy fell below the
+# previous demo's. Rank 32 on all linear layers; NEFTune noise helps answers carry over to
+# unseen wordings.
 DEMO_SETTINGS = TrainSettings(
     method="qlora",
     rank=32,
@@ -497,7 +497,7 @@ def _fits_context(model: Path):
     context."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from edgeft.runtimes import chat_messages
+    from edgeft.session import chat_messages
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     config = AutoConfig.from_pretrained(model)

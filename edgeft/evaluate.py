@@ -120,10 +120,10 @@ def task_accuracy(
     """
     from tqdm.auto import tqdm
 
-    from edgeft.runtimes import generate
+    from edgeft.session import BATCH, generate, supports
 
     result = TaskResult(correct=0, total=len(rows))
-    batched = hasattr(session, "generate_batch")
+    batched = supports(session, BATCH)
     step = batch_size if batched else 1
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="q")
     if prompts is None:

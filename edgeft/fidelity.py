@@ -53,7 +53,7 @@ class Reference:
     """
 
     def __init__(self, session, eval_text: str, context_length: int | None = None) -> None:
-        from edgeft.runtimes import generate
+        from edgeft.session import generate
 
         self.context_length = context_length
         try:
@@ -95,7 +95,7 @@ def measure(session, reference: Reference, *, noise: float = 0.0) -> Measurement
             logits are closer than twice that, the candidate may pick either, and
             ``top1_off_ties`` counts it as agreeing.
     """
-    from edgeft.runtimes import generate
+    from edgeft.session import generate
 
     logits = session.logits(reference.eval_ids)
     greedy = generate(session, reference.prompt_ids, reference.greedy_tokens)
@@ -112,3 +112,25 @@ def measure(session, reference: Reference, *, noise: float = 0.0) -> Measurement
 # another order (another CPU's SIMD width, a LoRA applied at load time) can land on
 # neighbouring halves, up to ~2⁻⁷ of the logits' largest magnitude (tests/numerics.py).
 F16_KV_NOISE = 2.0**-7
+
+
+# Texts on which a runtime's token ids must equal the Hugging Face tokenizer's (llama.cpp's
+# vocabulary, onnxruntime-genai's tokenizer).
+TOKENIZER_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Preheat the oven to 220°C (425°F); roast for 25–30 minutes.",
+    "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # 5\n",
+    "if (x >= 10 && y != -3.14e-2) { z[i] += 0x1F; }",
+    "Numbers: 0 7 42 1234 56789 3.14159 1,000,000 2026-11-26 12:30:45",
+    "   leading spaces, trailing spaces   \n\n\n\ttabs\t\tand\r\nwindows lines  ",
+    "Crème brûlée, jalapeño, façade, naïve, Ångström, Øl, straße, İstanbul",
+    "日本語のテキストと中文文本，还有한국어 텍스트。",
+    "Emoji: 🍕🍔🌮 👩‍🍳 👍🏽 ❤️ ✨",
+    "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם.",
+    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE it's we'll they'd I'M",
+    "https://example.com/path?query=1&b=two#frag user@example.org",
+    "a" * 40 + " " + "ab" * 20 + " " + "!" * 12,
+    "",
+    " ",
+    "\n",
+)

@@ -10,50 +10,26 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 from edgeft.errors import ModelError
-
-# Suffixes of pickled checkpoints: refused by name, never opened.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SUPPORTED = (
-    ".gguf, .onnx (or a folder holding model.onnx), .onnx_adapter, .safetensors, a Hugging Face "
-    "checkpoint folder"
+from edgeft.formats import (
+    GENAI_CONFIG,
+    ONNX_MODEL_FILE,
+    PICKLE_SUFFIXES,
+    detect,
+    external_data_path,
+    genai_model_files,
+    titles,
 )
-ONNX_MODEL_FILE = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
+from edgeft.weights import inspect_safetensors
 
-# safetensors' own limit on the JSON header (safetensors/src/tensor.rs MAX_HEADER_SIZE).
-SAFETENSORS_MAX_HEADER = 100_000_000
+SUPPORTED = titles(lambda f: f.inspected_as is not None)
+
 # A protobuf message cannot exceed 2 GiB; a larger model.onnx is not a graph onnx can parse.
 ONNX_MAX_PROTO = 2 << 30
 # genai_config.json is a few kilobytes; anything far larger is not one.
 GENAI_MAX_BYTES = 1 << 20
-
-# safetensors dtype → bits per element.
-SAFETENSORS_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "C64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
 
 # ONNX TensorProto data type name → bits per element (STRING has no fixed size).
 ONNX_BITS = {
@@ -106,27 +82,28 @@ def inspect_file(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file or folder; pass one of: {SUPPORTED}")
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        if (path / ONNX_MODEL_FILE).is_file():
-            return inspect_onnx(path / ONNX_MODEL_FILE)
-        if (path / "config.json").is_file():
-            return inspect_checkpoint(path)
-        raise ModelError(f"{path} is a folder without {ONNX_MODEL_FILE}; pass a file: {SUPPORTED}")
-    if suffix in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelError(
             f"{path}: pickled checkpoint: edgeft does not unpickle files; convert it to safetensors"
         )
-    if suffix == ".gguf":
-        return inspect_gguf(path)
-    if suffix == ".onnx":
-        return inspect_onnx(path)
-    if suffix == ".safetensors":
-        return inspect_safetensors(path)
-    if suffix == ".onnx_adapter":
-        return inspect_onnx_adapter(path)
-    kind = f"{suffix!r} files" if suffix else "files without an extension"
-    raise ModelError(f"{path}: edgeft cannot inspect {kind}; supported: {SUPPORTED}")
+    found = detect(path)
+    if found is None or found.inspected_as is None:
+        if path.is_dir():
+            raise ModelError(
+                f"{path} is a folder without {ONNX_MODEL_FILE} or config.json; pass one of: "
+                f"{SUPPORTED}"
+            )
+        suffix = path.suffix.lower()
+        kind = f"{suffix!r} files" if suffix else "files without an extension"
+        raise ModelError(f"{path}: edgeft cannot inspect {kind}; supported: {SUPPORTED}")
+    readers = {
+        "gguf": inspect_gguf,
+        "onnx": lambda p: inspect_onnx(p / ONNX_MODEL_FILE if p.is_dir() else p),
+        "checkpoint": inspect_checkpoint,
+        "safetensors": inspect_safetensors,
+        "onnx_adapter": inspect_onnx_adapter,
+    }
+    return readers[found.inspected_as](path)
 
 
 # --- GGUF -------------------------------------------------------------------------------------
@@ -134,7 +111,7 @@ def inspect_file(path: Path) -> dict:
 
 def inspect_gguf(path: Path) -> dict:
     """A GGUF file's header through the bounds-checked reader (arrays counted, not kept)."""
-    from edgeft.export.gguf.reader import file_type_name, read_gguf
+    from edgeft.gguf_file import file_type_name, read_gguf
 
     info = read_gguf(path)
     meta = info.metadata
@@ -276,104 +253,6 @@ def inspect_checkpoint(path: Path) -> dict:
         stages=stages,
     )
     return info
-
-
-def inspect_safetensors(path: Path) -> dict:
-    """A safetensors file's header, parsed here and checked against the file size; no tensor
-    is read.
-
-    Raises:
-        ModelError: a header length past the end, an unreadable header, or any tensor whose
-            dtype, shape or offsets do not fit the file.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ModelError(
-                f"{path}: header length: the file has {size} bytes, fewer than the 8-byte "
-                "header length (truncated safetensors)"
-            )
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8:
-            raise ModelError(
-                f"{path}: header length {header_len} runs past the end of the file "
-                f"({size} bytes; truncated or not safetensors)"
-            )
-        if header_len > SAFETENSORS_MAX_HEADER:
-            raise ModelError(
-                f"{path}: header length {header_len} exceeds safetensors' "
-                f"{SAFETENSORS_MAX_HEADER}-byte limit"
-            )
-        text = f.read(header_len)
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path}: header is not valid JSON ({reason})") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: header is a JSON {type(header).__name__}, not an object")
-    data_size = size - 8 - header_len
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise ModelError(f"{path}: __metadata__ must map strings to strings")
-
-    dtypes: dict[str, int] = {}
-    parameters = 0
-    spans = []
-    for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise ModelError(f"{where} is a JSON {type(entry).__name__}, not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
-        if bits is None:
-            raise ModelError(f"{where}: dtype {dtype!r} is not a safetensors dtype")
-        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
-            raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_natural(o) for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise ModelError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
-        begin, end = offsets
-        if end > data_size:
-            raise ModelError(
-                f"{where}: data_offsets [{begin}, {end}] lie past the end of the file (the data "
-                f"section holds {data_size} bytes; truncated or crafted)"
-            )
-        elements = math.prod(shape)
-        if elements * bits != (end - begin) * 8:
-            raise ModelError(
-                f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs "
-                f"{elements * bits / 8:g}"
-            )
-        dtypes[dtype] = dtypes.get(dtype, 0) + 1
-        parameters += elements
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
-        if begin < prev_end:
-            raise ModelError(f"{path}: tensors {prev!r} and {name!r} overlap in data_offsets")
-    return {
-        "format": "safetensors",
-        "path": str(path),
-        "bytes": size,
-        "header_bytes": header_len,
-        "tensor_count": len(spans),
-        "parameter_count": parameters,
-        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
-        "metadata": metadata or {},
-    }
-
-
-def _natural(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # --- ONNX -------------------------------------------------------------------------------------
@@ -525,8 +404,6 @@ def _external_bytes(model_path: Path, tensor, nbytes: int, external: dict) -> in
     checking its location lies inside the folder and the file holds the bytes it claims."""
     from onnx.external_data_helper import ExternalDataInfo
 
-    from edgeft.export.onnx.export import external_data_path
-
     try:
         info = ExternalDataInfo(tensor)
     except ValueError as exc:
@@ -585,8 +462,6 @@ def _genai_summary(folder: Path) -> dict | None:
         raise ModelError(f"{path}: field 'model' is missing or not an object")
     decoder = model.get("decoder") if isinstance(model.get("decoder"), dict) else {}
     search = config.get("search") if isinstance(config.get("search"), dict) else {}
-    from edgeft.export.onnx.export import external_data_path
-
     files = genai_model_files(model, path)
     for name in files:
         external_data_path(folder, name, path, "a model 'filename'")
@@ -605,29 +480,6 @@ def _genai_summary(folder: Path) -> dict | None:
         "max_length": search.get("max_length"),
         "past_present_share_buffer": search.get("past_present_share_buffer"),
     }
-
-
-def genai_model_files(model: dict, source: Path) -> list[str]:
-    """Every ``filename`` under a genai config's ``model`` section (decoder, embeddings, ...).
-
-    Raises:
-        ModelError: a ``filename`` that is not a string.
-    """
-    found: list[str] = []
-    stack = [model]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == "filename":
-                    if not isinstance(value, str):
-                        raise ModelError(f"{source}: a 'filename' field is {value!r}, not text")
-                    found.append(value)
-                else:
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return sorted(set(found))
 
 
 # --- rendering --------------------------------------------------------------------------------

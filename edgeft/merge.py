@@ -26,11 +26,11 @@ from typing import Literal
 
 import numpy as np
 
-from edgeft._io import atomic_dir, check_output, sha256_file, write_json
+from edgeft._io import atomic_dir, check_output, sha256_file
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.models import DEFAULT_MODEL, check_not_only_pickled, pickled_weights, resolve_base
 from edgeft.parity import Parity
-from edgeft.provenance import make_record, read_record
+from edgeft.provenance import TrainRecord, make_record, read_record, write_record
 from edgeft.streaming import LoRA, streamed_model, streamed_parity
 from edgeft.train import load_base_model, read_parity_rows
 from edgeft.weights import (
@@ -83,7 +83,7 @@ def _torch_dtype(name: str):
     return getattr(torch, _TORCH_DTYPE_NAMES[name])
 
 
-def read_adapter(adapter_dir: Path) -> tuple[dict, dict, dict]:
+def read_adapter(adapter_dir: Path) -> tuple[TrainRecord, dict, dict]:
     """Read an ``edgeft train`` output: its record, ``adapter_config.json`` and LoRA tensors.
 
     Returns:
@@ -201,7 +201,7 @@ def _as_trained_weights(trained: dict):
     4-bit there, adapted or not), rounded to the compute dtype for LoRA."""
     import torch
 
-    compute_dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
+    compute_dtype = getattr(torch, trained["resolved_compute_dtype"])
     if trained["method"] == "qlora":
         round_trip = nf4_round_trip(trained, compute_dtype)
 
@@ -219,7 +219,7 @@ def _as_trained_model(adapter: Path, base_path: Path, trained: dict, allow_pickl
     import torch
     from peft import PeftModel
 
-    dtype = getattr(torch, trained.get("resolved_compute_dtype", "float32"))
+    dtype = getattr(torch, trained["resolved_compute_dtype"])
     base = load_base_model(
         base_path,
         trained,
@@ -230,24 +230,26 @@ def _as_trained_model(adapter: Path, base_path: Path, trained: dict, allow_pickl
     return PeftModel.from_pretrained(base, adapter, is_trainable=False).eval()
 
 
-def recorded_base(record: dict, base: str | None = None, *, allow_pickle: bool = False):
+def recorded_base(record: TrainRecord, base: str | None = None, *, allow_pickle: bool = False):
     """The base model an adapter's ``edgeft.json`` names: its recorded folder if still there,
     else its recorded name; ``base`` instead where the user says it moved. Resolved, not yet
     checked (see :func:`check_base_weights`)."""
-    recorded = record["inputs"]["base"]
+    recorded = record.inputs.base
     if base is None:
-        recorded_path = Path(recorded["path"])
-        base = str(recorded_path) if recorded_path.is_dir() else recorded["name"]
+        recorded_path = Path(recorded.path)
+        base = str(recorded_path) if recorded_path.is_dir() else recorded.name
     return resolve_base(base if base != DEFAULT_MODEL else None, allow_pickle=allow_pickle)
 
 
-def check_base_weights(base_model, record: dict, adapter: Path, *, hint: bool = True) -> None:
+def check_base_weights(
+    base_model, record: TrainRecord, adapter: Path, *, hint: bool = True
+) -> None:
     """Raise unless ``base_model``'s weights hash to what the adapter was trained on.
 
     Raises:
         ModelError: the weights differ; with ``hint``, the message points to ``--base``.
     """
-    recorded = record["inputs"]["base"]["weights_sha256"]
+    recorded = record.inputs.base.weights_sha256
     if base_model.weights_sha256 != recorded:
         raise ModelError(
             f"base model {base_model.path} is not the one adapter {adapter} was trained on "
@@ -273,26 +275,8 @@ def load_as_trained(adapter: Path):
     record, _, _ = read_adapter(adapter)
     base_model = recorded_base(record)
     check_base_weights(base_model, record, adapter, hint=False)
-    model = _as_trained_model(adapter, base_model.path, record["settings"])
+    model = _as_trained_model(adapter, base_model.path, record.settings.model_dump())
     return model, AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
-
-
-def load_over_full_precision(adapter: Path, base: Path, record: dict, *, threads: int = 2):
-    """A torch session of the adapter, unmerged, over the full-precision (fp32) base at
-    ``base``: what a runtime applying LoRA over a full-precision base file computes, the
-    reference of the adapter exports (GGUF and ONNX)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from edgeft.runtimes.pytorch import LoadedTorchSession
-    from edgeft.train import load_base_model
-
-    torch.set_num_threads(threads)
-    model = load_base_model(base, record["settings"], torch.float32, quantized=False, device="cpu")
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
-    tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
-    return LoadedTorchSession(model, tokenizer)
 
 
 @contextlib.contextmanager
@@ -467,7 +451,7 @@ def merge(
     check_output(out, force)
     adapter = Path(adapter)
     record, config, lora = read_adapter(adapter)
-    trained = record["settings"]
+    trained = record.settings.model_dump()
     method = trained["method"]
     if merge_base is None:
         merge_base = "dequantized" if method == "qlora" else "original"
@@ -479,18 +463,17 @@ def merge(
             "trained with --method lora on full-precision weights"
         )
 
-    recorded = record["inputs"]["base"]
     base_model = recorded_base(record, base, allow_pickle=allow_pickle)
     rows = read_parity_rows(adapter)
     if not rows:
         raise ModelError(f"{adapter} has no parity rows; re-run 'edgeft train'")
 
-    train_dtype_name = trained.get("resolved_compute_dtype", "float32")
+    train_dtype_name = trained["resolved_compute_dtype"]
     trained_in = next(k for k, v in _TORCH_DTYPE_NAMES.items() if v == train_dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
     model_config = AutoConfig.from_pretrained(base_model.path, trust_remote_code=False)
     # Most specific message first: architecture, then shapes, then the exact weights.
-    model_type = recorded.get("model_type")
+    model_type = record.inputs.base.model_type
     if model_type and model_config.model_type != model_type:
         raise ModelError(
             f"adapter {adapter} was trained on a {model_type!r} model but base "
@@ -544,8 +527,8 @@ def merge(
                 )
             _write_configs(work, base_dir, model_config, tokenizer, dtype)
             tokenizer.save_pretrained(work)
-            write_json(
-                work / "edgeft.json",
+            write_record(
+                work,
                 make_record(
                     "merge",
                     inputs={
@@ -561,7 +544,7 @@ def merge(
                         "train": {
                             "method": method,
                             "settings": trained,
-                            "results": record.get("results", {}),
+                            "results": record.results,
                         },
                     },
                     settings={

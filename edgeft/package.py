@@ -8,24 +8,10 @@ A bundle is a folder (or a zip of it)::
     tokenizer/             tokenizer.json, tokenizer_config.json, chat_template.jinja
     generation.json        generation defaults
 
-``manifest.json`` (schema ``edgeft.bundle/1``)::
-
-    {"schema": "edgeft.bundle/1", "created": iso, "edgeft_version": str,
-     "target": "android" | "ios" | "linux-arm64",
-     "runtime": {"name": "llama.cpp" | "onnxruntime-genai", "min_version": str,
-                 "tested_with": {package: version}},
-     "model": {"format": "gguf" | "onnx", "quant": str, "path": str, "lora": [str]},
-     "adapters": [{"path": str, "base_sha256": str, "golden": {...as golden...}}],
-     "tokenizer": {"files": [str], "chat_template": str | null,
-                   "bos_token_id": int | null, "eos_token_ids": [int]},
-     "generation": {...generation.json...},
-     "files": [{"path": str, "size": int, "sha256": str}],   # every file but the manifest
-     "quantization": {...}, "provenance": {...},
-     "bench": null | {"results_created": str, "machine": str, "device": str | null,
-                      "figures": {...}, "budgets": [...], "passed": bool},
-     "golden": {"prompt": str, "prompt_token_ids": [int], "max_new_tokens": int,
-                "output_token_ids": [int], "output_text": str},
-     "notes": [str]}
+``manifest.json`` (schema ``edgeft.bundle/1``) is typed in :mod:`edgeft.bundle`: the target and
+runtime, the model file and its LoRA adapters, the tokenizer files, generation defaults, every
+other file's size and sha256, the quantization recipe, the provenance, the bench figures and a
+golden output.
 
 Each LoRA adapter (``lora``; described in ``adapters``) has its own golden output, with it
 applied over the model, and the identity of the base it was made for: the LoRA GGUF's
@@ -34,8 +20,6 @@ sha256, which the ONNX graph records. ``edgeft verify`` checks both for every ad
 
 The golden output is greedy and reproduces exactly with the same runtime version on the same
 kind of CPU; another CPU or runtime version may break a near tie between two tokens.
-
-Paths are relative to the bundle, with ``/`` separators, and never leave it.
 """
 
 from __future__ import annotations
@@ -47,18 +31,27 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from edgeft import __version__
 from edgeft._io import atomic_dir, check_output, sha256_file, write_json
+from edgeft.bundle import MANIFEST, SCHEMA, TARGETS, Golden, Manifest, inside, read_manifest
+from edgeft.bundle import write_manifest as _write_manifest
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.formats import BY_NAME, titles
+from edgeft.options import DEFAULT_THREADS
+from edgeft.provenance import (
+    GgufExportRecord,
+    MergeInputs,
+    MergeRecord,
+    MergeSettings,
+    OnnxExportRecord,
+    find_record,
+    record_dict,
+)
 
-SCHEMA = "edgeft.bundle/1"
-MANIFEST = "manifest.json"
-TARGETS = ("android", "ios", "linux-arm64")
-# The runtime an app embeds for each format on every target: llama.cpp's C API, or
-# onnxruntime-genai's mobile packages (its Android AAR and iOS pod carry onnxruntime).
-FORMAT_RUNTIME = {"gguf": "llama.cpp", "onnx": "onnxruntime-genai"}
+ExportRecord = GgufExportRecord | OnnxExportRecord
+
 # Oldest runtime known to read what edgeft writes: GGUF v3 with the k-quant and Q8_0 types
 # (llama.cpp since 2023-10; b3000+ for the tokenizer pre-types we write, e.g. smollm), and
 # genai_config.json with GroupQueryAttention and past_present_share_buffer (onnxruntime-genai
@@ -87,47 +80,66 @@ class VerifyReport:
     adapters: int = 0  # LoRA adapters checked (base identity, and golden output when loaded)
 
 
-def _record(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _export_record(artifact) -> dict | None:
-    """The export stage's edgeft.json: beside a GGUF file, one folder above an ONNX folder."""
-    folder = artifact.path.parent
-    record = _record(folder / "edgeft.json")
-    return record if record and str(record.get("stage", "")).startswith("export") else None
+def _export_record(artifact) -> ExportRecord | None:
+    """The export stage's edgeft.json (beside a GGUF file, one folder above an ONNX folder),
+    where it lists this artifact."""
+    record = find_record(artifact.path.parent)
+    if isinstance(record, GgufExportRecord):
+        listed = {entry.file for entry in record.results.files}
+    elif isinstance(record, OnnxExportRecord):
+        listed = {entry.folder for entry in record.results.folders}
+    else:
+        return None
+    return record if artifact.path.name in listed else None
 
 
-def _provenance(artifact, record: dict | None) -> tuple[dict, dict]:
+def _merge_parts(record: ExportRecord) -> tuple[MergeInputs, MergeSettings] | None:
+    """What the exported checkpoint was merged from: the merge record the export carries
+    (GGUF), else the checkpoint's own if it is still there."""
+    source = record.inputs.source_record
+    if source is not None:
+        if source.stage != "merge":
+            return None
+        return MergeInputs.model_validate(source.inputs), MergeSettings.model_validate(
+            source.settings
+        )
+    merge = find_record(Path(record.inputs.model.path))
+    return (merge.inputs, merge.settings) if isinstance(merge, MergeRecord) else None
+
+
+def _provenance(artifact, record: ExportRecord | None) -> tuple[dict, dict]:
     """(quantization recipe, provenance) from the export record and the merge record it
     carries."""
     if record is None:
         return {"type": artifact.quant}, {"note": "no edgeft.json beside the artifact"}
-    inputs = record.get("inputs", {})
-    source = inputs.get("source_record") or {}
-    merge_inputs = source.get("inputs", {})
+    merged = _merge_parts(record)
+    inputs, settings = merged if merged else (None, None)
     provenance = {
-        "source_weights_sha256": inputs.get("model", {}).get("weights_sha256"),
-        "architecture": inputs.get("model", {}).get("architecture"),
-        "base_model": (merge_inputs.get("base") or {}).get("name"),
-        "base_weights_sha256": (merge_inputs.get("base") or {}).get("weights_sha256"),
-        "adapter_sha256": (merge_inputs.get("adapter") or {}).get("sha256"),
-        "merge_base": (source.get("settings") or {}).get("merge_base"),
-        "train_method": (merge_inputs.get("train") or {}).get("method"),
-        "export_stage": record.get("stage"),
-        "export_settings": record.get("settings"),
-        "exported_with": (record.get("versions") or {}).get("edgeft"),
+        "source_weights_sha256": record.inputs.model.weights_sha256,
+        "architecture": record.inputs.model.architecture,
+        "base_model": inputs.base.name if inputs else None,
+        "base_weights_sha256": inputs.base.weights_sha256 if inputs else None,
+        "adapter_sha256": inputs.adapter.sha256 if inputs else None,
+        "merge_base": settings.merge_base if settings else None,
+        "train_method": inputs.train.method if inputs else None,
+        "export_stage": record.stage,
+        "export_settings": record_dict(record)["settings"],
+        "exported_with": record.versions.get("edgeft"),
     }
     recipe: dict = {"type": artifact.quant}
-    if artifact.format == "onnx":
-        recipe.update((record.get("settings") or {}).get("quantization") or {})
+    if isinstance(record, OnnxExportRecord):
+        recipe.update(getattr(record.settings, "quantization", None) or {})
     else:
-        for entry in (record.get("results") or {}).get("files", []):
-            if entry.get("file") == artifact.path.name:
-                recipe["tensor_types"] = entry.get("tensor_types")
+        for entry in record.results.files:
+            if entry.file == artifact.path.name:
+                recipe["tensor_types"] = getattr(entry, "tensor_types", None)
     return recipe, provenance
 
 
@@ -167,13 +179,13 @@ def _bench_figures(results_path: Path | None, artifact) -> dict | None:
     }
 
 
-def _source_dir(record: dict | None) -> Path | None:
-    path = ((record or {}).get("inputs", {}).get("model") or {}).get("path")
-    return Path(path) if path and Path(path).is_dir() else None
+def _source_dir(record: ExportRecord | None) -> Path | None:
+    path = Path(record.inputs.model.path) if record else None
+    return path if path and path.is_dir() else None
 
 
 def _generation_defaults(folder: Path | None, eos: list[int]) -> dict:
-    config = _record(folder / "generation_config.json") if folder else None
+    config = _read_json(folder / "generation_config.json") if folder else None
     config = config or {}
     keep = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
     defaults = {k: config[k] for k in keep if k in config}
@@ -183,7 +195,7 @@ def _generation_defaults(folder: Path | None, eos: list[int]) -> dict:
 
 
 def _golden(session) -> dict:
-    from edgeft.runtimes import generate
+    from edgeft.session import generate
 
     try:
         prompt_ids = session.tokenize(GOLDEN_PROMPT, chat=True)
@@ -207,7 +219,7 @@ def package(
     lora: list[Path] | None = None,
     bench_results: Path | None = None,
     make_zip: bool = False,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     force: bool = False,
 ) -> Path:
     """Write a bundle for ``target`` from a GGUF file or an ONNX folder (or the pick of an
@@ -235,12 +247,14 @@ def package(
         pick, measured = read_pick(given)  # edgeft recommend's pick, with its bench figures
         artifact_spec, bench_results = str(pick), bench_results or measured
     artifact = resolve_artifact(artifact_spec)
-    if artifact.format not in FORMAT_RUNTIME:
+    # what an app embeds on every target: llama.cpp's C API, or onnxruntime-genai's mobile
+    # packages (its Android AAR and iOS pod carry onnxruntime)
+    runtime_name = BY_NAME[artifact.format].packaged_with
+    if runtime_name is None:
         raise EdgeftError(
             f"{artifact.path}: a {artifact.format} artifact does not run on phones; package a "
-            "GGUF file (edgeft export gguf) or an ONNX folder (edgeft export onnx)"
+            f"{titles(lambda f: f.packaged_with is not None)} (edgeft export gguf|onnx)"
         )
-    runtime_name = FORMAT_RUNTIME[artifact.format]
     adapters = [_check_lora(Path(adapter), artifact) for adapter in lora or []]
     names = [adapter.name for adapter, _ in adapters]
     if len(set(names)) < len(names):
@@ -258,7 +272,7 @@ def package(
     try:
         golden = _golden(session)
         eos = sorted(session.eos_token_ids)
-        bos = _bos_token_id(session)
+        bos = session.bos_token_id
     finally:
         session.close()
     adapter_goldens = []
@@ -348,20 +362,13 @@ def package(
             "golden": golden,
             "notes": notes,
         }
-        write_json(work / MANIFEST, manifest)
+        _write_manifest(work, manifest)
     if staging is not None:
         try:
             _zip(folder, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final
-
-
-def _bos_token_id(session) -> int | None:
-    if hasattr(session, "llm"):  # llama.cpp
-        bos = session.llm.token_bos()
-        return bos if bos >= 0 else None
-    return getattr(getattr(session, "tokenizer", None), "bos_token_id", None)
 
 
 def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
@@ -374,7 +381,7 @@ def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
     if not adapter.is_file():
         raise EdgeftError(f"--lora {adapter}: no such file")
     if artifact.format == "gguf":
-        from edgeft.export.gguf.reader import gguf_metadata
+        from edgeft.gguf_file import gguf_metadata
 
         if adapter.suffix != ".gguf":
             raise EdgeftError(f"--lora {adapter}: a GGUF bundle takes LoRA GGUFs")
@@ -383,7 +390,8 @@ def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
             raise EdgeftError(f"--lora {adapter}: not a LoRA GGUF (edgeft export gguf-lora)")
         _check_gguf_base(adapter, meta, artifact.path)
         return adapter, meta.get("edgeft.base.sha256") or ""
-    from edgeft.export.onnx.lora import ADAPTER_SUFFIX, check_adapter, graph_lora_inputs
+    from edgeft.formats import ONNX_ADAPTER_SUFFIX as ADAPTER_SUFFIX
+    from edgeft.formats import check_adapter, graph_lora_inputs
 
     if not adapter.name.endswith(ADAPTER_SUFFIX):
         raise EdgeftError(
@@ -400,8 +408,8 @@ def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
 def _check_gguf_base(adapter: Path, meta: dict, base: Path) -> None:
     """Refuse a LoRA GGUF made for another base than ``base`` (the check llama.cpp loading
     applies: the adapter's recorded base weights against the base's source weights)."""
-    from edgeft.export.gguf.lora import check_base
-    from edgeft.export.gguf.reader import gguf_metadata
+    from edgeft.formats import check_base
+    from edgeft.gguf_file import gguf_metadata
 
     try:
         check_base(meta, gguf_metadata(base), adapter, base)
@@ -451,11 +459,6 @@ def _zip(folder: Path, target: Path) -> None:
 # --- verify -------------------------------------------------------------------------------
 
 
-def _safe_member(name: str) -> bool:
-    path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts and "\\" not in name and name != ""
-
-
 def _unzip(bundle: Path, into: Path) -> Path:
     try:
         archive = zipfile.ZipFile(bundle)
@@ -463,7 +466,7 @@ def _unzip(bundle: Path, into: Path) -> Path:
         raise EdgeftError(f"{bundle}: not a readable zip ({exc})") from None
     with archive:
         for info in archive.infolist():
-            if not _safe_member(info.filename):
+            if not inside(info.filename):
                 raise EdgeftError(
                     f"{bundle}: member {info.filename!r} would land outside the bundle"
                 )
@@ -471,55 +474,20 @@ def _unzip(bundle: Path, into: Path) -> Path:
     return into
 
 
-def _manifest(bundle: Path) -> dict:
-    path = bundle / MANIFEST
-    if not path.is_file():
-        raise EdgeftError(f"{bundle}: no {MANIFEST}; not an edgeft bundle")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EdgeftError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise EdgeftError(f"{path}: schema is not {SCHEMA!r}")
-    required = {
-        "runtime": dict,
-        "model": dict,
-        "files": list,
-        "golden": dict,
-        "target": str,
-    }
-    for key, kind in required.items():
-        if not isinstance(manifest.get(key), kind):
-            raise EdgeftError(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    for i, entry in enumerate(manifest["files"]):
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("path"), str)
-            and isinstance(entry.get("size"), int)
-            and isinstance(entry.get("sha256"), str)
-        ):
-            raise EdgeftError(f"{path}: files[{i}] needs path, size and sha256")
-        if not _safe_member(entry["path"]):
-            raise EdgeftError(f"{path}: files[{i}] path {entry['path']!r} leaves the bundle")
-    return manifest
-
-
-def _check_files(bundle: Path, manifest: dict) -> int:
-    listed = {entry["path"] for entry in manifest["files"]}
-    for entry in manifest["files"]:
-        path = bundle / entry["path"]
+def _check_files(bundle: Path, manifest: Manifest) -> int:
+    listed = {entry.path for entry in manifest.files}
+    for entry in manifest.files:
+        path = bundle / entry.path
         if not path.is_file():
-            raise EdgeftError(
-                f"{entry['path']}: listed in the manifest but missing from the bundle"
-            )
+            raise EdgeftError(f"{entry.path}: listed in the manifest but missing from the bundle")
         size = path.stat().st_size
-        if size != entry["size"]:
+        if size != entry.size:
             raise EdgeftError(
-                f"{entry['path']}: {size} bytes, the manifest says {entry['size']} (truncated "
+                f"{entry.path}: {size} bytes, the manifest says {entry.size} (truncated "
                 "or replaced)"
             )
-        if sha256_file(path) != entry["sha256"]:
-            raise EdgeftError(f"{entry['path']}: sha256 does not match the manifest (modified)")
+        if sha256_file(path) != entry.sha256:
+            raise EdgeftError(f"{entry.path}: sha256 does not match the manifest (modified)")
     extra = sorted(
         p.relative_to(bundle).as_posix()
         for p in bundle.rglob("*")
@@ -527,13 +495,10 @@ def _check_files(bundle: Path, manifest: dict) -> int:
     )
     if extra:
         raise EdgeftError(f"{extra[0]}: in the bundle but not in the manifest")
-    model_path = manifest["model"].get("path")
-    if not isinstance(model_path, str) or not _safe_member(model_path):
-        raise EdgeftError(f"{MANIFEST}: model.path {model_path!r} is not a path inside the bundle")
     return len(listed)
 
 
-def verify(bundle: Path, *, threads: int = 2, load: bool = True) -> VerifyReport:
+def verify(bundle: Path, *, threads: int = DEFAULT_THREADS, load: bool = True) -> VerifyReport:
     """Check a bundle: schema, every file's size and sha256, then a greedy generation in its
     runtime against the golden output.
 
@@ -545,7 +510,7 @@ def verify(bundle: Path, *, threads: int = 2, load: bool = True) -> VerifyReport
         raise EdgeftError(f"{bundle}: no such bundle")
     with tempfile.TemporaryDirectory(prefix="edgeft-verify-") as tmp:
         root = _unzip(bundle, Path(tmp)) if bundle.is_file() else bundle
-        manifest = _manifest(root)
+        manifest = read_manifest(root)
         files = _check_files(root, manifest)
         report = VerifyReport(bundle, files, 0)
         adapters = _check_adapters(root, manifest)
@@ -553,72 +518,67 @@ def verify(bundle: Path, *, threads: int = 2, load: bool = True) -> VerifyReport
             report.golden_tokens = _check_golden(root, manifest, threads)
             for path, golden in adapters:
                 report.golden_tokens += _check_golden(root, manifest, threads, path, golden)
-        report.adapters = len(manifest["model"].get("lora") or [])
+        report.adapters = len(manifest.model.lora)
     return report
 
 
-def _check_adapters(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
+def _check_adapters(root: Path, manifest: Manifest) -> list[tuple[Path, Golden]]:
     """Each adapter of the bundle with its golden output, its base identity checked against
     the bundle's model.
 
     Raises:
-        EdgeftError: an adapter entry that is malformed, missing from ``lora``, or made for
-            another base.
+        EdgeftError: an adapter entry missing from ``lora``, or made for another base.
     """
-    lora = manifest["model"].get("lora") or []
-    # bundles written before adapters had golden outputs: their base identity only
-    entries = manifest.get("adapters", [{"path": p, "golden": None} for p in lora])
-    if not isinstance(entries, list) or sorted(e.get("path", "") for e in entries) != sorted(lora):
+    entries = manifest.described_adapters()
+    if sorted(e.path for e in entries) != sorted(manifest.model.lora):
         raise EdgeftError(f"{MANIFEST}: 'adapters' must describe each file of model.lora")
-    model = root / manifest["model"]["path"]
+    model = root / manifest.model.path
     checked = []
     for entry in entries:
-        path = root / entry["path"]
-        if not _safe_member(entry["path"]) or not isinstance(entry.get("golden"), dict | None):
-            raise EdgeftError(f"{MANIFEST}: adapter {entry['path']!r} needs a path and golden")
-        if manifest["model"].get("format") == "gguf":
-            from edgeft.export.gguf.reader import gguf_metadata
+        path = root / entry.path
+        if manifest.model.format == "gguf":
+            from edgeft.gguf_file import gguf_metadata
 
             _check_gguf_base(path, gguf_metadata(path), model)
         else:
-            from edgeft.export.onnx.lora import check_adapter, graph_lora_inputs
+            from edgeft.formats import check_adapter, graph_lora_inputs
 
             try:
                 check_adapter(path, model / "model.onnx")
             except ModelError as exc:
                 raise EdgeftError(str(exc)) from None
             recorded = graph_lora_inputs(model / "model.onnx")[1]
-            if "base_sha256" in entry and entry["base_sha256"] != recorded:
+            if entry.base_sha256 is not None and entry.base_sha256 != recorded:
                 raise EdgeftError(
-                    f"{entry['path']}: the manifest's base sha256 is not the model's "
-                    f"({str(entry.get('base_sha256'))[:12]} vs {str(recorded)[:12]})"
+                    f"{entry.path}: the manifest's base sha256 is not the model's "
+                    f"({entry.base_sha256[:12]} vs {str(recorded)[:12]})"
                 )
-        if entry["golden"] is not None:
-            checked.append((path, entry["golden"]))
+        if entry.golden is not None:
+            checked.append((path, entry.golden))
     return checked
 
 
 def _check_golden(
-    root: Path, manifest: dict, threads: int, adapter: Path | None = None, golden=None
+    root: Path,
+    manifest: Manifest,
+    threads: int,
+    adapter: Path | None = None,
+    golden: Golden | None = None,
 ) -> int:
-    from edgeft.runtimes import RUNTIMES, get_runtime
+    from edgeft.runtimes import get_runtime
 
-    runtime_name = manifest["runtime"].get("name")
-    if runtime_name not in RUNTIMES:
-        raise EdgeftError(f"{MANIFEST}: unknown runtime {runtime_name!r}")
-    golden = golden or manifest["golden"]
-    prompt, expected = golden.get("prompt_token_ids"), golden.get("output_token_ids")
-    if not (isinstance(prompt, list) and isinstance(expected, list)):
-        raise EdgeftError(f"{MANIFEST}: golden needs prompt_token_ids and output_token_ids")
-    model = root / manifest["model"]["path"]
+    golden = golden or manifest.golden
+    prompt, expected = golden.prompt_token_ids, golden.output_token_ids
+    model = root / manifest.model.path
+    runtime_name = manifest.runtime.name
     if adapter is None:
         session = get_runtime(runtime_name).load(model, threads=threads)
     else:
         session = _load_with(runtime_name, model, adapter, threads)
     try:
-        from edgeft.runtimes import generate
+        from edgeft.session import generate
 
-        output = generate(session, prompt, int(golden.get("max_new_tokens", len(expected))))
+        output = generate(session, prompt, golden.max_new_tokens)
         if output != expected:
             at = next(
                 (i for i, (a, b) in enumerate(zip(output, expected, strict=False)) if a != b),
@@ -629,7 +589,7 @@ def _check_golden(
             applied = f" with {adapter.relative_to(root).as_posix()}" if adapter else ""
             raise EdgeftError(
                 f"golden output differs at token {at}: got {got!r}, the manifest has {want!r} "
-                f"(model {manifest['model']['path']}{applied})"
+                f"(model {manifest.model.path}{applied})"
             )
     finally:
         session.close()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from edgeft._io import write_json
 from edgeft.errors import EdgeftError
+from edgeft.options import DEFAULT_THREADS
+from edgeft.provenance import RECORD_NAME, find_record, read_record
 
 SCHEMA = "edgeft.recommendation/1"
 RECOMMENDATION = "recommendation.json"
@@ -117,15 +119,11 @@ class Option:
 
     def figures(self, reference: str | None, device: bool) -> dict:
         """Size, decode speed (the device's prediction with a profile), TTFT, KL, task."""
-        from edgeft.bench.schema import decode_at
+        from edgeft.bench.schema import decode_speed
 
         row = self.row or {}
         latency, accuracy = row.get("latency") or {}, row.get("accuracy") or {}
-        decode = decode_at(latency) if latency else None
-        speed = None
-        if decode:
-            speed = decode.get("predicted_tok_s") if device else None
-            speed = speed if speed is not None else decode["tok_s"]["median"]
+        speed = decode_speed(latency, device)
         vs = (accuracy.get("vs") or {}).get(reference) or {}
         return {
             "size_mb": (row.get("size_bytes") or self.export_bytes or 0) / 1e6 or None,
@@ -173,23 +171,17 @@ class Recommendation:
         }
 
 
-def _cached(folder: Path, stage: str, weights_sha256: str, types: list[str]) -> dict | None:
+def _cached(folder: Path, stage: str, weights_sha256: str, types: list[str]):
     """The record of an earlier export in ``folder`` that covers ``types`` of these weights."""
-    record_path = folder / "edgeft.json"
-    if not record_path.is_file():
+    if not (folder / RECORD_NAME).is_file():
         if folder.exists():
             raise EdgeftError(
                 f"{folder} exists and is not an edgeft export; pass another --exports folder"
             )
         return None
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        same = record["stage"] == stage and (
-            record["inputs"]["model"]["weights_sha256"] == weights_sha256
-        )
-        covered = set(types) <= set(record["settings"]["types"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    record = find_record(folder, stage)
+    same = record.inputs.model.weights_sha256 == weights_sha256
+    covered = set(types) <= set(record.settings.types)
     return record if same and covered else None
 
 
@@ -235,14 +227,14 @@ def _export(model: Path, exports: Path, options: list[Option], calibration, thre
                 export_onnx(
                     model, folder, types, calibration=calibration, threads=threads, force=True
                 )
-            record = json.loads((folder / "edgeft.json").read_text(encoding="utf-8"))
-        reports = record["results"]["files" if fmt == "gguf" else "folders"]
-        by_type = {r["type"]: r for r in reports}
+            record = read_record(folder, stage)
+        reports = record.results.files if fmt == "gguf" else record.results.folders
+        by_type = {r.type: r for r in reports}
         for option in members:
             report = by_type[option.candidate.type]
-            option.path = folder / (report["file"] if fmt == "gguf" else report["folder"])
-            option.export_bytes = int(report["bytes"])
-            option.export_kl = float(report["parity"]["mean_kl"])
+            option.path = folder / (report.file if fmt == "gguf" else report.folder)
+            option.export_bytes = report.bytes
+            option.export_kl = report.parity.mean_kl
 
 
 def _screen(options: list[Option], budgets) -> None:
@@ -479,12 +471,12 @@ def recommend(
         raise EdgeftError(f"--model {model}: not a Hugging Face checkpoint folder (no config.json)")
     exports = Path(exports) if exports else out.with_name(f"{out.name}-exports")
     options = [Option(candidate) for candidate in candidates]
-    threads = settings.threads if settings else 2
+    threads = settings.threads if settings else DEFAULT_THREADS
     _export(model, exports, options, calibration, threads, log)
     if device:
         from edgeft.devices import get_profile
 
-        budgets = budgets.over(Budgets(**vars(get_profile(device).budgets)))
+        budgets = budgets.over(Budgets(**get_profile(device).budgets.model_dump()))
     _screen(options, budgets)
     chosen = [o for o in options if not o.screened]
     results = None

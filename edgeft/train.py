@@ -22,7 +22,7 @@ from edgeft.architectures import check_lora_targets
 from edgeft.data import DataReport, collate, load_examples, split_examples
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.models import BaseModel, resolve_base
-from edgeft.provenance import make_record
+from edgeft.provenance import make_record, write_record
 
 PARITY_ROWS_FILE = "parity_rows.json"
 _PARITY_ROWS = 8  # eval rows kept for the merge stage's parity check: enough for stable KL
@@ -32,38 +32,89 @@ _PARITY_ROWS = 8  # eval rows kept for the merge stage's parity check: enough fo
 class TrainSettings:
     """Every training choice; validated once and saved in ``edgeft.json``."""
 
-    method: Literal["qlora", "lora"] = "qlora"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True  # quantizes the block scales too: ~0.4 bit/param saved, same loss
-    # auto: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU (no fast bf16 there)
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    rank: int = 16
-    alpha: float = 32  # scale alpha/rank = 2, the common QLoRA setting
-    dropout: float = 0.05
+    method: Literal["qlora", "lora"] = field(
+        default="qlora", metadata={"help": "qlora: 4-bit base; lora: full-precision base"}
+    )
+    quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type of the QLoRA base"}
+    )
+    # quantizes the block scales too: ~0.4 bit/param saved, same loss
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "quantize the QLoRA base's 4-bit block scales too"},
+    )
+    # fp32 on the CPU: no fast bf16 there
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "auto: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU"},
+    )
+    rank: int = field(default=16, metadata={"help": "LoRA rank of the adapter's matrices"})
+    # scale alpha/rank = 2, the common QLoRA setting
+    alpha: float = field(
+        default=32, metadata={"help": "LoRA alpha: the adapter's update is scaled by alpha/rank"}
+    )
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input"})
     # "all-linear": every Linear layer but lm_head, as in the QLoRA paper
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
+    target_modules: list[str] | Literal["all-linear"] = field(
+        default="all-linear",
+        metadata={
+            "help": "'all-linear' (every Linear layer but lm_head) or comma-separated module "
+            "names, e.g. q_proj,v_proj"
+        },
+    )
+    learning_rate: float = field(
+        default=2e-4, metadata={"flag": "--lr", "help": "peak learning rate"}
+    )
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "share of the steps that ramp the learning rate up"}
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training rows"})
+    max_steps: int = field(default=-1, metadata={"help": "> 0 overrides --epochs"})
+    batch_size: int = field(default=4, metadata={"help": "rows per step on each device"})
+    grad_accum: int = field(
+        default=1, metadata={"help": "steps whose gradients add up to one optimizer update"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass: less memory, slower"},
+    )
     # batches of similar length: ~15% less padding on chat data whose rows vary in length
-    group_by_length: bool = True
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "batch rows of similar length together (--no-group-by-length: random order)"
+        },
+    )
     # NEFTune: noise on input embeddings during training, known to help instruction tuning
-    # generalise (0 = off)
-    neftune_alpha: float = 0.0
-    # weight of a --preserve row's loss (its KL divergence from the base model) against a
-    # training row's cross-entropy
-    preserve_weight: float = 1.0
-    max_length: int = 512
-    eval_fraction: float = 0.05
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
+    # generalise
+    neftune_alpha: float = field(
+        default=0.0, metadata={"help": "NEFTune embedding noise during training (0: off)"}
+    )
+    # a --preserve row's loss is its KL divergence from the base model, a training row's its
+    # cross-entropy
+    preserve_weight: float = field(
+        default=1.0, metadata={"help": "weight of a --preserve row against a --data row"}
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "tokens per row; longer rows are truncated and counted"},
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "share of --data held out for eval loss"}
+    )
+    seed: int = field(
+        default=42, metadata={"help": "random seed: eval split, adapter init, row order"}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "steps between logged losses"})
+    save_steps: int = field(
+        default=200,
+        metadata={"help": "checkpoint interval (kept in OUT.partial until training ends)"},
+    )
+    save_total_limit: int = field(
+        default=2,
+        metadata={"help": "checkpoints kept in OUT.partial; older ones are deleted"},
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -569,7 +620,7 @@ def train(
                     },
                 },
             )
-            write_json(work / "edgeft.json", record)
+            write_record(work, record)
     return result
 
 

@@ -10,6 +10,7 @@ tensor is read.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,131 @@ DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_SHARD_BYTES = 5 * 10**9
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+# safetensors' own limit on the JSON header (safetensors/src/tensor.rs MAX_HEADER_SIZE).
+SAFETENSORS_MAX_HEADER = 100_000_000
+# safetensors dtype → bits per element.
+SAFETENSORS_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+
+def inspect_safetensors(path: Path) -> dict:
+    """A safetensors file's header, parsed here and checked against the file size; no tensor
+    is read.
+
+    Raises:
+        ModelError: a header length past the end, an unreadable header, or any tensor whose
+            dtype, shape or offsets do not fit the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelError(
+                f"{path}: header length: the file has {size} bytes, fewer than the 8-byte "
+                "header length (truncated safetensors)"
+            )
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise ModelError(
+                f"{path}: header length {header_len} runs past the end of the file "
+                f"({size} bytes; truncated or not safetensors)"
+            )
+        if header_len > SAFETENSORS_MAX_HEADER:
+            raise ModelError(
+                f"{path}: header length {header_len} exceeds safetensors' "
+                f"{SAFETENSORS_MAX_HEADER}-byte limit"
+            )
+        text = f.read(header_len)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: header is not valid JSON ({reason})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - header_len
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ModelError(f"{path}: __metadata__ must map strings to strings")
+
+    dtypes: dict[str, int] = {}
+    parameters = 0
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where} is a JSON {type(entry).__name__}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise ModelError(f"{where}: dtype {dtype!r} is not a safetensors dtype")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_natural(o) for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ModelError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+        begin, end = offsets
+        if end > data_size:
+            raise ModelError(
+                f"{where}: data_offsets [{begin}, {end}] lie past the end of the file (the data "
+                f"section holds {data_size} bytes; truncated or crafted)"
+            )
+        elements = math.prod(shape)
+        if elements * bits != (end - begin) * 8:
+            raise ModelError(
+                f"{where}: data_offsets span {end - begin} bytes but {dtype} {shape} needs "
+                f"{elements * bits / 8:g}"
+            )
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        parameters += elements
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:], strict=False):
+        if begin < prev_end:
+            raise ModelError(f"{path}: tensors {prev!r} and {name!r} overlap in data_offsets")
+    return {
+        "format": "safetensors",
+        "path": str(path),
+        "bytes": size,
+        "header_bytes": header_len,
+        "tensor_count": len(spans),
+        "parameter_count": parameters,
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
+        "metadata": metadata or {},
+    }
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -62,8 +188,6 @@ def safetensors_index(model_dir: Path) -> dict[str, StoredTensor]:
         ]
         hint = f" (found {', '.join(pickled)}: edgeft does not unpickle)" if pickled else ""
         raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
-    from edgeft.inspect import inspect_safetensors
-
     index: dict[str, StoredTensor] = {}
     for path in files:
         inspect_safetensors(path)  # every field type, offset and length checked against the file

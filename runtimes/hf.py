@@ -8,13 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeft.errors import ModelError
-from edgeft.runtimes import chat_messages
+from edgeft.session import chat_messages
 
 
 class HFTokenizing:
     """``tokenize``/``detokenize`` of the session protocol over ``self.tokenizer``."""
 
     tokenizer: object
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
 
     def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         if chat:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import chat_messages, generate
+from edgeft.session import ADAPTERS, BATCH, chat_messages, generate
 
 # ggml log levels (ggml.h): only errors are kept, to name the cause in edgeft's one-line errors.
 _LOG_ERROR, _LOG_CONT = 4, 5
@@ -68,6 +68,8 @@ MAX_DEFAULT_CTX = 4096
 class LlamaCppSession:
     """A llama.cpp model and context holding one sequence in its KV cache."""
 
+    capabilities = frozenset({BATCH, ADAPTERS})
+
     def __init__(self, llm, path: Path) -> None:
         import llama_cpp
 
@@ -94,6 +96,11 @@ class LlamaCppSession:
         self._n_past = 0
         self._next_token: int | None = None
         self._adapters: dict[Path, object] = {}  # LoRA GGUF → llama.cpp's loaded adapter
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self.llm.token_bos()
+        return bos if bos >= 0 else None
 
     def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         """Token ids without an added bos, special tokens in the text matched (like Hugging
@@ -313,7 +320,7 @@ def _sandboxed_template(source: str):
 def _check_gguf(path: Path) -> None:
     """Refuse a file that is not a GGUF, or whose header does not fit the file, before
     llama.cpp reads it: the header is read by edgeft's bounds-checked reader first."""
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     try:
         with open(path, "rb") as f:
@@ -357,8 +364,8 @@ def _trained_context_length(path: Path) -> int:
 def _check_lora_base(lora_path: Path, artifact: Path) -> None:
     """Refuse an edgeft LoRA GGUF over a base other than the one it was trained on (llama.cpp
     itself only checks the architecture and tensor shapes)."""
-    from edgeft.export.gguf.lora import check_base
-    from edgeft.export.gguf.reader import gguf_metadata
+    from edgeft.formats import check_base
+    from edgeft.gguf_file import gguf_metadata
 
     check_base(gguf_metadata(lora_path), gguf_metadata(artifact), lora_path, artifact)
 

@@ -20,10 +20,11 @@ import numpy as np
 
 from edgeft.architectures import attention_shape
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import generate
+from edgeft.formats import ONNX_MODEL_FILE
 from edgeft.runtimes.hf import HFTokenizing, eos_token_ids, load_tokenizer, read_json
+from edgeft.session import ADAPTERS, BATCH, generate
 
-MODEL_FILE = "model.onnx"
+MODEL_FILE = ONNX_MODEL_FILE
 
 _CACHE_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
@@ -42,6 +43,8 @@ class OnnxSession(HFTokenizing):
     [1, kv_heads, capacity, head_dim] buffer per cache tensor as both the past input and the
     present output; the attention mask's length tells the graph how many positions are valid.
     """
+
+    capabilities = frozenset({BATCH, ADAPTERS})
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class OnnxSession(HFTokenizing):
         self._n_past = 0
         self._next_token: int | None = None
         self._adapter_values: dict = {}  # LoRA input → OrtValue of the active adapter
+        self._adapter_files: dict[Path, tuple] = {}  # file → (its reader, its values)
         self.adapter: Path | None = None
 
     def set_adapter(self, adapter: Path | None) -> None:
@@ -105,16 +109,19 @@ class OnnxSession(HFTokenizing):
         """
         import onnxruntime as ort
 
-        from edgeft.export.onnx.lora import check_adapter
+        from edgeft.formats import check_adapter
 
         self.close()
         if adapter is None:
             self._adapter_values, self.adapter = {}, None
             return
-        check_adapter(Path(adapter), self.path)
-        reader = ort.AdapterFormat.read_adapter(str(adapter))
-        self._adapter_values, self.adapter = dict(reader.get_parameters()), Path(adapter)
-        self._adapter_file = reader  # holds the memory the values may point into
+        adapter = Path(adapter)
+        if adapter not in self._adapter_files:  # each file is checked and read once
+            check_adapter(adapter, self.path)
+            reader = ort.AdapterFormat.read_adapter(str(adapter))
+            # the reader holds the memory its values may point into: it stays with them
+            self._adapter_files[adapter] = (reader, dict(reader.get_parameters()))
+        self._adapter_values, self.adapter = self._adapter_files[adapter][1], adapter
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position, [n, vocab] float32, from an empty KV cache. A prefilled
@@ -324,7 +331,7 @@ def checked_graph(model: Path, runtime: str):
             f"the {runtime} runtime checks where a model's external data lies with the onnx "
             "package: pip install 'edgeft[onnx]'"
         ) from exc
-    from edgeft.export.onnx.export import check_external_data
+    from edgeft.formats import check_external_data
 
     try:
         proto = onnx.load(str(model), load_external_data=False)

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import chat_messages, generate
+from edgeft.formats import GENAI_CONFIG
+from edgeft.session import ADAPTERS, BATCH, MIN_NEW_TOKENS, chat_messages, generate
 
-GENAI_CONFIG = "genai_config.json"
 # A prompt is fed in pieces, as llama.cpp's batches feed it. onnxruntime-genai computes logits
 # for every position of a piece (llama.cpp only for the last), so a piece's logits are bounded
-# in bytes: SmolLM2-135M at a 4096 context peaked at 433 MB in 512-token pieces (100 MB of them
-# logits), 327 MB in 128-token ones, 319 MB in 64-token ones, at the same prefill speed (int4,
-# 2 threads, paired rounds); a 128k vocabulary's 512 logit rows alone are 262 MB.
+# in bytes: smaller pieces lower the peak memory at the same prefill speed
+# (benchmarks/README.md#onnx-int4-memory-at-the-same-context-as-llamacpp-cpu-2-threads); a 128k
+# vocabulary's 512 logit rows alone are 262 MB.
 PREFILL_LOGITS_BYTES = 32 << 20
 PREFILL_CHUNK_RANGE = (64, 512)
 
@@ -53,6 +53,8 @@ class GenaiSession:
     cannot decode past an end token.
     """
 
+    capabilities = frozenset({BATCH, ADAPTERS, MIN_NEW_TOKENS})
+
     def __init__(
         self,
         model,
@@ -63,7 +65,9 @@ class GenaiSession:
         vocab_size: int,
         *,
         model_file: str = "model.onnx",
+        bos_token_id: int | None = None,
     ) -> None:
+        self.bos_token_id = bos_token_id
         self.min_new_tokens = 0
         self.model_file = model_file
         self.prefill_chunk = prefill_chunk(vocab_size)
@@ -87,7 +91,7 @@ class GenaiSession:
         """
         import onnxruntime_genai as og
 
-        from edgeft.export.onnx.lora import check_adapter
+        from edgeft.formats import check_adapter
 
         self.close()
         if adapter is None:
@@ -241,6 +245,7 @@ class GenaiRuntime:
         try:
             genai = json.loads(source.read_text(encoding="utf-8"))
             eos = genai["model"]["eos_token_id"]
+            bos = genai["model"].get("bos_token_id")
             n_ctx = int(genai["search"].get("max_length") or genai["model"]["context_length"])
             vocab_size = int(genai["model"].get("vocab_size") or 0)  # 0: the largest pieces
             model_file = str(genai["model"]["decoder"].get("filename") or "model.onnx")
@@ -270,6 +275,7 @@ class GenaiRuntime:
             n_ctx,
             vocab_size,
             model_file=model_file,
+            bos_token_id=bos if isinstance(bos, int) else None,
         )
         if adapter is not None:
             session.set_adapter(adapter)
@@ -283,8 +289,7 @@ def _check_model_files(folder: Path, source: Path, genai: dict) -> None:
     Raises:
         ModelError: a file outside the folder or missing.
     """
-    from edgeft.export.onnx.export import external_data_path
-    from edgeft.inspect import genai_model_files
+    from edgeft.formats import external_data_path, genai_model_files
     from edgeft.runtimes.onnxrt import checked_graph
 
     model = genai.get("model")

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import ModelError
+from edgeft.options import DEFAULT_THREADS
+from edgeft.provenance import TrainRecord
 from edgeft.runtimes.hf import HFTokenizing
+from edgeft.session import BATCH
 
 
 class TorchSession(HFTokenizing):
@@ -16,6 +19,7 @@ class TorchSession(HFTokenizing):
     passes, see :func:`edgeft.streaming.streamed_model`)."""
 
     streamed = False  # weights read layer by layer on every forward pass
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model
@@ -73,6 +77,8 @@ class StreamedTorchSession(TorchSession):
 class LoadedTorchSession(TorchSession):
     """A fully loaded model: also batched generation through ``generate``."""
 
+    capabilities = frozenset({BATCH})
+
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ) -> list[list[int]]:
@@ -106,6 +112,26 @@ class LoadedTorchSession(TorchSession):
             cut = next((j for j, t in enumerate(row) if t in self.eos_token_ids), len(row))
             replies.append(row[:cut])
         return replies
+
+
+def load_over_full_precision(
+    adapter: Path, base: Path, record: TrainRecord, *, threads: int = DEFAULT_THREADS
+) -> LoadedTorchSession:
+    """A torch session of the adapter, unmerged, over the full-precision (fp32) base at
+    ``base``: what a runtime applying LoRA over a full-precision base file computes, the
+    reference of the adapter exports (GGUF and ONNX)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from edgeft.train import load_base_model
+
+    torch.set_num_threads(threads)
+    settings = record.settings.model_dump()
+    model = load_base_model(base, settings, torch.float32, quantized=False, device="cpu")
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
+    return LoadedTorchSession(model, tokenizer)
 
 
 class TorchRuntime:

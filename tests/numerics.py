@@ -228,7 +228,7 @@ class Expected:
         the session is closed."""
         from edgeft.fidelity import GREEDY_PROMPT, GREEDY_TOKENS, eval_budget
         from edgeft.parity import perplexity
-        from edgeft.runtimes import generate
+        from edgeft.session import generate
 
         try:
             ids = session.tokenize(eval_text)[: eval_budget(context_length)]

@@ -201,7 +201,7 @@ def test_lora_gguf_over_the_base_matches_the_merged_gguf(pipeline, tmp_path):
     (x·(W + s·A·B)), both F32 in llama.cpp: the same F16 KV cache on both sides, so only the
     two orders' rounding differs (see tests/test_gguf.py)."""
     from edgeft.export.gguf.convert import convert_checkpoint
-    from edgeft.export.gguf.lora import SOURCE_SHA_KEY
+    from edgeft.formats import SOURCE_SHA_KEY
     from edgeft.models import weights_sha256
 
     assert _record(pipeline.root / "gguf-lora")["results"]["gated"]
@@ -483,8 +483,8 @@ def test_family_tokenizers_give_identical_ids_in_every_runtime(family, tmp_path)
     from conftest import family_tokenizer
 
     from edgeft.export.gguf import export_gguf
-    from edgeft.export.gguf.reader import gguf_metadata
     from edgeft.export.onnx.export import export_onnx
+    from edgeft.gguf_file import gguf_metadata
 
     tokenizer = family_tokenizer(family, tmp_path / "tokenizer")
     # the templates' own system prompts (SmolLM3's, Llama 3's dated header) need the room
@@ -530,7 +530,7 @@ K_QUANTS = {  # type → (general.file_type, tensor types it must hold)
 
 def test_k_quants_run_on_rows_256_wide(tiny_tokenizer_dir, tmp_path):
     from edgeft.export.gguf import export_gguf
-    from edgeft.export.gguf.reader import gguf_metadata, read_gguf
+    from edgeft.gguf_file import gguf_metadata, read_gguf
 
     # Every quantized row (q/k/v/gate/up: hidden, o_proj: heads × head_dim, down: MLP) is a
     # multiple of 256 wide, so llama.cpp uses the k-quant types themselves, not a fallback.

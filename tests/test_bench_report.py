@@ -10,6 +10,7 @@ from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeft.bench.report import (
@@ -21,6 +22,7 @@ from edgeft.bench.report import (
     render_markdown,
     write_reports,
 )
+from edgeft.bench.report.browser import find_chromium, load_page
 from edgeft.bench.schema import example_results
 from edgeft.errors import EdgeftError
 
@@ -94,6 +96,30 @@ class _StrictHTML(HTMLParser):
 
     def handle_data(self, data):
         self.text.append(data)
+
+
+class _TableRows(HTMLParser):
+    """The cell texts of every table row, header rows included."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[list[str]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append(" ".join("".join(self.cell).split()))
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
 
 
 def _parse(text: str) -> _StrictHTML:
@@ -188,6 +214,58 @@ def test_html_highlights_missed_budgets():
     page_html = render_html(example_results(), {})
     assert page_html.count('<td class="miss">') == 3  # two budget misses and one failure
     assert '<td class="miss">✗ min_decode_tok_s</td>' in page_html
+
+
+def _near(pixels, colour: str, tolerance: int = 3) -> int:
+    """How many pixels are within ``tolerance`` of ``colour`` (``#rrggbb``) on every channel."""
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=np.int16)
+    return int((np.abs(pixels - rgb).max(axis=2) <= tolerance).sum())
+
+
+def test_report_html_in_headless_chromium_shows_the_table_plots_and_styles(tmp_path):
+    if find_chromium() is None:
+        pytest.skip("no Chromium on PATH (chromium, chromium-browser, google-chrome)")
+    from PIL import Image  # installed with matplotlib
+
+    results = example_results()
+    paths = write_reports(results, tmp_path / "out")
+    shot = tmp_path / "report.png"
+    # tall enough for the whole page, the four plots included
+    dom = load_page(paths["html"], screenshot=shot, width=1400, height=3600)
+
+    # The DOM as the browser built it: one main table holding the markdown's rows cell for cell,
+    # and one embedded PNG per plot written, in order, with its title.
+    page = _parse(dom)
+    assert page.tags["table"] == 1
+    table = _TableRows()
+    table.feed(dom)
+    header, *rows = table.rows
+    markdown_rows = _main_rows(paths["markdown"].read_text(encoding="utf-8"))
+    assert [dict(zip(header, row, strict=True)) for row in rows] == markdown_rows
+    assert [row[0] for row in rows] == [a["name"] for a in results["artifacts"]]
+    q8 = dict(zip(header, rows[1], strict=True))
+    assert (q8["artifact"], q8["size MB"], q8["decode tok/s @0"]) == (
+        "model-q8_0.gguf",
+        "145.0",
+        "99.0",
+    )
+    plots = {name: paths[name] for name in PLOTS}
+    assert [image["alt"] for image in page.images] == [PLOTS[name] for name in plots]
+    for image, path in zip(page.images, plots.values(), strict=True):
+        assert image["src"] == "data:image/png;base64," + base64.b64encode(
+            path.read_bytes()
+        ).decode("ascii")
+
+    # The screenshot: the page drawn, with the template's CSS (the missed-budget cells' red)
+    # and the plots' pixels (the bars' and points' blue, a colour the page's CSS never uses).
+    assert shot.stat().st_size > 20_000
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert pixels.shape == (3600, 1400, 3)
+    colours = pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1])
+    assert len(np.unique(colours)) > 100  # not one flat colour
+    assert _near(pixels, "#fde4e2") > 1_000  # td.miss background
+    assert _near(pixels, "#f3f3f3") > 10_000  # th background
+    assert _near(pixels, "#4a78b5") > 20_000  # the plots' bars and points
 
 
 # --- markdown -----------------------------------------------------------------------------------

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import write_jsonl
 
 from edgeft.cli import main
+from edgeft.errors import EdgeftError
+from edgeft.options import settings_from
 
 
 def run_cli(*args, cwd=None):
@@ -140,3 +143,172 @@ def test_help_lists_the_stages():
     for command in ("train", "merge", "demo"):
         assert command in result.stdout
     assert "--skip-bad-rows" in run_cli("train", "--help").stdout
+
+
+# -- options generated from the settings dataclasses ------------------------------------------
+
+# (command words, required arguments, settings class, fields it takes, defaults that differ)
+SETTINGS_COMMANDS = [
+    (("train",), ["--data", "d.jsonl", "--out", "o"], "TrainSettings", None, {}),
+    (("export", "onnx"), ["--model", "m", "--out", "o"], "QuantSettings", None, {}),
+    (("bench",), ["a.gguf", "--out", "o"], "BenchSettings", None, {}),
+    (
+        ("recommend",),
+        ["--model", "m", "--out", "o"],
+        "BenchSettings",
+        ("threads", "depths", "repeats"),
+        {"depths": (0, 512)},
+    ),
+]
+
+
+def _settings_class(name):
+    from edgeft.bench.harness import BenchSettings
+    from edgeft.export.onnx import QuantSettings
+    from edgeft.train import TrainSettings
+
+    return {c.__name__: c for c in (TrainSettings, QuantSettings, BenchSettings)}[name]
+
+
+def _leaf_parsers(parser, words=()):
+    """Every (command words, parser) that parses arguments, subcommands included."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield words, parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _leaf_parsers(child, (*words, name))
+
+
+def _as_parsed(value):
+    """A field default as the parser holds it: lists and name=value pairs as text."""
+    if isinstance(value, tuple | list):
+        return ",".join("=".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize(("words", "required", "cls", "only", "changed"), SETTINGS_COMMANDS)
+def test_every_setting_is_an_option_with_its_default(words, required, cls, only, changed):
+    import dataclasses
+
+    from edgeft.cli import build_parser
+
+    cls = _settings_class(cls)
+    parser = dict(_leaf_parsers(build_parser()))[words]
+    actions = {a.dest: a for a in parser._actions}
+    fields = [f for f in dataclasses.fields(cls) if only is None or f.name in only]
+    assert fields and (only is None or len(fields) == len(only))
+    for f in fields:
+        action = actions[f.name]
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        assert flag in action.option_strings, (f.name, action.option_strings)
+        assert action.help, f"{flag} has no help text"
+        assert action.default == _as_parsed(changed.get(f.name, getattr(cls(), f.name))), flag
+    args = build_parser().parse_args([*words, *required])
+    assert settings_from(args, cls) == cls(**changed)
+
+
+def test_flags_keep_their_names_and_meaning():
+    from edgeft.bench.harness import BenchSettings
+    from edgeft.cli import build_parser
+    from edgeft.export.onnx import QuantSettings
+    from edgeft.train import TrainSettings
+
+    parse = build_parser().parse_args
+    train = ["train", "--data", "d.jsonl", "--out", "o", "--lr", "1e-3", "--no-double-quant"]
+    train += ["--no-group-by-length", "--gradient-checkpointing", "--target-modules", "q,v"]
+    assert settings_from(parse(train), TrainSettings) == TrainSettings(
+        learning_rate=1e-3,
+        double_quant=False,
+        group_by_length=False,
+        gradient_checkpointing=True,
+        target_modules=["q", "v"],
+    )
+    onnx = ["export", "onnx", "--model", "m", "--out", "o", "--no-symmetric", "--int8-modules"]
+    onnx += ["", "--module-blocks", "up_proj=128,lm_head=64", "--embeddings", "int8"]
+    assert settings_from(parse(onnx), QuantSettings) == QuantSettings(
+        symmetric=False,
+        int8_modules=(),
+        module_blocks=(("up_proj", 128), ("lm_head", 64)),
+        embeddings="int8",
+    )
+    bench = ["bench", "a.gguf", "--timeout", "5", "--depths", "0, 64", "--threads", "1"]
+    assert settings_from(parse(bench), BenchSettings) == BenchSettings(
+        timeout_s=5.0, depths=(0, 64), threads=1
+    )
+    for argv, cls, message in (
+        ([*bench, "--depths", "0,a"], BenchSettings, "--depths: expected comma-separated integers"),
+        ([*onnx, "--module-blocks", "up_proj"], QuantSettings, "'up_proj' is not module=size"),
+    ):
+        with pytest.raises(EdgeftError, match=message):
+            settings_from(parse(argv), cls)
+
+
+def test_help_shows_every_default():
+    import argparse
+
+    from edgeft.cli import build_parser
+    from edgeft.options import HelpFormatter
+
+    parsers = dict(_leaf_parsers(build_parser()))
+    assert {("train",), ("export", "onnx"), ("bench",), ("recommend",)} <= set(parsers)
+    for words, parser in parsers.items():
+        formatter = HelpFormatter(prog="edgeft")
+        for action in parser._actions:
+            shown = action.default not in (None, argparse.SUPPRESS, [])
+            if action.option_strings and shown and action.nargs != 0:
+                text = formatter._get_help_string(action)
+                assert "default" in text, (words, action.option_strings)
+    expected = {
+        ("train",): {"--rank": "16", "--lr": "0.0002", "--double-quant": "True"},
+        ("export", "onnx"): {"--block-size": "32", "--threads": "2", "--symmetric": "True"},
+        ("bench",): {"--depths": "0,512,2048", "--timeout": "3600.0"},
+        ("recommend",): {"--depths": "0,512", "--threads": "2"},
+        ("merge",): {"--dtype": "fp32"},
+    }
+    for words, defaults in expected.items():
+        for flag, value in defaults.items():
+            assert f"(default: {value})" in _help_of(parsers[words], flag), (words, flag)
+
+
+def _help_of(parser, flag: str) -> str:
+    """The lines ``--help`` prints for ``flag``, joined into one."""
+    import re
+
+    blocks = re.split(r"\n(?=  -)", parser.format_help())
+    block = next(b for b in blocks if re.match(rf"\s*(-\w, )?{re.escape(flag)}[ ,\n]", b))
+    return " ".join(block.split())
+
+
+def test_threads_default_is_one_constant():
+    import inspect
+    import re
+    from pathlib import Path
+
+    from edgeft.bench.harness import BenchSettings
+    from edgeft.cli import build_parser
+    from edgeft.export.gguf import export_gguf, export_gguf_lora
+    from edgeft.export.onnx import export_onnx
+    from edgeft.options import DEFAULT_THREADS
+    from edgeft.package import package, verify
+
+    with_threads = 0
+    for words, parser in _leaf_parsers(build_parser()):
+        for action in parser._actions:
+            if "--threads" in action.option_strings:
+                assert action.default == DEFAULT_THREADS, words
+                with_threads += 1
+    assert with_threads >= 7  # export gguf, gguf-lora, onnx; bench, recommend, package, verify
+    assert BenchSettings().threads == DEFAULT_THREADS
+    for function in (export_gguf, export_gguf_lora, export_onnx, package, verify):
+        default = inspect.signature(function).parameters["threads"].default
+        assert default == DEFAULT_THREADS, function.__name__
+    # No other default written as a number: every one names the constant.
+    root = Path(__file__).resolve().parents[1]
+    literal = re.compile(r"threads: int = \d|\"--threads\".*default=\d|threads = .* else \d")
+    for folder in ("edgeft", "export", "runtimes", "devices"):
+        for path in (root / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                assert not literal.search(line), f"{path.relative_to(root)}:{number}: {line}"

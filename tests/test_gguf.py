@@ -23,10 +23,11 @@ from edgeft.errors import ModelError, OutputExistsError, ParityError
 from edgeft.export.gguf import GGUF_TYPES, export_gguf, export_gguf_lora
 from edgeft.export.gguf.convert import convert_checkpoint
 from edgeft.export.gguf.export import _check_tokenizer
-from edgeft.export.gguf.reader import gguf_metadata
 from edgeft.export.gguf.vocab import read_vocab
+from edgeft.gguf_file import gguf_metadata
 from edgeft.parity import compare_logits
-from edgeft.runtimes import generate, get_runtime
+from edgeft.runtimes import get_runtime
+from edgeft.session import generate
 
 SHORT_EVAL = " ".join(CORPUS[:6])
 
@@ -487,7 +488,7 @@ def _header(n_tensors=0, n_kv=1, version=3) -> bytes:
 def test_damaged_gguf_headers_are_refused(name, content, message, llama_export, tmp_path):
     import time
 
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     path = tmp_path / "bad.gguf"
     if content is None:  # a real file cut in the middle of its tensor data

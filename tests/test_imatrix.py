@@ -19,7 +19,7 @@ from edgeft.export.gguf.imatrix import (
     write_imatrix,
 )
 from edgeft.export.gguf.quantize import quantize
-from edgeft.export.gguf.reader import gguf_metadata
+from edgeft.gguf_file import gguf_metadata
 
 TEXT = " ".join(CORPUS[:10])  # one chunk of the tiny tokenizer's ids
 SHORT_EVAL = " ".join(CORPUS[:6])

@@ -357,7 +357,11 @@ def test_pickles_are_refused_unopened(suffix, tmp_path, capsys):
 def test_unknown_and_missing(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    _refused(text, r"cannot inspect '.txt' files; supported: .gguf, .onnx .*, .safetensors")
+    _refused(
+        text,
+        r"cannot inspect '.txt' files; supported: GGUF file \(\.gguf\), ONNX folder .*, "
+        r"safetensors file \(\.safetensors\)",
+    )
     _refused(tmp_path, "a folder without model.onnx")
     _refused(tmp_path / "missing.gguf", "no such file or folder")
     code, _, err = _cli(capsys, tmp_path / "missing.gguf")

@@ -85,3 +85,60 @@ def test_wheel_maps_folders_into_the_edgeft_namespace(tmp_path):
     assert "edgeft/assets/eval/cooking.txt" in names
     tops = {n.split("/")[0] for n in names}
     assert tops == {"edgeft", next(t for t in tops if t.endswith(".dist-info"))}
+
+
+# The layers, bottom up: a module may import its own layer and those below it.
+TOP = {"cli", "demo", "package", "recommend", "inspect", "bench"}
+LAYERS = {"core": 0, "runtimes": 1, "devices": 1, "export": 2, "top": 3}
+
+
+def _layer_of(module: str) -> str:
+    """The layer of ``edgeft.X...``."""
+    parts = module.split(".")
+    head = parts[1] if len(parts) > 1 else ""
+    if head in ("runtimes", "devices", "export"):
+        return head
+    return "top" if head in TOP else "core"
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m == "edgeft" or m.startswith("edgeft.")}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] != "edgeft":
+        parts.insert(0, "edgeft")
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def test_layers_import_one_way():
+    """export/ and runtimes/ use edgeft's core, never the reverse; nothing below the CLI, bench,
+    package, recommend, inspect and demo imports them (function-level imports included)."""
+    offences = []
+    for room in ("edgeft", "runtimes", "devices", "export"):
+        for path in sorted((ROOT / room).rglob("*.py")):
+            module = _module_name(path)
+            mine = LAYERS[_layer_of(module)]
+            for imported in _imports(path):
+                if imported == "edgeft":
+                    continue
+                if LAYERS[_layer_of(imported)] > mine:
+                    offences.append(f"{module} imports {imported}")
+    assert offences == []
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("def f():\n    from edgeft.export.gguf import export_gguf\n")
+    assert _imports(path) == {"edgeft.export.gguf"}
+    assert LAYERS[_layer_of("edgeft.export.gguf")] > LAYERS[_layer_of("edgeft.merge")]

@@ -72,7 +72,8 @@ def test_token_ids_equal_llama_cpp(tokenizer, llama_vocab, text):
 def test_default_model_converts_and_stops_at_im_end(tmp_path, monkeypatch):
     """Converts the embedded GGUF into a fresh cache (seconds) and generates."""
     from edgeft.models import resolve_base
-    from edgeft.runtimes import generate, get_runtime
+    from edgeft.runtimes import get_runtime
+    from edgeft.session import generate
 
     monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path))
 

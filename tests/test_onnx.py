@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 from conftest import CORPUS, family_model, tiny_model
-from numerics import FP16_COMPUTE, FP32_ORDER, Expected, assert_logits_close
+from numerics import FP16_COMPUTE, FP32_ORDER, Expected, assert_logits_close, max_relative_gap
 
 from edgeft.errors import EdgeftError, ModelError, OutputExistsError, ParityError
 from edgeft.export.onnx import QuantSettings, export_onnx
-from edgeft.export.onnx.export import check_external_data
-from edgeft.runtimes import generate, get_runtime
+from edgeft.formats import check_external_data
+from edgeft.runtimes import get_runtime
+from edgeft.session import generate
 
 SHORT_EVAL = " ".join(CORPUS[:6])
 ALL = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
@@ -76,6 +77,110 @@ def test_quantized_folders_use_the_intended_ops(onnx_export):
         >= 14
     )
     assert folders["int4"].bytes < folders["int8"].bytes < folders["fp32"].bytes
+
+
+@pytest.fixture(scope="module")
+def reference(tiny) -> Expected:
+    return _expected(tiny)
+
+
+# How far each quantized folder of `tiny` may be from the checkpoint in PyTorch fp32 on
+# SHORT_EVAL (126 positions): (mean KL, max |Δlogit| over the reference's largest |logit|).
+# Measured (onnxruntime 1.32, x86 AVX-512): int8 0.0028 and 0.091, int8-dynamic 0.0075 and
+# 0.121, int4 0.217 and 0.58. The int8 bounds are 2.5x and 3.3x those figures; an int8 folder with
+# every scale 10% large measures 0.086 and 0.36, with every zero point one up 0.015 and 0.21
+# (test_a_broken_recipe_fails_the_bound). int8-dynamic's: 4x and 3.3x; every weight scale 10%
+# large measures 0.091 and 0.47.
+# The int4 mean KL bound sits between the correct folder (0.217) and broken ones, measured
+# with every 4-bit matrix changed: scales x2 1.62, scales x0.5 0.69, every code one up (a zero
+# point off by one) 1.02, nibbles swapped 2.44, rows reversed 2.43, random codes 3.79; and with
+# one matrix changed: scales x2 0.42, codes one up 0.61. A random tiny model is far more
+# sensitive to 4-bit rounding than a trained one, hence a correct figure this high. int4's
+# largest logit gap is left unbounded: one maximum over 50k logits, 0.58 correct against
+# 0.77-0.91 for the subtler broken variants, separates them too narrowly to hold on other CPUs.
+NEAR_REFERENCE = {
+    "int8": (0.007, 0.3),
+    "int8-dynamic": (0.03, 0.4),
+    "int4": (0.4, None),
+}
+
+
+def _assert_near_reference(quant: str, folder, reference: Expected) -> None:
+    """The ``quant`` folder's logits on the reference's ids are within its
+    :data:`NEAR_REFERENCE` bounds."""
+    from edgeft.parity import compare_logits
+
+    session = get_runtime("onnxruntime").load(folder, threads=1)
+    try:
+        logits = session.logits(reference.ids)
+    finally:
+        session.close()
+    parity = compare_logits(reference.logits, logits)
+    max_kl, max_gap = NEAR_REFERENCE[quant]
+    assert parity.mean_kl < max_kl, f"{quant}: mean KL {parity.mean_kl:.4g}, bound {max_kl}"
+    if max_gap is not None:
+        gap = max_relative_gap(logits, reference.logits)
+        assert gap < max_gap, f"{quant}: max |Δlogit| {gap:.4g} of the scale, bound {max_gap}"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-dynamic", "int4"])
+def test_quantized_folders_stay_near_the_checkpoint(quant, onnx_export, reference):
+    _assert_near_reference(quant, onnx_export.out / quant, reference)
+    (report,) = [f for f in onnx_export.folders if f.folder == quant]
+    assert report.parity.mean_kl < NEAR_REFERENCE[quant][0]  # the export measures the same
+
+
+def _codes_one_up(codes: np.ndarray) -> np.ndarray:
+    """Every packed 4-bit code one higher (saturating): a symmetric block whose implied zero
+    point is off by one."""
+    low, high = codes & 0x0F, codes >> 4
+    return (np.minimum(low + 1, 15) | (np.minimum(high + 1, 15) << 4)).astype(np.uint8)
+
+
+# (folder, MatMulNBits input changed: 1 codes, 2 scales, 3 zero points, the change), on every
+# MatMulNBits of the folder's own bits (the int4 folder's 4-bit ones)
+BROKEN_RECIPES = {
+    "int4-scales-x2": ("int4", 2, lambda scales: scales * 2),
+    "int4-scales-half": ("int4", 2, lambda scales: scales / 2),
+    "int4-zero-point-off-by-one": ("int4", 1, _codes_one_up),
+    "int8-scales-10%-large": ("int8", 2, lambda scales: scales * np.float32(1.1)),
+    "int8-zero-points-off-by-one": (
+        "int8",
+        3,
+        lambda zero: np.minimum(zero.astype(np.int16) + 1, 255).astype(np.uint8),
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_RECIPES))
+def test_a_broken_recipe_fails_the_bound(broken, onnx_export, reference, tmp_path):
+    """The folder with its quantized weights rewritten as a broken recipe would write them:
+    the bound that the correct folder meets fails."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    quant, slot, change = BROKEN_RECIPES[broken]
+    bits = 4 if quant == "int4" else 8
+    source, folder = onnx_export.out / quant, tmp_path / quant
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.*"))
+    model = onnx.load(str(source / "model.onnx"))
+    initializers = {i.name: i for i in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        attributes = {a.name: a.i for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attributes["bits"] != bits:
+            continue
+        tensor = initializers[node.input[slot]]
+        tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor)), tensor.name))
+        changed += 1
+    assert changed >= 7  # int4: o, gate and up in both layers, and the lm_head
+    onnx.save(
+        model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
+    )
+    with pytest.raises(AssertionError, match="mean KL"):
+        _assert_near_reference(quant, folder, reference)
 
 
 def test_record(onnx_export, tiny):
@@ -481,9 +586,9 @@ def test_calibration_sampled_from_the_model_is_repeatable(tiny):
     every export, at about the token budget."""
     from transformers import AutoTokenizer
 
-    from edgeft.export.onnx import gptq
+    from edgeft.calibration import sampled_texts
 
-    first, second = gptq.sampled_texts(tiny, 600), gptq.sampled_texts(tiny, 600)
+    first, second = sampled_texts(tiny, 600), sampled_texts(tiny, 600)
     assert first == second and len(first) == 2
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in first)
@@ -493,15 +598,17 @@ def test_calibration_sampled_from_the_model_is_repeatable(tiny):
 def test_sampled_calibration_is_no_longer_than_gptqs_budget(tiny, monkeypatch):
     """Sampling costs a forward pass per token: a big model samples only the tokens GPTQ
     will calibrate on, fewer than a small one."""
-    from edgeft import weights
-    from edgeft.export.onnx import export, gptq
+    from edgeft import calibration, weights
 
     asked = []
-    monkeypatch.setattr(gptq, "sampled_texts", lambda model, tokens: asked.append(tokens) or ["x"])
+    monkeypatch.setattr(
+        calibration, "sampled_texts", lambda model, tokens: asked.append(tokens) or ["x"]
+    )
     for params in (100_000_000, 1_240_000_000):
         monkeypatch.setattr(weights, "checkpoint_params", lambda model, params=params: params)
-        assert export.calibration_texts(tiny, None) == (["x"], export.SAMPLED)
-    assert asked == [gptq.CALIBRATION_MAX_TOKENS, gptq.calibration_budget(1_240_000_000)]
+        assert calibration.calibration_texts(tiny, None) == (["x"], calibration.SAMPLED)
+    budget = calibration.calibration_budget(1_240_000_000)
+    assert asked == [calibration.CALIBRATION_MAX_TOKENS, budget]
     assert asked[1] < asked[0] / 2
 
 

@@ -15,7 +15,8 @@ from numerics import FP32_ORDER, assert_bug_caught, assert_logits_close
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.export.onnx import export_onnx
 from edgeft.export.onnx.export import _write_fused
-from edgeft.export.onnx.lora import check_adapter, graph_lora_inputs, mark_base, parse_adapters
+from edgeft.export.onnx.lora import mark_base, parse_adapters
+from edgeft.formats import check_adapter, graph_lora_inputs
 from edgeft.runtimes import get_runtime
 
 SHORT_EVAL = " ".join(CORPUS[:6])

@@ -78,6 +78,9 @@ def test_onnx_bundle_and_zip_verify(exports, tmp_path):
         manifest = json.loads(archive.read(MANIFEST))
     assert manifest["runtime"]["name"] == "onnxruntime-genai"
     assert "model/genai_config.json" in {e["path"] for e in manifest["files"]}
+    # the session reads the start token from genai_config.json, as the GGUF's from its metadata
+    genai = json.loads((exports["onnx"] / "genai_config.json").read_text())
+    assert manifest["tokenizer"]["bos_token_id"] == genai["model"]["bos_token_id"] is not None
     assert verify(path, threads=1).golden_tokens == len(manifest["golden"]["output_token_ids"])
 
 
@@ -120,8 +123,14 @@ def test_edited_manifest_fails_verify(bundle, tmp_path):
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(EdgeftError, match="leaves the bundle"):
         verify(copy, load=False)
+    manifest["files"][0]["path"] = "model/model-q8_0.gguf"
+    del manifest["golden"]["output_token_ids"]
+    manifest["runtime"]["name"] = "llama.cpp"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EdgeftError, match=r"golden\.output_token_ids: field required"):
+        verify(copy, load=False)
     (copy / MANIFEST).write_text('{"schema": "something else"}')
-    with pytest.raises(EdgeftError, match="schema is not"):
+    with pytest.raises(EdgeftError, match="schema 'something else' is not 'edgeft.bundle/1'"):
         verify(copy, load=False)
 
 

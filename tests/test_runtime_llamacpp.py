@@ -15,7 +15,8 @@ from numerics import (
 
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.models import default_gguf_path, tokenizer_from_gguf
-from edgeft.runtimes import Session, generate, get_runtime
+from edgeft.runtimes import get_runtime
+from edgeft.session import Session, generate
 
 pytest.importorskip("llama_cpp")
 

@@ -26,7 +26,8 @@ from numerics import (
 )
 
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.runtimes import Session, generate, get_runtime
+from edgeft.runtimes import get_runtime
+from edgeft.session import Session, generate
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime_genai")

@@ -364,7 +364,7 @@ def test_onnx_precision_passes_check_every_float_initializer(tmp_path):
 def _patched_gguf(tiny_llama, path: Path, value: float) -> Path:
     """An F32 GGUF of ``tiny_llama`` with one weight of blk.0.ffn_down set to ``value``."""
     from edgeft.export.gguf.convert import convert_checkpoint
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     convert_checkpoint(tiny_llama, path, "f32")
     info = read_gguf(path)

@@ -261,14 +261,14 @@ def test_streamed_as_trained_model_is_peft_on_the_4bit_base(tiny_llama, tmp_path
     record, config, lora = read_adapter(adapter)
     streamed = streamed_model(
         tiny_llama,
-        weights=_as_trained_weights(record["settings"]),
+        weights=_as_trained_weights(record.settings.model_dump()),
         lora={
             n: LoRA(a.float(), b.float(), lora_scale(config, a.shape[0]))
             for n, (a, b) in lora.items()
         },
     )
     base = load_base_model(
-        tiny_llama, record["settings"], torch.float32, quantized=True, device="cpu"
+        tiny_llama, record.settings.model_dump(), torch.float32, quantized=True, device="cpu"
     )
     disable_bnb_cpu_repacking(base)
     trained = PeftModel.from_pretrained(base, adapter).eval()

@@ -454,3 +454,31 @@ def test_a_non_finite_adapter_fails_the_merge_and_writes_nothing(qlora_adapter, 
         merge(broken, tmp_path / "merged", merge_base="original")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["inputs"]["base"].pop("weights_sha256"), r"inputs\.base\.weights_sha256"),
+        (lambda r: r["settings"].update(method="dora"), r"settings\.method"),
+        (lambda r: r.update(schema_version=2), "newer edgeft"),
+        (lambda r: r.update(stage="export-gguf"), "expected the output of 'edgeft train'"),
+    ],
+    ids=["missing-part", "wrong-value", "newer-schema", "other-stage"],
+)
+def test_merge_refuses_an_adapter_record_it_cannot_read_whole(
+    qlora_adapter, tmp_path, change, message
+):
+    """An adapter's edgeft.json lacking a part the merge relies on, written by a newer edgeft
+    or by another stage is refused in one line naming the file; nothing is written."""
+    import shutil
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(qlora_adapter.out, broken)
+    record = json.loads((broken / "edgeft.json").read_text())
+    change(record)
+    (broken / "edgeft.json").write_text(json.dumps(record))
+    with pytest.raises(ModelError, match=message) as info:
+        merge(broken, tmp_path / "merged")
+    assert str(broken / "edgeft.json") in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()

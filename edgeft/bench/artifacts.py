@@ -22,15 +22,9 @@ from pathlib import Path
 from edgeft._io import sha256_files
 from edgeft.architectures import attention_shape
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.formats import GENAI_CONFIG, ONNX_MODEL_FILE, detect, titles
+from edgeft.provenance import GgufExportRecord, MergeRecord, OnnxExportRecord, find_record
 from edgeft.runtimes import RUNTIMES
-
-# Which runtimes can run each format.
-FORMAT_RUNTIMES = {
-    "gguf": ("llama.cpp",),
-    "onnx": ("onnxruntime-genai", "onnxruntime"),
-    "hf": ("torch",),
-    "adapter": ("torch",),
-}
 
 
 @dataclass(frozen=True)
@@ -82,21 +76,26 @@ def resolve_artifact(spec: str, runtime: str | None = None) -> Artifact:
     path = Path(raw)
     if not path.exists():
         raise EdgeftError(f"{path}: no such file or folder")
-    if path.is_file() and path.name.endswith(".onnx"):
+    if path.is_file() and path.suffix == ".onnx":
         path = path.parent
-    if path.is_file() and path.suffix == ".gguf":
-        fmt, files, quant, shape = "gguf", (path,), *_gguf_facts(path)
-    elif path.is_dir() and (path / "model.onnx").is_file():
-        fmt = "onnx"
-        files = tuple(sorted(p for p in path.iterdir() if p.name.startswith("model.onnx")))
+    found = detect(path)
+    if found is None or not found.benchmarked:
+        raise EdgeftError(
+            f"{path}: not an artifact edgeft can benchmark; expected a "
+            f"{titles(lambda f: f.benchmarked)}"
+        )
+    fmt = found.name
+    if fmt == "gguf":
+        files, quant, shape = (path,), *_gguf_facts(path)
+    elif fmt == "onnx":
+        files = tuple(sorted(p for p in path.iterdir() if p.name.startswith(ONNX_MODEL_FILE)))
         quant, shape = _onnx_quant(path), _hf_shape(path / "config.json")
-        if runtime is None and not (path / "genai_config.json").is_file():
+        if runtime is None and not (path / GENAI_CONFIG).is_file():
             runtime = "onnxruntime"
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
-        fmt, quant, shape = "adapter", "as-trained", None
+    elif fmt == "adapter":
+        quant, shape = "as-trained", None
         files = tuple(sorted(path.glob("adapter_model*.safetensors")))
-    elif path.is_dir() and (path / "config.json").is_file():
-        fmt = "hf"
+    else:
         files = tuple(sorted(path.glob("*.safetensors")))
         if not files:
             raise EdgeftError(
@@ -106,16 +105,11 @@ def resolve_artifact(spec: str, runtime: str | None = None) -> Artifact:
         config = _read_json(path / "config.json")
         quant = _dtype_name(config.get("torch_dtype") or config.get("dtype"))
         shape = _hf_shape(path / "config.json")
-    else:
-        raise EdgeftError(
-            f"{path}: not an artifact edgeft can benchmark; expected a .gguf file, an ONNX "
-            "folder (model.onnx), a Hugging Face checkpoint folder or an edgeft adapter folder"
-        )
-    runtime = runtime or FORMAT_RUNTIMES[fmt][0]
-    if runtime not in FORMAT_RUNTIMES[fmt]:
+    runtime = runtime or found.runtimes[0]
+    if runtime not in found.runtimes:
         raise EdgeftError(
             f"{path}: a {fmt} artifact cannot run in {runtime}; choose from: "
-            f"{', '.join(FORMAT_RUNTIMES[fmt])}"
+            f"{', '.join(found.runtimes)}"
         )
     if not files:
         raise EdgeftError(f"{path}: no weight files found")
@@ -162,14 +156,14 @@ def with_adapters(artifacts: list[Artifact], adapters: list[Path]) -> list[Artif
 
 
 def _takes_onnx_adapter(folder: Path) -> bool:
-    from edgeft.export.onnx.lora import graph_lora_inputs
+    from edgeft.formats import graph_lora_inputs
 
     return bool(graph_lora_inputs(folder / "model.onnx")[0])
 
 
 def _lora_fits(adapter: Path, base: Path) -> bool:
-    from edgeft.export.gguf.lora import check_base
-    from edgeft.export.gguf.reader import gguf_metadata
+    from edgeft.formats import check_base
+    from edgeft.gguf_file import gguf_metadata
 
     meta = gguf_metadata(adapter)
     if meta.get("general.type") != "adapter":
@@ -214,26 +208,20 @@ def inferred_reference(artifact: Artifact) -> Path | None:
     if artifact.format == "hf":
         return None
     for folder in (artifact.path.parent, artifact.path):
-        record = folder / "edgeft.json"
-        if not record.is_file():
-            continue
-        try:
-            source = json.loads(record.read_text(encoding="utf-8"))["inputs"]["model"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        source = Path(source)
-        if (source / "config.json").is_file():
-            return source
+        record = find_record(folder)
+        if isinstance(record, GgufExportRecord | OnnxExportRecord):
+            source = Path(record.inputs.model.path)
+            if (source / "config.json").is_file():
+                return source
     return None
 
 
 def as_trained_adapter(reference: Path) -> Path | None:
     """The adapter a merged checkpoint was made from (its ``edgeft.json``), if it still exists."""
-    try:
-        record = json.loads((reference / "edgeft.json").read_text(encoding="utf-8"))
-        adapter = Path(record["inputs"]["adapter"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
+    record = find_record(reference)
+    if not isinstance(record, MergeRecord):
         return None
+    adapter = Path(record.inputs.adapter.path)
     return adapter if (adapter / "adapter_config.json").is_file() else None
 
 
@@ -272,19 +260,16 @@ def _onnx_quant(folder: Path) -> str | None:
     """The folder's precision from its export record, else its name if it is one."""
     from edgeft.export.onnx.quantize import ONNX_TYPES
 
-    record = folder.parent / "edgeft.json"
-    if record.is_file():
-        try:
-            for entry in json.loads(record.read_text(encoding="utf-8"))["results"]["folders"]:
-                if entry.get("folder") == folder.name:
-                    return str(entry["type"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+    record = find_record(folder.parent)
+    if isinstance(record, OnnxExportRecord):
+        for entry in record.results.folders:
+            if entry.folder == folder.name:
+                return entry.type
     return folder.name if folder.name in ONNX_TYPES else None
 
 
 def _gguf_facts(path: Path) -> tuple[str | None, ModelShape | None]:
-    from edgeft.export.gguf.reader import file_type_name, gguf_metadata
+    from edgeft.gguf_file import file_type_name, gguf_metadata
 
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")

@@ -15,11 +15,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeft import __version__
-from edgeft._io import atomic_dir, check_output, write_json
+from edgeft._io import atomic_dir, check_output
 from edgeft.bench.artifacts import (
     Artifact,
     as_trained_adapter,
@@ -28,18 +28,10 @@ from edgeft.bench.artifacts import (
     unique_names,
     with_adapters,
 )
-from edgeft.bench.schema import SCHEMA, decode_at
+from edgeft.bench.schema import BUDGET_NAMES, SCHEMA, Budgets, decode_speed
 from edgeft.errors import DataError, EdgeftError
+from edgeft.options import DEFAULT_THREADS
 
-# Figures a budget can bound: name → (direction, how the report words it).
-BUDGET_NAMES = (
-    "max_size_mb",
-    "max_rss_mb",
-    "min_decode_tok_s",
-    "max_ttft_ms",
-    "max_mean_kl",
-    "min_task_accuracy",
-)
 _RUNTIME_PACKAGES = ("llama-cpp-python", "onnxruntime", "onnxruntime-genai")
 
 
@@ -61,15 +53,35 @@ class BenchSettings:
         timeout_s: one artifact's worker is stopped after this long.
     """
 
-    threads: int = 2
-    prompt_tokens: int = 256
-    decode_tokens: int = 64
-    depths: tuple[int, ...] = (0, 512, 2048)
-    repeats: int = 3
-    warmup: int = 1
-    max_eval_tokens: int = 512
-    task_max_new_tokens: int = 64
-    timeout_s: float = 3600.0
+    threads: int = field(
+        default=DEFAULT_THREADS,
+        metadata={"help": "CPU threads for every runtime (a device profile may lower it)"},
+    )
+    prompt_tokens: int = field(
+        default=256, metadata={"help": "prompt length for time to first token and prefill"}
+    )
+    decode_tokens: int = field(default=64, metadata={"help": "greedy steps timed at each depth"})
+    depths: tuple[int, ...] = field(
+        default=(0, 512, 2048),
+        metadata={
+            "metavar": "N,...",
+            "help": "context depths for decode speed (skipped past the model's context)",
+        },
+    )
+    repeats: int = field(
+        default=3, metadata={"help": "timed repetitions: figures are their median, min and max"}
+    )
+    warmup: int = field(default=1, metadata={"help": "untimed short runs first"})
+    max_eval_tokens: int = field(
+        default=512, metadata={"help": "eval text tokens scored for perplexity and KL"}
+    )
+    task_max_new_tokens: int = field(
+        default=64, metadata={"help": "reply length cap for task accuracy"}
+    )
+    timeout_s: float = field(
+        default=3600.0,
+        metadata={"flag": "--timeout", "metavar": "SECONDS", "help": "seconds per artifact"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("threads", "prompt_tokens", "decode_tokens", "repeats", "max_eval_tokens"):
@@ -79,29 +91,6 @@ class BenchSettings:
             raise EdgeftError("--warmup must be 0 or more")
         if not self.depths or any(d < 0 for d in self.depths):
             raise EdgeftError("--depths must be a list of context depths ≥ 0, e.g. 0,512,2048")
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Limits an artifact must meet; ``None`` is no limit. Sizes in MB are 10⁶ bytes."""
-
-    max_size_mb: float | None = None
-    max_rss_mb: float | None = None
-    min_decode_tok_s: float | None = None
-    max_ttft_ms: float | None = None
-    max_mean_kl: float | None = None
-    min_task_accuracy: float | None = None
-
-    def over(self, other: Budgets) -> Budgets:
-        """These limits, with ``other``'s where this one has none."""
-        return Budgets(
-            **{
-                f.name: getattr(self, f.name)
-                if getattr(self, f.name) is not None
-                else getattr(other, f.name)
-                for f in fields(self)
-            }
-        )
 
 
 @dataclass
@@ -254,11 +243,7 @@ def _reference_list(
 
 def _budget_rows(artifact: dict, budgets: Budgets, device: bool, reference: str | None) -> list:
     latency, accuracy = artifact.get("latency") or {}, artifact.get("accuracy") or {}
-    decode0 = decode_at(latency)
-    decode = None
-    if decode0:
-        decode = decode0.get("predicted_tok_s") if device else None
-        decode = decode if decode is not None else decode0["tok_s"]["median"]
+    decode = decode_speed(latency, device)
     values = {
         "max_size_mb": artifact["size_bytes"] / 1e6 if artifact.get("size_bytes") else None,
         "max_rss_mb": latency.get("peak_rss_mb"),
@@ -326,7 +311,7 @@ def bench(
         artifact failed or missed a budget.
     """
     from edgeft.bench.report import render_comparison, write_reports
-    from edgeft.bench.schema import read_results
+    from edgeft.bench.schema import read_results, write_results
     from edgeft.evaluate import as_row, load_qa
 
     settings = settings or BenchSettings()
@@ -354,7 +339,7 @@ def bench(
         from edgeft.devices.emulate import plan_emulation
 
         profile = get_profile(device)
-        budgets = budgets.over(Budgets(**asdict(profile.budgets)))
+        budgets = budgets.over(Budgets(**profile.budgets.model_dump()))
         if not remote:
             emulation = plan_emulation(profile, requested_threads=settings.threads)
             threads = emulation.threads
@@ -491,7 +476,7 @@ def bench(
             "artifacts": rows,
             "passed": all(r["passed"] for r in rows),
         }
-        write_json(final / "results.json", results)
+        write_results(final / "results.json", results)
         write_reports(results, final)
         if old is not None:
             (final / "comparison.md").write_text(render_comparison(old, results), encoding="utf-8")

@@ -1,64 +1,10 @@
-"""``results.json`` of ``edgeft bench``: its versioned schema, an example and a validator.
+"""``results.json`` of ``edgeft bench``: its versioned schema (the pydantic models below), an
+example, and the one way to read and write it.
 
-A results file is one JSON object::
-
-    {
-      "schema": "edgeft.bench/1",
-      "created": "2026-11-26T08:00:00+00:00",
-      "edgeft_version": "0.1.0",
-      "machine": {"cpu": str, "cores": int, "system": str, "ram_gb": float,
-                  "bandwidth_gbs": float | null},          # measured host read bandwidth
-      "versions": {package: version | null},
-      "settings": {"threads": int, "prompt_tokens": int, "decode_tokens": int,
-                   "depths": [int], "repeats": int, "warmup": int,
-                   "eval": {"path": str | null, "tokens": int},
-                   "task": {"path": str, "questions": int, "max_new_tokens": int} | null,
-                   "tasks": {name: {"path": str, "questions": int}},   # further question sets
-                   "texts": {name: str},                               # further texts (paths)
-                   "remote": str | null},
-      "device": null | {"name": str, "title": str, "bandwidth_gbs": float, "ram_gb": float,
-                        "threads": int, "applied": [str], "not_emulated": [str]},
-      "budgets": {"max_size_mb": float | null, "max_rss_mb": float | null,
-                  "min_decode_tok_s": float | null,
-                  "max_ttft_ms": float | null, "max_mean_kl": float | null,
-                  "min_task_accuracy": float | null},
-      "references": [{"name": str, "path": str, "runtime": str, "perplexity": float}],
-      "artifacts": [ARTIFACT, ...],
-      "passed": bool                                       # every artifact met every budget
-    }
-
-    ARTIFACT = {
-      "name": str,                       # unique within the file; the row label
-      "path": str, "runtime": str, "format": "gguf" | "onnx" | "hf" | "adapter",
-      "adapter": str | null,               # a LoRA file applied over the base at ``path``
-      "quant": str | null,               # "q4_k_m", "int4", "fp32", ...
-      "sha256": str, "size_bytes": int,  # of the model file(s), tokenizer excluded
-      "context": int | null,             # tokens the session was loaded for (its KV cache)
-      "status": "ok" | "failed", "error": str | null,
-      "latency": null | {
-        "load_s": float,
-        "ttft_ms": STAT, "prefill_tok_s": STAT,
-        "decode": [{"depth": int, "tok_s": STAT,
-                    "token_ms": {"p50": float, "p90": float, "p99": float},
-                    "predicted_tok_s": float | null,        # device prediction, if any
-                    "roofline_tok_s": float}],              # with a device: its bandwidth's bound
-        "peak_rss_mb": float},           # the artifact's own process, load and run
-      "accuracy": null | {
-        "perplexity": float | null,
-        "vs": {reference_name: {"mean_kl": float, "top1_agreement": float,
-                                "max_abs_diff": float, "positions": int}},
-        "tokenizer_matches_reference": bool | null,
-        "task": null | TASK,
-        "tasks": {name: TASK},           # settings.tasks, when given
-        "texts": {name: {"perplexity": float | null, "tokens": int}}},  # settings.texts
-      "budgets": [{"name": str, "limit": float, "value": float | null, "passed": bool}],
-      "passed": bool,
-      "notes": [str]
-    }
-    STAT = {"median": float, "min": float, "max": float}
-    TASK = {"accuracy": float, "correct": int, "total": int,
-            "prompt_tokens": int, "ttft_ms": float,   # the median-length prompt, median of 3
-            "replies": [{"question", "expected", "reply", "correct", "topic", "prompt_tokens"}]}
+The harness writes through :func:`write_results` and every reader reads through
+:func:`read_results` (or :func:`validate` for an object in memory), both checked against
+:class:`BenchResults`, so the file cannot drift from what is documented here. Readers get the
+plain JSON object back.
 
 Figures are in the units their names say (ms, tok/s, MB = 10**6 bytes). A figure that was not
 measured is ``null`` (never 0).
@@ -67,14 +13,211 @@ measured is ``null`` (never 0).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from edgeft._io import write_json
 from edgeft.errors import EdgeftError
 
 SCHEMA = "edgeft.bench/1"
 
-_TOP_KEYS = ("schema", "machine", "settings", "artifacts")
-_ARTIFACT_KEYS = ("name", "runtime", "status", "size_bytes")
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stat(_Strict):
+    median: float
+    min: float
+    max: float
+
+
+class TokenMs(_Strict):
+    p50: float
+    p90: float
+    p99: float
+
+
+class Decode(_Strict):
+    depth: int  # tokens already in the KV cache
+    tok_s: Stat
+    token_ms: TokenMs
+    predicted_tok_s: float | None = None  # the device profile's prediction, if any
+    roofline_tok_s: float | None = None  # with a device: its memory bandwidth's bound
+
+
+class Latency(_Strict):
+    load_s: float
+    ttft_ms: Stat
+    prefill_tok_s: Stat
+    decode: list[Decode]
+    peak_rss_mb: float  # the artifact's own process, load and run
+    base_rss_mb: float | None = None  # that process before loading (interpreter, libraries)
+
+
+class Agreement(_Strict):
+    mean_kl: float
+    top1_agreement: float
+    max_abs_diff: float
+    positions: int
+
+
+class Reply(_Strict):
+    question: str
+    expected: str
+    reply: str
+    correct: bool
+    topic: str | None = None
+    prompt_tokens: int | None = None  # not in files of the first edgeft.bench/1 versions
+
+
+class Task(_Strict):
+    accuracy: float
+    correct: int
+    total: int
+    prompt_tokens: int | None = None  # the median-length prompt
+    ttft_ms: float | None = None  # on that prompt, median of 3
+    replies: list[Reply] = []
+
+
+class Text(_Strict):
+    perplexity: float | None
+    tokens: int
+
+
+class Accuracy(_Strict):
+    perplexity: float | None
+    vs: dict[str, Agreement]  # reference name -> agreement with it
+    tokenizer_matches_reference: bool | None
+    task: Task | None = None
+    tasks: dict[str, Task] = {}  # settings.tasks, when given
+    texts: dict[str, Text] = {}  # settings.texts: perplexity only
+
+
+class BudgetRow(_Strict):
+    name: str
+    limit: float
+    value: float | None
+    passed: bool
+
+
+class Artifact(_Strict):
+    name: str  # unique within the file; the row label
+    path: str
+    adapter: str | None = None  # a LoRA file applied over the base at ``path``
+    runtime: str
+    format: Literal["gguf", "onnx", "hf", "adapter"]
+    quant: str | None  # "q4_k_m", "int4", "fp32", ...
+    sha256: str  # of the model file(s), tokenizer excluded
+    size_bytes: int
+    context: int | None = None  # tokens the session was loaded for (its KV cache)
+    status: Literal["ok", "failed"]
+    error: str | None
+    latency: Latency | None
+    accuracy: Accuracy | None
+    budgets: list[BudgetRow]
+    passed: bool
+    notes: list[str]
+
+
+class Machine(_Strict):
+    cpu: str
+    cores: int
+    system: str
+    ram_gb: float | None
+    bandwidth_gbs: float | None  # measured host read bandwidth
+
+
+class EvalSetting(_Strict):
+    path: str | None
+    tokens: int | None
+
+
+class TaskSetting(_Strict):
+    path: str
+    questions: int
+    max_new_tokens: int | None = None
+
+
+class Settings(_Strict):
+    threads: int
+    prompt_tokens: int
+    decode_tokens: int
+    depths: list[int]
+    repeats: int
+    warmup: int
+    eval: EvalSetting
+    task: TaskSetting | None = None
+    tasks: dict[str, TaskSetting] = {}  # further question sets
+    texts: dict[str, str] = {}  # further texts (paths)
+    remote: str | None = None  # adb:SERIAL or ssh:user@host
+
+
+class Device(_Strict):
+    name: str
+    title: str
+    bandwidth_gbs: float
+    ram_gb: float
+    threads: int
+    applied: list[str]
+    not_emulated: list[str]
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits an artifact must meet; ``None`` is no limit. Sizes in MB are 10⁶ bytes."""
+
+    max_size_mb: float | None = None
+    max_rss_mb: float | None = None
+    min_decode_tok_s: float | None = None
+    max_ttft_ms: float | None = None
+    max_mean_kl: float | None = None
+    min_task_accuracy: float | None = None
+
+    def over(self, other: Budgets) -> Budgets:
+        """These limits, with ``other``'s where this one has none."""
+        return Budgets(
+            **{
+                f.name: getattr(self, f.name)
+                if getattr(self, f.name) is not None
+                else getattr(other, f.name)
+                for f in fields(self)
+            }
+        )
+
+
+# Figures a budget can bound (min_*: at least, max_*: at most).
+BUDGET_NAMES = tuple(f.name for f in fields(Budgets))
+# results.json's "budgets": the limits the run applied, one per Budgets field
+BudgetLimits = create_model(
+    "BudgetLimits",
+    __base__=_Strict,
+    **{name: (float | None, None) for name in BUDGET_NAMES},
+)
+
+
+class Reference(_Strict):
+    name: str
+    path: str
+    runtime: str
+    perplexity: float | None
+
+
+class BenchResults(_Strict):
+    schema_: Literal["edgeft.bench/1"] = Field(alias="schema")
+    created: str
+    edgeft_version: str
+    machine: Machine
+    versions: dict[str, str | None]
+    settings: Settings
+    device: Device | None = None
+    budgets: BudgetLimits = BudgetLimits()
+    references: list[Reference] = []
+    artifacts: list[Artifact]
+    passed: bool  # every artifact met every budget
 
 
 def decode_at(latency: dict | None, depth: int = 0) -> dict | None:
@@ -82,8 +225,18 @@ def decode_at(latency: dict | None, depth: int = 0) -> dict | None:
     return next((d for d in (latency or {}).get("decode", []) if d["depth"] == depth), None)
 
 
+def decode_speed(latency: dict | None, device: bool) -> float | None:
+    """The decode speed budgets and recommendations judge: from an empty context, the device
+    profile's prediction where there is one (``device``), else the measured median."""
+    entry = decode_at(latency)
+    if entry is None:
+        return None
+    predicted = entry.get("predicted_tok_s") if device else None
+    return predicted if predicted is not None else entry["tok_s"]["median"]
+
+
 def validate(results: dict, where: str = "results") -> dict:
-    """Check the parts every reader relies on; return ``results``.
+    """Check ``results`` against :class:`BenchResults`; return it.
 
     Raises:
         EdgeftError: naming ``where`` and the first missing or wrong part.
@@ -96,17 +249,15 @@ def validate(results: dict, where: str = "results") -> dict:
             f"{where}: schema {schema!r} is not {SCHEMA!r}; re-run 'edgeft bench' with this "
             "version to compare"
         )
-    for key in _TOP_KEYS:
-        if key not in results:
-            raise EdgeftError(f"{where}: missing {key!r}")
-    if not isinstance(results["artifacts"], list):
-        raise EdgeftError(f"{where}: 'artifacts' must be a list")
-    for i, artifact in enumerate(results["artifacts"]):
-        if not isinstance(artifact, dict):
-            raise EdgeftError(f"{where}: artifacts[{i}] is not an object")
-        for key in _ARTIFACT_KEYS:
-            if key not in artifact:
-                raise EdgeftError(f"{where}: artifacts[{i}] is missing {key!r}")
+    try:
+        BenchResults.model_validate(results)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        part = ".".join(str(p) for p in error["loc"]) or "results"
+        raise EdgeftError(
+            f"{where}: {part}: {error['msg'].lower()} (schema {SCHEMA}); re-run 'edgeft bench' "
+            "with this version"
+        ) from None
     return results
 
 
@@ -124,6 +275,11 @@ def read_results(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EdgeftError(f"{path}: not a readable results.json ({exc})") from None
     return validate(data, str(path))
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Check ``results`` against the schema, then write it (atomically)."""
+    write_json(path, validate(results, f"results for {path}"))
 
 
 def _stat(median: float, spread: float = 0.05) -> dict:

@@ -27,10 +27,12 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeft.bench.stats import summary, token_percentiles
 from edgeft.isolate import die_with_parent, peak_rss_mb
+from edgeft.session import MIN_NEW_TOKENS, supports
 
 _WARMUP_TOKENS = 8
 
@@ -61,6 +63,32 @@ def _decode_steps(session, n: int) -> list[float]:
     return steps
 
 
+def first_token_s(session, prompt: Sequence[int]) -> float:
+    """Seconds from a prompt to its first generated token (prefill, then one greedy step)."""
+    start = time.perf_counter()
+    session.prefill(prompt)
+    session.decode_one()
+    return time.perf_counter() - start
+
+
+def timed_round(session, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    """One prefill of ``prompt`` then ``new_tokens`` greedy steps, timed as the harness times
+    them: (prefill tok/s, decode tok/s). A session that stops at end tokens decodes through
+    them where it can be told to (every artifact then decodes alike)."""
+    masked = supports(session, MIN_NEW_TOKENS)
+    if masked:
+        session.min_new_tokens = new_tokens + 1
+    try:
+        start = time.perf_counter()
+        session.prefill(prompt)
+        prefill_s = time.perf_counter() - start
+        steps = _decode_steps(session, new_tokens)
+    finally:
+        if masked:
+            session.min_new_tokens = 0
+    return len(prompt) / prefill_s, len(steps) / sum(steps)
+
+
 def measure_latency(session, tokens: list[int], settings: dict, notes: list[str]) -> dict:
     """Time to first token, prefill and decode speed at each depth, per-token percentiles."""
     prompt_n, decode_n = settings["prompt_tokens"], settings["decode_tokens"]
@@ -75,7 +103,7 @@ def measure_latency(session, tokens: list[int], settings: dict, notes: list[str]
         prompt_n = limit - 1
         notes.append(f"prompt cut to {prompt_n} tokens: {limit}-token context")
     # Genai sessions stop at end tokens unless told to decode on: every artifact decodes alike.
-    if hasattr(session, "min_new_tokens"):
+    if supports(session, MIN_NEW_TOKENS):
         session.min_new_tokens = decode_n + 1
     prompt = _tiled(tokens, prompt_n)
     for _ in range(settings["warmup"]):
@@ -92,7 +120,7 @@ def measure_latency(session, tokens: list[int], settings: dict, notes: list[str]
         for depth in depths:
             session.prefill(_tiled(tokens, max(depth, 1)))
             steps[depth].append(_decode_steps(session, decode_n))
-    if hasattr(session, "min_new_tokens"):
+    if supports(session, MIN_NEW_TOKENS):
         session.min_new_tokens = 0
     return {
         "ttft_ms": summary(ttft),
@@ -193,12 +221,7 @@ def _task(session, rows: list[dict], max_new: int, limit: int | None, notes: lis
             notes.append(f"task replies cut to {max_new} tokens: {limit}-token context")
     task = task_accuracy(session, rows, max_new_tokens=max_new, progress=False, prompts=prompts)
     median = sorted(prompts, key=len)[len(prompts) // 2]
-    ttft = []
-    for _ in range(3):
-        start = time.perf_counter()
-        session.prefill(median)
-        session.decode_one()
-        ttft.append((time.perf_counter() - start) * 1000)
+    ttft = [first_token_s(session, median) * 1000 for _ in range(3)]
     return {
         "accuracy": task.accuracy,
         "correct": task.correct,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft import __version__
-from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft._io import atomic_dir, sha256_file
 from edgeft.architectures import uniform_context
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
@@ -40,8 +40,16 @@ from edgeft.fidelity import (
 )
 from edgeft.isolate import in_child, peak_rss_mb
 from edgeft.models import weights_sha256
+from edgeft.options import DEFAULT_THREADS
 from edgeft.parity import Parity, first_divergence
-from edgeft.provenance import RECORD_NAME, make_record
+from edgeft.provenance import (
+    BaseRecord,
+    MergeRecord,
+    StageRecord,
+    find_record,
+    make_record,
+    write_record,
+)
 from edgeft.runtimes import get_runtime
 from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
 
@@ -95,40 +103,27 @@ def parse_types(spec: str | Sequence[str]) -> list[str]:
     return _parse_types(spec, GGUF_TYPES, "GGUF")
 
 
-def _provenance_metadata(model_dir: Path, source_sha256: str) -> tuple[dict[str, str], dict]:
+def _provenance_metadata(
+    model_dir: Path, source_sha256: str
+) -> tuple[dict[str, str], StageRecord | None]:
     """``edgeft.*`` GGUF keys from the checkpoint's own ``edgeft.json`` (if edgeft wrote it)."""
-    import json
-
-    record: dict = {}
-    path = model_dir / RECORD_NAME
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            record = {}
+    record = find_record(model_dir)
     keys = {"edgeft.version": __version__, "edgeft.source.sha256": source_sha256}
-    inputs = record.get("inputs", {})
-    if record.get("stage") == "merge":
-        keys["edgeft.source.base_model"] = Path(str(inputs.get("base", {}).get("name", ""))).name
-        keys["edgeft.source.base_sha256"] = str(inputs.get("base", {}).get("weights_sha256", ""))
-        keys["edgeft.adapter.sha256"] = str(inputs.get("adapter", {}).get("sha256", ""))
-        keys["edgeft.merge_base"] = str(record.get("settings", {}).get("merge_base", ""))
+    if isinstance(record, MergeRecord):
+        keys["edgeft.source.base_model"] = Path(record.inputs.base.name).name
+        keys["edgeft.source.base_sha256"] = record.inputs.base.weights_sha256
+        keys["edgeft.adapter.sha256"] = record.inputs.adapter.sha256
+        keys["edgeft.merge_base"] = record.settings.merge_base
     return {k: v for k, v in keys.items() if v}, record
 
 
-def _origin_notes(record: dict) -> list[str]:
+def _origin_notes(record: StageRecord | None) -> list[str]:
     """A warning when the weights were themselves rebuilt from a quantized file (the embedded
     default model is dequantized from a Q4_1 GGUF), directly or as the base of a merge."""
-    import json
-
     origin = record
-    base_path = record.get("inputs", {}).get("base", {}).get("path")
-    if record.get("stage") == "merge" and base_path:
-        try:
-            origin = json.loads((Path(base_path) / RECORD_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            origin = {}
-    if origin.get("stage") == "base" and "dequantized" in str(origin.get("settings")):
+    if isinstance(record, MergeRecord):
+        origin = find_record(Path(record.inputs.base.path))
+    if isinstance(origin, BaseRecord):
         return [
             "the base weights were dequantized from a 4-bit GGUF, so quantized files re-round "
             "values that were already on a 4-bit grid"
@@ -189,7 +184,7 @@ def _check_tokenizer(model_dir: Path, gguf_path: Path, vocab, threads: int) -> d
 def _k_quant_fallbacks(path: Path, quant: str) -> tuple[dict[str, int], str | None]:
     """Tensor-type counts of a written file, and a note when llama.cpp had to use a non-k type
     for some weights of a k-quant file (it does so when a row is not a multiple of 256)."""
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     info = read_gguf(path)
     counts = info.tensor_type_counts()
@@ -255,7 +250,7 @@ def export_gguf(
     types: str | Sequence[str] = ("f16", "q8_0", "q4_k_m"),
     *,
     eval_text: str | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     force: bool = False,
     allow_requantize: bool = False,
     imatrix: str | Path | None = None,
@@ -306,9 +301,9 @@ def export_gguf(
     vocab = read_vocab(model, spec.n_vocab)
     source_sha256 = weights_sha256(model)
     metadata, record = _provenance_metadata(model, source_sha256)
-    name = Path(str(record.get("inputs", {}).get("base", {}).get("name", ""))).name or model.name
-    if record.get("stage") == "merge":
-        name = f"{name}-finetuned"
+    name = model.name
+    if isinstance(record, MergeRecord):
+        name = f"{Path(record.inputs.base.name).name}-finetuned"
 
     full = [t for t in types if t in OUT_TYPES]
     quantized = [t for t in types if t in QUANTIZED_TYPES]
@@ -399,8 +394,8 @@ def export_gguf(
                     )
         if source_type not in types:
             source.unlink()
-        write_json(
-            work / RECORD_NAME,
+        write_record(
+            work,
             make_record(
                 "export-gguf",
                 inputs={
@@ -409,7 +404,9 @@ def export_gguf(
                         "weights_sha256": source_sha256,
                         "architecture": spec.hf_architecture,
                     },
-                    "source_record": {k: record.get(k) for k in ("stage", "inputs", "settings")}
+                    "source_record": record.model_dump(
+                        mode="json", include={"stage", "inputs", "settings"}
+                    )
                     if record
                     else None,
                 },
@@ -459,7 +456,7 @@ def _importance_source(
         EdgeftError: an imatrix file that is not there or not one; a type that needs a matrix
             without one.
     """
-    from edgeft.export.onnx.export import calibration_texts, fine_tuning_data
+    from edgeft.calibration import calibration_texts, fine_tuning_data
 
     mode = str(imatrix) if imatrix is not None else None
     if not [q for q in quantized if q not in IGNORES_IMATRIX]:
@@ -544,7 +541,7 @@ def _requantize(
     say,
 ) -> GGUFExport:
     """Quantize a GGUF file with llama.cpp and measure each result against the file itself."""
-    from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, file_type_name, gguf_metadata
+    from edgeft.gguf_file import FULL_PRECISION_FILE_TYPES, file_type_name, gguf_metadata
 
     meta = gguf_metadata(source)
     full = [t for t in types if t not in QUANTIZED_TYPES]
@@ -609,8 +606,8 @@ def _requantize(
             )
             notes += [fallback] if fallback else []
             reports.append(report)
-        write_json(
-            work / RECORD_NAME,
+        write_record(
+            work,
             make_record(
                 "export-gguf",
                 inputs={

@@ -99,7 +99,7 @@ def collect(
     """The importance matrix of ``model_dir``'s decoder Linears over ``texts``.
 
     The texts, in a fixed shuffled order, are tokenized and cut into chunks of
-    :data:`~edgeft.export.onnx.gptq.CHUNK_TOKENS`, up to ``tokens`` in all (default
+    :data:`~edgeft.calibration.CHUNK_TOKENS`, up to ``tokens`` in all (default
     :data:`IMATRIX_TOKENS`, fewer for big models: the GPTQ calibration budget). A
     model larger than its share of memory is streamed: one decoder layer's weights at a time.
 
@@ -109,7 +109,7 @@ def collect(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft.export.onnx.gptq import CHUNK_TOKENS, _calibration_ids, calibration_budget
+    from edgeft.calibration import CHUNK_TOKENS, calibration_budget, calibration_ids
     from edgeft.isolate import trim_memory
     from edgeft.streaming import (
         CALIBRATION_RESIDENT_SHARE,
@@ -125,7 +125,7 @@ def collect(
     if tokens is None:
         tokens = min(IMATRIX_TOKENS, calibration_budget(checkpoint_params(model_dir)))
     # rows from all over the data, not its first few: a fixed shuffle
-    chunks = _calibration_ids(model_dir, random.Random(0).sample(list(texts), len(texts)), tokens)
+    chunks = calibration_ids(model_dir, random.Random(0).sample(list(texts), len(texts)), tokens)
     if should_stream(model_dir, CALIBRATION_RESIDENT_SHARE):
         model = streamed_model(model_dir)
     else:
@@ -220,7 +220,7 @@ def read_imatrix(path: Path) -> Imatrix:
 
 
 def _read_gguf_imatrix(path: Path) -> Imatrix:
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     info = read_gguf(path, keep_arrays=True)
     if info.metadata.get("general.type") != "imatrix":

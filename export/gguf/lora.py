@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from edgeft import __version__
-from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft._io import atomic_dir, sha256_file
 from edgeft.architectures import uniform_context
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export.gguf.convert import convert_checkpoint, permute_rotary, read_model_spec
 from edgeft.export.gguf.export import FULL_PRECISION_TOLERANCE, measure_file
-from edgeft.export.gguf.reader import FULL_PRECISION_FILE_TYPES, gguf_metadata
 from edgeft.fidelity import Reference, default_eval_text
+from edgeft.formats import BASE_SHA_KEY, SOURCE_SHA_KEY, check_base
+from edgeft.gguf_file import FULL_PRECISION_FILE_TYPES, gguf_metadata
+from edgeft.options import DEFAULT_THREADS
 from edgeft.parity import Parity
-from edgeft.provenance import RECORD_NAME, make_record
+from edgeft.provenance import make_record, write_record
 
 LORA_TYPES = ("f32", "f16")
-BASE_SHA_KEY = "edgeft.base.sha256"
-SOURCE_SHA_KEY = "edgeft.source.sha256"
 
 
 @dataclass
@@ -44,25 +44,6 @@ class LoraExport:
     greedy_first_divergence: int | None
     base_gguf: str
     gated: bool
-
-
-def check_base(lora_meta: dict[str, str], base_meta: dict[str, str], lora: Path, base: Path):
-    """Refuse a base GGUF that is not the model the adapter was trained on.
-
-    Raises:
-        ModelError: architectures differ, or the recorded base sha256 differs from (or is
-            missing in) the base GGUF.
-    """
-    arch, base_arch = lora_meta.get("general.architecture"), base_meta.get("general.architecture")
-    if arch != base_arch:
-        raise ModelError(f"{lora} is a {arch} adapter but {base} is a {base_arch} model")
-    wanted, have = lora_meta.get(BASE_SHA_KEY), base_meta.get(SOURCE_SHA_KEY)
-    if wanted and have != wanted:
-        found = f"weights sha256 {have[:12]}" if have else f"no {SOURCE_SHA_KEY} key"
-        raise ModelError(
-            f"{base} is not the base {lora} was trained on ({found}, adapter needs "
-            f"{wanted[:12]}); export that base with 'edgeft export gguf'"
-        )
 
 
 def _gguf_name(names, module: str) -> str:
@@ -130,7 +111,7 @@ def export_gguf_lora(
     base: str | None = None,
     lora_type: str = "f16",
     eval_text: str | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     force: bool = False,
     progress=None,
 ) -> LoraExport:
@@ -150,12 +131,8 @@ def export_gguf_lora(
         ParityError: base + adapter in llama.cpp differs from PyTorch beyond tolerance
             (full-precision bases only).
     """
-    from edgeft.merge import (
-        check_base_weights,
-        load_over_full_precision,
-        read_adapter,
-        recorded_base,
-    )
+    from edgeft.merge import check_base_weights, read_adapter, recorded_base
+    from edgeft.runtimes.pytorch import load_over_full_precision
 
     say = progress or (lambda message: None)
     if lora_type not in LORA_TYPES:
@@ -171,7 +148,7 @@ def export_gguf_lora(
         "edgeft.version": __version__,
         BASE_SHA_KEY: base_model.weights_sha256,
         "edgeft.adapter.sha256": adapter_sha,
-        "edgeft.train.method": str(record["settings"].get("method", "")),
+        "edgeft.train.method": record.settings.method,
     }
     with atomic_dir(out, force) as work:
         lora_file = work / f"lora-{lora_type}.gguf"
@@ -218,8 +195,8 @@ def export_gguf_lora(
                     f"for {coarse}: mean KL ≤ {max_kl}, top-1 off near-ties ≥ {min_top1:.0%}); "
                     "nothing was written"
                 )
-        write_json(
-            work / RECORD_NAME,
+        write_record(
+            work,
             make_record(
                 "export-gguf-lora",
                 inputs={

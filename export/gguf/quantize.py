@@ -61,7 +61,7 @@ def quantize(
     """
     import llama_cpp
 
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     info = read_gguf(src)
     if quant not in QUANTIZED_TYPES:
@@ -127,7 +127,7 @@ def check_finite(path: Path) -> None:
     """
     import numpy as np
 
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
 
     info = read_gguf(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")

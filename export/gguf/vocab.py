@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.errors import ModelError
+from edgeft.fidelity import TOKENIZER_CORPUS
 from edgeft.parity import first_divergence
 
 # The splitting rules of each Hugging Face pre-tokenizer llama.cpp re-implements, keyed by a
@@ -345,27 +346,6 @@ def _splits_on_space(pre: dict | None) -> bool:
     )
 
 
-# Texts on which llama.cpp's token ids must equal the Hugging Face tokenizer's.
-TOKENIZER_CORPUS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Preheat the oven to 220°C (425°F); roast for 25–30 minutes.",
-    "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # 5\n",
-    "if (x >= 10 && y != -3.14e-2) { z[i] += 0x1F; }",
-    "Numbers: 0 7 42 1234 56789 3.14159 1,000,000 2026-11-26 12:30:45",
-    "   leading spaces, trailing spaces   \n\n\n\ttabs\t\tand\r\nwindows lines  ",
-    "Crème brûlée, jalapeño, façade, naïve, Ångström, Øl, straße, İstanbul",
-    "日本語のテキストと中文文本，还有한국어 텍스트。",
-    "Emoji: 🍕🍔🌮 👩‍🍳 👍🏽 ❤️ ✨",
-    "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם.",
-    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE it's we'll they'd I'M",
-    "https://example.com/path?query=1&b=two#frag user@example.org",
-    "a" * 40 + " " + "ab" * 20 + " " + "!" * 12,
-    "",
-    " ",
-    "\n",
-)
-
-
 def _special_corpus(vocab: GGUFVocab) -> list[str]:
     specials = [t for t, kind in zip(vocab.tokens, vocab.types, strict=True) if kind == CONTROL][:8]
     return [f"{tok}hello{tok} world {tok}\nnext" for tok in specials] + [
@@ -374,7 +354,8 @@ def _special_corpus(vocab: GGUFVocab) -> list[str]:
 
 
 def corpus_for(vocab: GGUFVocab, chat_texts: Iterable[str] = ()) -> list[str]:
-    """The fidelity corpus: :data:`TOKENIZER_CORPUS`, special tokens in text, chat texts."""
+    """The fidelity corpus: :data:`~edgeft.fidelity.TOKENIZER_CORPUS`, special tokens in text,
+    chat texts."""
     return [*TOKENIZER_CORPUS, *_special_corpus(vocab), *chat_texts]
 
 
@@ -398,7 +379,7 @@ def check_token_ids(hf_tokenizer, gguf_path: Path, texts: Sequence[str]) -> Toke
     """
     import llama_cpp
 
-    from edgeft.export.gguf.reader import read_gguf
+    from edgeft.gguf_file import read_gguf
     from edgeft.runtimes.llamacpp import quiet_logs
 
     read_gguf(gguf_path)  # bounds-checked before llama.cpp reads it

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from edgeft._io import atomic_dir, sha256_file, write_json
+from edgeft._io import atomic_dir, sha256_file
 from edgeft.architectures import architecture_of, supported
+from edgeft.calibration import SAMPLED, calibration_texts
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.onnx.lora import (
@@ -50,12 +51,15 @@ from edgeft.export.onnx.quantize import (
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
+from edgeft.formats import ONNX_MODEL_FILE, check_external_data
 from edgeft.isolate import free_memory, in_child, peak_rss_mb
 from edgeft.models import read_export_config, weights_sha256
+from edgeft.options import DEFAULT_THREADS
 from edgeft.parity import Parity, first_divergence
-from edgeft.provenance import RECORD_NAME, make_record
-from edgeft.runtimes import generate, get_runtime
+from edgeft.provenance import make_record, write_record
+from edgeft.runtimes import get_runtime
 from edgeft.runtimes.llamacpp import MAX_DEFAULT_CTX
+from edgeft.session import generate
 from edgeft.streaming import CALIBRATION_RESIDENT_SHARE, should_stream
 
 logger = logging.getLogger(__name__)
@@ -67,12 +71,13 @@ FP32_MAX_ABS_DIFF = 1e-2
 FP32_MAX_KL = 1e-5
 # fp16 weights and compute: reported against these, and failed only beyond them.
 FP16_MAX_KL = 5e-3
-MODEL_FILE = "model.onnx"
+MODEL_FILE = ONNX_MODEL_FILE
 DATA_FILE = "model.onnx.data"
 # Graphs above this size keep their weights in DATA_FILE, every tensor of EXTERNAL_MIN_BYTES or
 # more. Protobuf cannot hold 2 GiB, and onnxruntime loads external weights tensor by tensor
-# instead of parsing them out of one buffer: on SmolLM2-135M's int4 folder, onnxruntime-genai
-# held 177 MB after loading against 231 MB from one file. So every folder has its data file.
+# instead of parsing them out of one buffer, which holds less memory after loading
+# (benchmarks/README.md#onnx-int4-memory-at-the-same-context-as-llamacpp-cpu-2-threads). So
+# every folder has its data file.
 EXTERNAL_DATA_BYTES = 0
 EXTERNAL_MIN_BYTES = 1024
 # Files an app needs beside the graph, copied from the optimum export.
@@ -198,55 +203,6 @@ def _save(model, folder: Path) -> None:
     )
 
 
-def external_data_path(folder: Path, location: str, source: Path, what: str) -> Path:
-    """The file a model-relative ``location`` names, if it is a relative path inside ``folder``
-    (no absolute path, no ``..``, no backslash) to an existing file.
-
-    Raises:
-        ModelError: ``source`` (the file holding the location, for the message) names a file
-            outside the folder, or one that is missing.
-    """
-    path = Path(location)
-    if (
-        not location
-        or path.is_absolute()
-        or ".." in path.parts
-        or "\\" in location
-        or not (folder / path).is_file()
-    ):
-        raise ModelError(
-            f"{source}: {what} points to {location!r}, outside the folder or missing; "
-            "model files must lie inside the model folder"
-        )
-    return folder / path
-
-
-def check_external_data(folder: Path, model_file: str = MODEL_FILE, model=None) -> None:
-    """Every external-data location of ``folder/model_file`` must be a relative path inside
-    the folder (no absolute paths, no ``..``), and the file must exist.
-
-    Args:
-        model: the graph already loaded (without external data), to avoid reading it twice.
-
-    Raises:
-        ModelError: a location escapes the folder or is missing.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    source = folder / model_file
-    if model is None:
-        model = onnx.load(str(source), load_external_data=False)
-    for tensor in model.graph.initializer:
-        if not uses_external_data(tensor):
-            continue
-        try:
-            location = ExternalDataInfo(tensor).location
-        except ValueError as exc:
-            raise ModelError(f"{source}: tensor {tensor.name}: bad external data ({exc})") from None
-        external_data_path(folder, location, source, f"the external data of tensor {tensor.name}")
-
-
 def check_finite_initializers(model, where: Path) -> None:
     """Raise unless every float initializer of an in-memory graph is finite.
 
@@ -294,8 +250,6 @@ def _op_counts(folder: Path) -> dict[str, int]:
 
 
 GRAPHS = ("fused", "optimum")
-SAMPLED = "text sampled from the model"
-SHIPPED = "a shipped mixed-domain text"
 
 
 def _export_fp32(model: Path, folder: Path, graph: str, lora=None) -> None:
@@ -337,73 +291,6 @@ def _write_fused(model: Path, folder: Path, matmuls=None, *, lora=None, progress
     (folder / MODEL_FILE).write_bytes(graph.SerializeToString())
     _companions(model, folder)
     return graph
-
-
-def fine_tuning_data(model: Path) -> Path | None:
-    """The data file a merged checkpoint was fine-tuned on, found through its provenance
-    (merge record → adapter record), when it is still there with the recorded sha256."""
-    from edgeft.provenance import read_record
-
-    try:
-        merge = read_record(model, "merge")
-        adapter = read_record(Path(merge["inputs"]["adapter"]["path"]), "train")
-        data = adapter["inputs"]["data"]
-        if Path(data["path"]).is_file() and sha256_file(Path(data["path"])) == data["sha256"]:
-            return Path(data["path"])
-    except (ModelError, KeyError, TypeError):
-        pass
-    return None
-
-
-def calibration_texts(model: Path, calibration: Path | None) -> tuple[list[str], str]:
-    """Texts for GPTQ's statistics, and where they came from.
-
-    ``calibration`` is a UTF-8 text or a JSONL dataset (rendered through the chat template).
-    Without it: the data the checkpoint was fine-tuned on, when its provenance names a file
-    that still has the recorded sha256; else text sampled from the checkpoint itself
-    (:func:`~edgeft.export.onnx.gptq.sampled_texts`); else, when its tokenizer has no token
-    to start from, a shipped mixed-domain text.
-    """
-    from importlib import resources
-
-    if calibration is None:
-        calibration = fine_tuning_data(model)
-    if calibration is None and not should_stream(model):
-        from edgeft.export.onnx.gptq import calibration_budget, sampled_texts
-        from edgeft.weights import checkpoint_params
-
-        logger.info(
-            "no calibration data (no --calibration, no fine-tuning data in the provenance): "
-            "sampling calibration text from the model itself"
-        )
-        # as many tokens as GPTQ calibrates on: sampling costs a forward pass per token
-        texts = sampled_texts(model, calibration_budget(checkpoint_params(model)))
-        if texts:
-            return texts, SAMPLED
-    if calibration is None:  # sampling needs the model loaded whole
-        text = resources.files("edgeft").joinpath("assets/eval/calibration.txt").read_text("utf-8")
-        return [text], SHIPPED
-    calibration = Path(calibration)
-    if calibration.suffix == ".jsonl":
-        from transformers import AutoTokenizer
-
-        from edgeft.data import iter_rows, row_to_messages
-
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-        texts = []
-        for where, row in iter_rows(calibration):
-            if isinstance(row, Exception):
-                raise EdgeftError(f"{where}: not valid JSON ({row})")
-            messages = row_to_messages(row, where)
-            if tokenizer.chat_template:
-                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-            else:
-                texts.append("\n".join(m["content"] for m in messages))
-        return texts, str(calibration)
-    try:
-        return [calibration.read_text(encoding="utf-8")], str(calibration)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeftError(f"{calibration}: cannot read the calibration text: {exc}") from exc
 
 
 def _passes(count: int) -> str:
@@ -550,7 +437,7 @@ def export_onnx(
     ort_format: bool = False,
     max_length: int | None = None,
     adapters: dict[str, Path] | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     force: bool = False,
     progress=None,
 ) -> OnnxExport:
@@ -631,7 +518,7 @@ def export_onnx(
             texts, calibrated_on = calibration_texts(model, calibration)
             sampled = []
             if settings.sampled_tokens and calibrated_on != SAMPLED and not streamed:
-                from edgeft.export.onnx.gptq import sampled_texts
+                from edgeft.calibration import sampled_texts
 
                 say(f"sampling {settings.sampled_tokens} tokens of calibration text from {model}")
                 sampled = sampled_texts(model, settings.sampled_tokens) or []
@@ -804,8 +691,8 @@ def export_onnx(
         if any(not r.genai_greedy_identical for r in reports):
             odd = ", ".join(r.folder for r in reports if not r.genai_greedy_identical)
             notes.append(f"onnxruntime-genai's greedy answer differs from onnxruntime's in {odd}")
-        write_json(
-            work / RECORD_NAME,
+        write_record(
+            work,
             make_record(
                 "export-onnx",
                 inputs={
@@ -897,7 +784,7 @@ def _write_adapters(
     """Write each adapter's ``.onnx_adapter`` file, then measure base + adapter in every
     folder (onnxruntime, then onnxruntime-genai) against the adapter over the fp32 base in
     PyTorch; the fp32 folder is gated like the base."""
-    from edgeft.merge import load_over_full_precision
+    from edgeft.runtimes.pytorch import load_over_full_precision
 
     folder = work / ADAPTERS_DIR
     folder.mkdir()
@@ -965,8 +852,7 @@ def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
     (``chat_template_identical`` is None without a chat template)."""
     from transformers import AutoTokenizer
 
-    from edgeft.export.gguf.vocab import TOKENIZER_CORPUS
-    from edgeft.fidelity import GREEDY_PROMPT
+    from edgeft.fidelity import GREEDY_PROMPT, TOKENIZER_CORPUS
 
     hf = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     session = get_runtime("onnxruntime-genai").load(folder, threads=threads)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from edgeft.architectures import ARCHITECTURES, attention_shape
 from edgeft.errors import ModelError
+from edgeft.formats import GENAI_CONFIG
 from edgeft.runtimes.hf import eos_token_ids, load_tokenizer, read_json
 
 # config.json model_type → onnxruntime-genai 0.18 model type, from the architecture table
 GENAI_MODEL_TYPES = {a.model_type: a.genai_type for a in ARCHITECTURES.values()}
 
-GENAI_CONFIG = "genai_config.json"
 
 _PLAIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 

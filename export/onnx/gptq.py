@@ -19,98 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.architectures import architecture_of, split_fused
+from edgeft.calibration import calibration_budget, calibration_ids
 from edgeft.errors import EdgeftError
 from edgeft.isolate import free_memory, trim_memory
 
-# Calibration tokens: on SmolLM2's cooking set, 16k instead of 4k lowers the int4 folder's mean
-# KL by about a tenth (benchmarks/README.md).
-CALIBRATION_MAX_TOKENS = 16384
-CHUNK_TOKENS = 512
 DAMPING = 0.01
 # A tied lm_head is also the embedding table: the same codes are read back row by row as
 # token embeddings, where GPTQ's shifting of error between columns does not cancel. Stronger
-# damping keeps each row closer to round-to-nearest (SmolLM2's int4 recipe with q, k, v at 4
-# bits, simulated in PyTorch: mean KL 0.136 → 0.125 at 0.1, 0.134 at 1.0).
+# damping keeps each row closer to round-to-nearest (benchmarks/README.md#choosing-the-int4-recipe).
 TIED_HEAD_DAMPING = 0.1
 COLUMN_BLOCK = 128
-
-
-def _calibration_ids(
-    model_dir: Path, texts: Sequence[str], limit: int = CALIBRATION_MAX_TOKENS
-) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= limit:
-            break
-    ids = ids[:limit]
-    if len(ids) < 64:
-        raise EdgeftError(f"the calibration text has {len(ids)} tokens; give at least 64")
-    return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)]
-
-
-# Without calibration data, GPTQ calibrates on text sampled from the checkpoint itself: on the
-# demo's SmolLM2 (no provenance), 16k sampled tokens gave int4 mean KL 0.094 on the cooking
-# text and 0.167 on the held-out answers, against 0.164 and 0.188 for a 1k-token shipped
-# mixed-domain text and 0.232 and 0.204 for round-to-nearest (benchmarks/README.md).
-SAMPLE_BATCH = 16
-SAMPLE_SEED = 0
-
-
-def sampled_texts(model_dir: Path, tokens: int = CALIBRATION_MAX_TOKENS) -> list[str] | None:
-    """About ``tokens`` tokens sampled from the checkpoint (top-k 50, top-p 0.95, a fixed
-    seed), in sequences of up to :data:`CHUNK_TOKENS`; ``None`` when the tokenizer has no token
-    to start from."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        return None
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    ).eval()
-    context = getattr(model.config, "max_position_embeddings", None) or CHUNK_TOKENS + 1
-    length = min(CHUNK_TOKENS, context - 1)
-    sequences = -(-tokens // length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    texts: list[str] = []
-    with torch.random.fork_rng(), torch.inference_mode():
-        torch.manual_seed(SAMPLE_SEED)
-        for first in range(0, sequences, SAMPLE_BATCH):
-            prompt = torch.full((min(SAMPLE_BATCH, sequences - first), 1), start)
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                top_p=0.95,
-                temperature=1.0,
-                top_k=50,
-                max_new_tokens=length,
-                min_new_tokens=length,
-                pad_token_id=pad,
-            )
-            texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
-    return texts
-
-
-# GPTQ's cost is about a forward pass over its calibration tokens (twice: statistics, then
-# the rounded layer's outputs), so it grows with parameters × tokens. Above this product
-# (16k tokens of a 400M model) the tokens shrink with the model, down to
-# MIN_CALIBRATION_TOKENS: calibration time stays about flat per parameter.
-CALIBRATION_TOKEN_PARAMS = CALIBRATION_MAX_TOKENS * 400_000_000
-MIN_CALIBRATION_TOKENS = 2048
-
-
-def calibration_budget(params: int) -> int:
-    """Calibration tokens for a model of ``params`` parameters (whole chunks)."""
-    tokens = CALIBRATION_TOKEN_PARAMS // max(params, 1)
-    tokens = max(MIN_CALIBRATION_TOKENS, min(CALIBRATION_MAX_TOKENS, tokens))
-    return tokens // CHUNK_TOKENS * CHUNK_TOKENS
 
 
 class Calibration:
@@ -127,9 +45,9 @@ class Calibration:
     Args:
         bits: module name (``model.layers.0.self_attn.q_proj``, ``lm_head``) → 4 or 8.
         settings: the :class:`~edgeft.export.onnx.quantize.QuantSettings` (block sizes).
-        sampled: text sampled from the checkpoint (:func:`sampled_texts`), calibrated on
-            after ``texts`` (which are capped at the token budget), up to
-            ``settings.sampled_tokens`` tokens.
+        sampled: text sampled from the checkpoint
+            (:func:`~edgeft.calibration.sampled_texts`), calibrated on after ``texts`` (which
+            are capped at the token budget), up to ``settings.sampled_tokens`` tokens.
         resident: load the model whole (default: unless it should stream).
     """
 
@@ -162,9 +80,9 @@ class Calibration:
         from edgeft.weights import checkpoint_params
 
         self.tokens = calibration_budget(checkpoint_params(self.model_dir))
-        self.chunks = _calibration_ids(self.model_dir, texts, self.tokens)
+        self.chunks = calibration_ids(self.model_dir, texts, self.tokens)
         if sampled:
-            self.chunks += _calibration_ids(self.model_dir, sampled, settings.sampled_tokens)
+            self.chunks += calibration_ids(self.model_dir, sampled, settings.sampled_tokens)
         if self.resident:
             self.model = AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
@@ -412,9 +330,8 @@ def _dequantized(codes, scales, zero):
     return torch.tensor(((blocks - zero[..., None]) * scales[..., None]).reshape(rows, cols))
 
 
-# Adam's step for the RMSNorm weights, decayed to 0 over the passes (cosine). On SmolLM2-135M's
-# int4 folder, one pass over 16k calibration tokens moved the 61 weight vectors by 0.5% of
-# their mean size (4% at most).
+# Adam's step for the RMSNorm weights, decayed to 0 over the passes (cosine): small, so the
+# norms move a little from their trained values (benchmarks/README.md#choosing-the-int4-recipe).
 NORM_LEARNING_RATE = 5e-4
 NORM_SEED = 0
 
@@ -428,10 +345,8 @@ def tune_norms(model_dir: Path, quantized, chunks: list[list[int]], epochs: int)
     weights scale every channel that enters a layer, stay in float in the folder's graph and
     are few (61 vectors in SmolLM2-135M), so they can absorb some of that without fitting the
     calibration text itself: tuning every block's scale too (2.9M values) lowered the
-    calibration text's KL further but raised the held-out text's. On SmolLM2-135M's int4
-    folder, calibrated on its fine-tuning data, one pass took mean KL on held-out cooking
-    answers from 0.082 to 0.068, and on a prose cooking text from 0.099 to 0.103
-    (benchmarks/README.md).
+    calibration text's KL further but raised the held-out text's
+    (benchmarks/README.md#choosing-the-int4-recipe).
 
     Returns:
         ``{parameter name: float32 weight}`` for every ``*norm.weight``.
@@ -706,7 +621,7 @@ def kv_cache_scales(model_dir: Path, texts: Sequence[str]) -> dict[int, tuple]:
     from edgeft.streaming import decoder_inputs, held, should_stream, streamed_model
 
     model_dir = Path(model_dir)
-    chunks = _calibration_ids(model_dir, texts, KV_CALIBRATION_TOKENS)
+    chunks = calibration_ids(model_dir, texts, KV_CALIBRATION_TOKENS)
     if should_stream(model_dir):
         model = streamed_model(model_dir)
     else:

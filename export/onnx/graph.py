@@ -156,8 +156,9 @@ class _Builder:
 
 def _skip_norm(g: _Builder, x, residual, weight, name: str, eps: float, *, keep_sum=True):
     """RMSNorm(x + residual) fused; returns (normed, x + residual). The mean and inverse
-    standard deviation outputs, which only training reads, stay unset: filled, they made this
-    operator 40% slower at decode (SmolLM2 runs 60 of them a token)."""
+    standard deviation outputs, which only training reads, stay unset: filled, they slow this
+    operator, which runs twice a layer, at decode
+    (benchmarks/README.md#choosing-the-int4-recipe)."""
     outputs = [f"{name}/output_0", "", "", f"{name}/output_3" if keep_sum else ""]
     g.node(
         "SkipSimplifiedLayerNormalization",

@@ -28,10 +28,11 @@ import numpy as np
 
 from edgeft._io import sha256_file
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.formats import ONNX_ADAPTER_SUFFIX, SOURCE_SHA_KEY, base_version
+from edgeft.provenance import TrainRecord
 
-ADAPTER_SUFFIX = ".onnx_adapter"
+ADAPTER_SUFFIX = ONNX_ADAPTER_SUFFIX
 ADAPTERS_DIR = "adapters"
-SOURCE_SHA_KEY = "edgeft.source.sha256"
 # The adapter file's format and adapter versions (onnxruntime's format reads both).
 ADAPTER_VERSION = 1
 
@@ -46,13 +47,8 @@ class OnnxAdapter:
     base_sha256: str  # of the base weights it was trained on
     rank: int
     method: str
-    record: dict  # the adapter's edgeft.json
+    record: TrainRecord  # the adapter's edgeft.json
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # module → (A [in, r], scale·B [r, out])
-
-
-def base_version(weights_sha256: str) -> int:
-    """The ``model_version`` an adapter file for this base carries."""
-    return int(weights_sha256[:7], 16)
 
 
 def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
@@ -97,7 +93,7 @@ def read_adapters(adapters: dict[str, Path], base: Path, base_sha256: str) -> li
     read = []
     for name, path in adapters.items():
         record, config, lora = read_adapter(path)
-        trained_on = record["inputs"]["base"]["weights_sha256"]
+        trained_on = record.inputs.base.weights_sha256
         if trained_on != base_sha256:
             raise ModelError(
                 f"adapter {name} ({path}) was trained on another base (weights sha256 "
@@ -139,7 +135,7 @@ def read_adapters(adapters: dict[str, Path], base: Path, base_sha256: str) -> li
                 sha256=sha256_file(Path(path) / "adapter_model.safetensors"),
                 base_sha256=trained_on,
                 rank=int(next(iter(lora.values()))[0].shape[0]),
-                method=str(record.get("settings", {}).get("method", "")),
+                method=record.settings.method,
                 record=record,
                 pairs=pairs,
             )
@@ -190,67 +186,3 @@ def mark_base(folder: Path, weights_sha256: str, model_file: str = "model.onnx")
             model.metadata_props.remove(prop)
     model.metadata_props.add(key=SOURCE_SHA_KEY, value=weights_sha256)
     path.write_bytes(model.SerializeToString())
-
-
-def graph_lora_inputs(model_path: Path) -> tuple[dict[str, list], str | None]:
-    """The LoRA inputs of a graph (name → shape, the rank as a string) and the base weights'
-    sha256 it records (None if it records none)."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    inputs = {}
-    for value in model.graph.input:
-        if value.name.endswith((".lora_A", ".lora_B")):
-            dims = value.type.tensor_type.shape.dim
-            inputs[value.name] = [d.dim_param or d.dim_value for d in dims]
-    sha = next((p.value for p in model.metadata_props if p.key == SOURCE_SHA_KEY), None)
-    return inputs, sha
-
-
-def check_adapter(adapter: Path, model_path: Path) -> None:
-    """Refuse an ``.onnx_adapter`` file the graph at ``model_path`` cannot take: a base graph
-    without LoRA inputs, a parameter it has no input for or of another shape, or one made for
-    another base.
-
-    Raises:
-        ModelError: naming the file and, where one is at fault, the tensor.
-    """
-    import onnxruntime as ort
-
-    adapter, model_path = Path(adapter), Path(model_path)
-    if not adapter.is_file():
-        raise ModelError(f"adapter {adapter} not found; pass an {ADAPTER_SUFFIX} file")
-    inputs, base_sha = graph_lora_inputs(model_path)
-    if not inputs:
-        raise ModelError(
-            f"{model_path} takes no LoRA adapter (no LoRA inputs); export the base with "
-            "'edgeft export onnx --adapter'"
-        )
-    try:
-        reader = ort.AdapterFormat.read_adapter(str(adapter))
-        parameters = reader.get_parameters()
-    except Exception as exc:  # onnxruntime raises plain RuntimeError/Fail on a bad file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(
-            f"{adapter} is not an onnxruntime adapter file ({reason}); export it again"
-        ) from exc
-    if base_sha is not None and reader.get_model_version() != base_version(base_sha):
-        raise ModelError(
-            f"{adapter} was made for another base than {model_path} (weights sha256 "
-            f"{base_sha[:12]}); export the adapter with this base"
-        )
-    ranks: dict[str, int] = {}
-    for name, value in parameters.items():
-        shape = inputs.get(name)
-        if shape is None:
-            raise ModelError(f"{adapter}: tensor {name} is not a LoRA input of {model_path}")
-        have = list(value.shape())
-        fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int) and d > 0]
-        if len(have) != len(shape) or any(have[i] != d for i, d in fixed):
-            raise ModelError(
-                f"{adapter}: tensor {name} has shape {have}, {model_path} takes {shape}; "
-                "the adapter was made for another model"
-            )
-        module, rank = name.rsplit(".", 1)[0], have[1] if name.endswith("_A") else have[0]
-        if ranks.setdefault(module, rank) != rank:
-            raise ModelError(f"{adapter}: {module}'s lora_A and lora_B differ in rank")

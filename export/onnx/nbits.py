@@ -131,8 +131,8 @@ class QuantizedMatmuls(FloatMatmuls):
 
     def packed_qkv(self, g, modules: list, x: str, name: str) -> str | None:
         """One MatMulNBits for q|k|v when they share a layout, or q's and one for k|v joined
-        by a Concat when only k and v do (measured on SmolLM2: 5-6% faster decode than three
-        matmuls); None when k and v differ."""
+        by a Concat when only k and v do (fewer operators a decode step than three matmuls:
+        benchmarks/README.md#choosing-the-int4-recipe); None when k and v differ."""
         layouts = [self.layout(module) for module, _ in modules]
         if layouts[1] != layouts[2] or not all(layout.bits for layout in layouts):
             return None

@@ -48,8 +48,8 @@ class QuantSettings:
             The int4 folder's 8-bit matrices never have zero points, the int8 folder's
             always do (:func:`matrix_layout`).
         accuracy_level: MatMulNBits compute precision (see :data:`ACCURACY_LEVELS`). 4 is the
-            default: onnxruntime's CPU kernels for 8-bit weights are fast only there (about 10x
-            faster decode than level 0 for an 8-bit lm_head), and it costs little accuracy.
+            default: onnxruntime's CPU kernels for 8-bit weights are fast only there, and it
+            costs little accuracy (benchmarks/README.md#choosing-the-int4-recipe).
         lm_head: lm_head precision in the int4 folder (the int8 folder keeps int8).
         embeddings: embedding-table precision in the int8 and int4 folders; ``None`` follows
             the folder's lm_head, so a tied table is stored once for both.
@@ -66,13 +66,9 @@ class QuantSettings:
             ``int8_modules``, plus ``lm_head``. A speed knob: at 2 threads onnxruntime's
             kernels spend much of their time per block, so larger blocks decode faster and
             cost accuracy. The default, gate and up in 4-bit blocks of 64 and down_proj in
-            8-bit blocks of 128, symmetric, is the int4 recipe chosen on SmolLM2-135M's
-            fine-tune (benchmarks/results/onnx_int4_recipes.md, dev half of the held-out
-            text): decode 1.03-1.07× onnxruntime-genai's builder int4 in three runs against
-            0.96-0.99× for the previous default (zero points, 4-bit blocks of 32, 8-bit of
-            64), for held-out KL 0.073 → 0.106 (llama.cpp Q4_K_M: 0.134; onnx_export.md).
-            o_proj in blocks of 64 costs more than gate and up together
-            (benchmarks/README.md).
+            8-bit blocks of 128, symmetric, is the fastest int4 recipe that kept the held-out
+            KL under llama.cpp Q4_K_M's; o_proj stays in 32, where 64 costs more than gate and
+            up together (benchmarks/README.md#choosing-the-int4-recipe).
         norm_epochs: passes over the calibration text that tune the int4 folder's RMSNorm
             weights after GPTQ, by distillation from the checkpoint
             (:func:`edgeft.export.onnx.gptq.tune_norms`); 0 leaves them as trained.
@@ -80,41 +76,99 @@ class QuantSettings:
             also calibrate on, after the fine-tuning data or ``--calibration`` (0: that data
             alone, the default; without data the calibration is sampled text anyway). Data
             from one domain fits the int4 weights and norms to it; samples keep the model's
-            other text in view. On SmolLM2-135M's cooking fine-tune, with gate and up in
-            blocks of 64 and down_proj in 128, 16k tokens took mean KL on a prose cooking
-            text from 0.117 to 0.109 and held-out chat answers from 0.076 to 0.078, for about
-            5 more minutes of export at 2 threads (benchmarks/README.md).
+            other text in view. Off by default: sampling costs minutes of export and did not
+            lower the held-out KL (benchmarks/README.md#choosing-the-int4-recipe).
         kv_cache: the KV cache's type in the int8 and int4 folders (fused graph); ``None``
             (the default) picks it by folder (:meth:`kv_cache_type`). ``int8``:
             GroupQueryAttention stores K and V in int8 with per-layer, per-channel scales
             measured on the calibration text (:func:`~edgeft.export.onnx.gptq.kv_cache_scales`)
-            and computes attention in fp32: a quarter of the fp32 cache. On
-            SmolLM2-135M's int4 folder at a 4096-token context (benchmarks/results/
-            phone_memory.md) the bench's peak RSS fell from 588 to 439 MB, decode went from
-            137 to 130 tok/s at depth 0 and from 57 to 74 at depth 2048, and mean KL against
-            the checkpoint from 0.0911 to 0.0971 (Q4_K_M: 0.0975). ``fp32`` keeps the cache
-            as the graph computes it. ``fp16`` declares the
-            cache fp16; measured on x86 (onnxruntime 1.32, SmolLM2-135M int4 at a 4096-token
-            context, benchmarks/results/phone_memory.md) it cost more than it saved: peak RSS
-            1245 MB against 1004 MB with fp32, decode 4.4 against 24.6 tok/s; it is there for
-            devices whose runtime handles it natively.
+            and computes attention in fp32: a quarter of the fp32 cache, for a lower peak
+            RSS and faster decode deep in the context at a small cost in KL. ``fp32`` keeps
+            the cache as the graph computes it. ``fp16`` declares the cache fp16: on x86 it
+            cost more memory and decode time than it saved; it is there for devices whose
+            runtime handles it natively
+            (benchmarks/README.md#onnx-int4-memory-at-the-same-context-as-llamacpp-cpu-2-threads).
     """
 
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int = 4
-    lm_head: str = "int4"
-    embeddings: str | None = None
-    int8_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "down_proj"))
-    algorithm: str = "gptq"
-    module_blocks: tuple[tuple[str, int], ...] = (
-        ("gate_proj", 64),
-        ("up_proj", 64),
-        ("down_proj", 128),
+    block_size: int = field(
+        default=32, metadata={"choices": BLOCK_SIZES, "help": "weights per scale"}
     )
-    norm_epochs: int = 1
-    sampled_tokens: int = 0
-    kv_cache: str | None = None
+    symmetric: bool = field(
+        default=True,
+        metadata={
+            "help": "the int4 folder's 4-bit matrices without zero points: smaller, faster to "
+            "decode; --no-symmetric stores a zero point per block"
+        },
+    )
+    accuracy_level: int = field(
+        default=4,
+        metadata={
+            "choices": ACCURACY_LEVELS,
+            "help": "MatMulNBits compute precision: 0/1 fp32, 4 int8 activations",
+        },
+    )
+    lm_head: str = field(
+        default="int4",
+        metadata={"choices": PRECISIONS, "help": "lm_head precision in the int4 folder"},
+    )
+    embeddings: str | None = field(
+        default=None,
+        metadata={
+            "choices": PRECISIONS,
+            "help": "embedding table precision in the int8/int4 folders (default: the folder's "
+            "lm_head precision, so a tied table is stored once)",
+        },
+    )
+    int8_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "down_proj"),
+        metadata={
+            "metavar": "MODULE,...",
+            "help": "projections kept at 8 bits in the int4 folder, from: "
+            f"{', '.join(MODULE_KINDS)} ('' for none)",
+        },
+    )
+    algorithm: str = field(
+        default="gptq",
+        metadata={
+            "choices": ALGORITHMS,
+            "help": "rounding of the int4 folder's 4-bit weights: gptq (calibrated) or rtn",
+        },
+    )
+    module_blocks: tuple[tuple[str, int], ...] = field(
+        default=(("gate_proj", 64), ("up_proj", 64), ("down_proj", 128)),
+        metadata={
+            "metavar": "MODULE=SIZE",
+            "help": "block sizes in the int4 folder that differ from the uniform layout "
+            f"(--block-size for 4-bit matrices, {MIXED_INT8_BLOCK} for 8-bit ones): larger "
+            "blocks decode faster and are less accurate; modules as for --int8-modules, plus "
+            "lm_head ('' for the uniform layout)",
+        },
+    )
+    norm_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "passes over the calibration text that tune the int4 folder's RMSNorm "
+            "weights after GPTQ, matching the checkpoint's next-token distribution (0 to skip)"
+        },
+    )
+    sampled_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "tokens of text sampled from the model that GPTQ and norm tuning also "
+            "calibrate on, after the fine-tuning data or --calibration, so that the int4 "
+            "folder fits that one domain less (0: none; e.g. 16384)"
+        },
+    )
+    kv_cache: str | None = field(
+        default=None,
+        metadata={
+            "choices": KV_CACHE_TYPES,
+            "help": "KV cache type of the int8 and int4 folders (default: int8 in the int4 "
+            "folder, fp32 in the int8 one): int8 is a quarter of fp32 (per-channel scales "
+            "measured on the calibration text); fp16 halves it but onnxruntime's x86 kernels "
+            "ran it slower and larger",
+        },
+    )
 
     def embedding_precision(self, quant: str) -> str:
         """The embedding table's precision in the ``quant`` folder."""
@@ -125,8 +179,8 @@ class QuantSettings:
     def kv_cache_type(self, quant: str) -> str:
         """The KV cache's type in the ``quant`` folder: ``kv_cache`` where set, else int8 in
         the int4 folder, whose memory on a phone is the point, and fp32 in the int8 one,
-        whose accuracy is: on SmolLM2-135M's fine-tune an int8 cache took the int8 folder's
-        mean KL from 0.006 to 0.014, twice llama.cpp Q8_0's (benchmarks/README.md)."""
+        whose accuracy is: an int8 cache took the int8 folder's mean KL past llama.cpp Q8_0's
+        (benchmarks/README.md#onnx-export-vs-onnxruntime-genais-builder-and-llamacpp-cpu-2-threads)."""
         if self.kv_cache is not None:
             return self.kv_cache
         return "int8" if quant == "int4" else "fp32"
@@ -230,13 +284,10 @@ def mixed_block_size(bits: int, settings: QuantSettings, kind: str | None = None
     8-bit ones, whose fp32 scales cost half as much as 32's (0.08 instead of 0.16 bytes a
     weight) for no measurable error at 8 bits; that buys room for more 8-bit matrices.
 
-    Larger 8-bit blocks run faster in isolation (onnxruntime's int8 kernel spends much of its
-    time per block: down_proj's 1536-wide rows in blocks of 128 save about 7 µs a layer) but
-    cost through the activations, which accuracy level 4 quantizes in the weight's blocks too.
-    On SmolLM2-135M, down_proj at 128 alone measured mean KL 0.1025 → 0.1085 on the short
-    text (held-out unchanged) for a whole-folder speed-up this machine could not resolve (−2%
-    to +4.5% in nine paired runs); with gate and up in 4-bit blocks of 64 it is part of the
-    default recipe (:class:`QuantSettings` ``module_blocks``)."""
+    Larger 8-bit blocks run faster (onnxruntime's int8 kernel spends much of its time per
+    block) but cost accuracy through the activations, which accuracy level 4 quantizes in the
+    weight's blocks too; down_proj in blocks of 128 is part of the default recipe
+    (:class:`QuantSettings` ``module_blocks``, benchmarks/README.md#choosing-the-int4-recipe)."""
     blocks = dict(settings.module_blocks)
     if kind in blocks:
         return blocks[kind]
@@ -650,8 +701,8 @@ def _stack_matmuls(model, nodes: list, name: str, weights: dict):
 def pack_qkv(model) -> int:
     """Give each GroupQueryAttention one packed q|k|v input (in place).
 
-    GroupQueryAttention reads packed QKV natively, which saves work at every decode step
-    (measured on SmolLM2: 5-6% faster decode). When q, k and v share a format they become one
+    GroupQueryAttention reads packed QKV natively, which saves operators at every decode step
+    (benchmarks/README.md#choosing-the-int4-recipe). When q, k and v share a format they become one
     MatMulNBits; when only k and v do (k and v kept at 8 bits, q at 4), k|v become one and a
     Concat joins q to it. Returns the number of layers packed.
     """
