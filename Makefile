@@ -35,7 +35,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet 'torch==2.13.0'
 	$(MAKE) --no-print-directory llama-wheel
 	$(PY) -m pip install --quiet $(WHEELS)/llama_cpp_python-*.whl
-	$(PY) -m pip install --quiet -e '.[dev,onnx]'
+	# the optimum extra: --graph optimum (optimum-onnx, which requires transformers 4.57)
+	$(PY) -m pip install --quiet -e '.[dev,onnx,optimum]'
 	touch $(STAMP)
 
 install: $(STAMP)

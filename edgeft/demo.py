@@ -27,6 +27,7 @@ from edgeft.bench.report import Table, to_html, to_markdown
 from edgeft.bench.schema import decode_at
 from edgeft.errors import EdgeftError
 from edgeft.evaluate import as_row, load_qa
+from edgeft.hfcompat import chat_ids
 from edgeft.isolate import in_child
 from edgeft.merge import MergeResult, merge
 from edgeft.models import DEFAULT_MODEL, resolve_base
@@ -506,7 +507,7 @@ def _fits_context(model: Path):
 
     def fits(row) -> bool:
         messages = chat_messages(row.question, row.context)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = chat_ids(tokenizer, messages)
         return len(ids) + room < limit
 
     return fits

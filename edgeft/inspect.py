@@ -22,6 +22,7 @@ from edgeft.formats import (
     genai_model_files,
     titles,
 )
+from edgeft.hfcompat import model_config
 from edgeft.weights import inspect_safetensors
 
 SUPPORTED = titles(lambda f: f.inspected_as is not None)
@@ -180,10 +181,7 @@ def inspect_checkpoint(path: Path) -> dict:
     )
 
     config_path = path / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{config_path}: cannot read: {exc}") from exc
+    config = model_config(config_path)
     names = config.get("architectures") or []
     entry = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
     weights = sorted(path.glob("*.safetensors"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeft._io import atomic_dir, sha256_file, sha256_files
 from edgeft.errors import ModelError
+from edgeft.hfcompat import dequantized_from_gguf, model_config, transformers_major
 from edgeft.provenance import make_record, write_record
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -86,15 +87,11 @@ def read_export_config(model_dir: Path, supported, target: str) -> tuple[dict, s
             message lists them), a rope kind or layer layout its entry in
             :mod:`edgeft.architectures` does not cover, or a quantized checkpoint.
     """
-    import json
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ModelError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read: {exc}") from exc
+    config = model_config(path)
     names = config.get("architectures") or []
     architecture = next((n for n in names if n in supported), None)
     if architecture is None:
@@ -203,7 +200,9 @@ def default_model_dir() -> Path:
     """The cached Hugging Face checkpoint of the default model, converted on first use (~1 min)."""
     gguf_path = default_gguf_path()
     digest = sha256_file(gguf_path)
-    out = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{digest[:12]}"
+    # transformers 5 saves a config 4.x misreads (rope_parameters): one copy per major version
+    name = f"SmolLM2-135M-Instruct-{digest[:12]}-transformers{transformers_major()}"
+    out = cache_dir() / "models" / name
     if (out / "edgeft.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +224,10 @@ def convert_gguf_checkpoint(gguf_path: Path, out: Path, *, force: bool = False) 
 
     read_gguf(gguf_path)
     tokenizer = tokenizer_from_gguf(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    model = dequantized_from_gguf(
+        AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     )
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edgeft.architectures import head_is_table
 from edgeft.errors import ModelError
+from edgeft.hfcompat import model_config
 from edgeft.parity import ParityAccumulator
 from edgeft.weights import (
     StoredTensor,
@@ -142,7 +143,7 @@ def streamed_model(
     head_name = _module_name(modules, head) + ".weight"
     # Tied, the output projection is the embedding table even where the checkpoint also
     # stores an lm_head.weight (transformers ignores it, and so does the GGUF converter).
-    tied = head_is_table(config.to_dict(), index, model_dir)
+    tied = head_is_table(model_config(config), index, model_dir)
     stored_head = index[embed_name] if tied else index[head_name]
     if tuple(stored_head.shape) != tuple(head.weight.shape):
         raise ModelError(f"{model_dir}: output projection {stored_head.name} has the wrong shape")

@@ -21,6 +21,7 @@ from edgeft._io import atomic_dir, check_output, partial_dir, sha256_file, write
 from edgeft.architectures import check_lora_targets
 from edgeft.data import DataReport, collate, load_examples, split_examples
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.hfcompat import model_config, training_arguments
 from edgeft.models import BaseModel, resolve_base
 from edgeft.provenance import make_record, write_record
 
@@ -459,7 +460,7 @@ def train(
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
-    check_lora_targets(model.config.to_dict(), settings.target_modules)
+    check_lora_targets(model_config(model.config), settings.target_modules)
     lora = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -483,7 +484,7 @@ def train(
         else contextlib.nullcontext(partial_dir(out))
     )
     with output_dir as work:
-        args = transformers.TrainingArguments(
+        args = training_arguments(
             output_dir=str(work / "checkpoints"),
             per_device_train_batch_size=settings.batch_size,
             per_device_eval_batch_size=settings.batch_size,
@@ -621,7 +622,19 @@ def train(
                 },
             )
             write_record(work, record)
+    _leave_process_group()
     return result
+
+
+def _leave_process_group() -> None:
+    """Under ``accelerate launch``: every rank waits until rank 0 has written the output, then
+    all leave the process group together (a rank that exits while another still talks to it
+    can abort in the transport's teardown, failing a run that trained)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _rank_report(model, train_loss: float) -> list[dict]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeft.errors import ModelError
+from edgeft.hfcompat import chat_ids
 from edgeft.session import chat_messages
 
 
@@ -22,11 +23,7 @@ class HFTokenizing:
 
     def tokenize(self, text: str, *, chat: bool = False, context: Sequence[dict] = ()) -> list[int]:
         if chat:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    chat_messages(text, context), add_generation_prompt=True, tokenize=True
-                )
-            )
+            return chat_ids(self.tokenizer, chat_messages(text, context))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def detokenize(self, token_ids: Sequence[int]) -> str:

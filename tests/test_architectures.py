@@ -31,6 +31,7 @@ from edgeft.architectures import (
 )
 from edgeft.cli import main
 from edgeft.errors import ModelError
+from edgeft.hfcompat import model_config
 from edgeft.parity import Parity
 from edgeft.runtimes import get_runtime
 
@@ -44,7 +45,8 @@ def _cli(*args) -> None:
 
 
 def _config(model: Path) -> dict:
-    return json.loads((model / "config.json").read_text())
+    """The model's config in the one layout edgeft reads (either transformers' file)."""
+    return model_config(model)
 
 
 def _record(folder: Path) -> dict:
@@ -301,6 +303,8 @@ def _without(model: Path, out: Path, edit) -> Path:
     shutil.copytree(model, out)
     config = _config(out)
     edit(config)
+    # written in the 4.x layout, which transformers 5 also reads: the edit is all there is
+    config.pop("rope_parameters", None)
     (out / "config.json").write_text(json.dumps(config))
     return out
 
@@ -424,6 +428,7 @@ def test_each_quirk_is_applied_in_llama_cpp(
     ids=["default", "linear", "llama3"],
 )
 def test_rope_frequencies_are_transformers(scaling):
+    import torch
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -434,8 +439,13 @@ def test_rope_frequencies_are_transformers(scaling):
         max_position_embeddings=131072,
         rope_scaling=scaling,
     )
-    expected, factor = ROPE_INIT_FUNCTIONS[rope_kind(scaling)](config, "cpu")
-    got, got_factor = inverse_frequencies(config.to_dict(), 500000.0, scaling)
+    if rope_kind(scaling) in ROPE_INIT_FUNCTIONS:
+        expected, factor = ROPE_INIT_FUNCTIONS[rope_kind(scaling)](config, "cpu")
+    else:  # transformers 5 computes the default rope in each model, as 4.x's "default" did
+        dim = config.hidden_size // config.num_attention_heads
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        expected, factor = torch.from_numpy(1.0 / (500000.0**exponents)), 1.0
+    got, got_factor = inverse_frequencies(model_config(config), 500000.0, scaling)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
     assert got_factor == factor
 

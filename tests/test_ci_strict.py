@@ -47,3 +47,23 @@ def test_skips_are_skips_elsewhere(suite, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     result = suite.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(skipped=3)
+
+
+def test_a_single_strict_test_fails_alone(pytester, monkeypatch):
+    """The report's browser check is strict by name; its file's other skips stay skips."""
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text(encoding="utf-8"))
+    pytester.makepyfile(
+        test_bench_report="""
+import pytest
+
+def test_report_html_in_headless_chromium_shows_it():
+    pytest.skip("no Chromium on PATH")
+
+def test_something_else():
+    pytest.skip("not here")
+"""
+    )
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*skipped under CI=true*no Chromium*"])

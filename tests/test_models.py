@@ -2,6 +2,7 @@
 
 import pytest
 
+from edgeft.hfcompat import chat_ids
 from edgeft.models import default_gguf_path, tokenizer_from_gguf
 
 CORPUS = [
@@ -49,7 +50,7 @@ def test_chat_template_renders_like_smollm2_with_a_single_im_start(tokenizer):
         "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = chat_ids(tokenizer, messages)
     assert ids[0] == 1 and ids[1] != 1
     assert ids.count(1) == 3  # one <|im_start|> per turn, no extra bos
 

@@ -445,6 +445,7 @@ def test_fused_graph_shares_the_cache_buffer_in_genai(onnx_export):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_optimum_graph_matches_too(arch, tiny_tokenizer_dir, spm_tokenizer_dir, tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")  # the optimum extra (transformers 4.57)
     tokenizer = spm_tokenizer_dir if arch == "mistral" else tiny_tokenizer_dir
     model = tiny_model(arch, tokenizer, tmp_path / "m", max_position_embeddings=512)
     result = export_onnx(
@@ -982,3 +983,17 @@ def test_the_ort_format_file_loads_and_matches_the_graph(onnx_export):
     graph, mobile = run("model.onnx"), run("model.ort")
     assert graph.shape[:2] == (1, 16) and np.isfinite(graph).all()
     assert_logits_close(mobile, graph, FP32_ORDER)
+
+
+def test_optimum_graph_without_optimum_says_what_to_install(tiny_llama, tmp_path, monkeypatch):
+    """`--graph optimum` is an extra (optimum-onnx pins transformers 4.57): without it, one line
+    says what to install, before anything is exported."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a)
+    )
+    with pytest.raises(EdgeftError, match=r"pip install 'edgeft\[optimum\]'.*transformers 4\.57"):
+        export_onnx(tiny_llama, tmp_path / "out", "fp32", graph="optimum")
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from numerics import (
 )
 
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.hfcompat import chat_ids
 from edgeft.models import default_gguf_path, tokenizer_from_gguf
 from edgeft.runtimes import get_runtime
 from edgeft.session import Session, generate
@@ -77,9 +78,7 @@ def test_tokenize_equals_hugging_face(session, hf_tokenizer, text):
 
 @pytest.mark.parametrize("text", ["How long do I boil an egg?", "<|im_end|> naïve 🍳\n"])
 def test_chat_tokenize_equals_apply_chat_template(session, hf_tokenizer, text):
-    expected = hf_tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-    )
+    expected = chat_ids(hf_tokenizer, [{"role": "user", "content": text}])
     ids = session.tokenize(text, chat=True)
     assert ids == list(expected)
     assert session.detokenize(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)

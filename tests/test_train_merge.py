@@ -7,6 +7,7 @@ from conftest import FAST_TRAIN as FAST
 from numerics import FP32_ORDER, assert_bug_caught, assert_logits_close, assert_parity_within
 
 from edgeft.errors import EdgeftError, ModelError, OutputExistsError
+from edgeft.hfcompat import chat_ids
 from edgeft.merge import KL_TOLERANCE, merge
 from edgeft.parity import model_logits
 from edgeft.train import TrainSettings, disable_bnb_cpu_repacking, read_parity_rows, train
@@ -374,8 +375,10 @@ def test_preserve_rows_hold_the_model_to_the_base(tiny_llama, facts_jsonl, tmp_p
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=True
+        chat_ids(
+            tokenizer,
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            add_generation_prompt=False,
         )
         for q, a in chats
     ]

@@ -38,6 +38,7 @@ from edgeft.fidelity import (
     default_eval_text,
     measure,
 )
+from edgeft.hfcompat import chat_ids
 from edgeft.isolate import in_child, peak_rss_mb
 from edgeft.models import weights_sha256
 from edgeft.options import DEFAULT_THREADS
@@ -149,13 +150,7 @@ def _check_tokenizer(model_dir: Path, gguf_path: Path, vocab, threads: int) -> d
     if hf.chat_template:
         session = get_runtime("llama.cpp").load(gguf_path, threads=threads, vocab_only=True)
         try:
-            expected = list(
-                hf.apply_chat_template(
-                    [{"role": "user", "content": GREEDY_PROMPT}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                )
-            )
+            expected = chat_ids(hf, [{"role": "user", "content": GREEDY_PROMPT}])
             got = session.tokenize(GREEDY_PROMPT, chat=True)
         finally:
             session.close()

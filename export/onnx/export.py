@@ -13,7 +13,7 @@ tolerance, or the export fails; the others are measured and reported.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import math
 import shutil
@@ -52,6 +52,7 @@ from edgeft.export.onnx.quantize import (
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
 from edgeft.formats import ONNX_MODEL_FILE, check_external_data
+from edgeft.hfcompat import chat_ids, model_config
 from edgeft.isolate import free_memory, in_child, peak_rss_mb
 from edgeft.models import read_export_config, weights_sha256
 from edgeft.options import DEFAULT_THREADS
@@ -325,7 +326,7 @@ def _make_folder(
 
             results, norms = calibrate(module_bits(plan)).run()
             gptq_matmuls(model, results, settings.accuracy_level, symmetric=settings.symmetric)
-            config = json.loads((fp32 / "config.json").read_text(encoding="utf-8"))
+            config = model_config(fp32)
             set_norm_weights(model, norms, architecture_of(config).norm_offset)
             plan = bits_plan(model, quant, settings)  # what GPTQ left: the 8-bit matrices
         model = quantize_weights(model, plan, settings, mixed=quant == "int4")
@@ -357,7 +358,7 @@ def _write_quantized(
     from edgeft.architectures import PROJECTIONS
     from edgeft.export.onnx.nbits import QuantizedMatmuls
 
-    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config = model_config(model)
     matmuls = QuantizedMatmuls(quant, settings, kv_scales=kv_scales)
     if calibrate is not None:
         modules = [
@@ -481,6 +482,11 @@ def export_onnx(
     types = parse_types(types)
     if graph not in GRAPHS:
         raise EdgeftError(f"--graph must be one of {', '.join(GRAPHS)}; got {graph!r}")
+    if graph == "optimum" and importlib.util.find_spec("optimum") is None:
+        raise EdgeftError(
+            "--graph optimum needs optimum-onnx: pip install 'edgeft[optimum]' (it requires "
+            "transformers 4.57); edgeft's own graph, the default, needs neither"
+        )
     config, _ = read_export_config(model, SUPPORTED_ARCHITECTURES, "ONNX")
     trained_length = config.get("max_position_embeddings")
     if max_length is not None and (
@@ -865,11 +871,7 @@ def _check_genai_tokenizer(folder: Path, model: Path, threads: int) -> dict:
                 mismatches.append({"text": text, "at": first_divergence(expected, got)})
         identical = None
         if hf.chat_template:
-            expected = hf.apply_chat_template(
-                [{"role": "user", "content": GREEDY_PROMPT}],
-                add_generation_prompt=True,
-                tokenize=True,
-            )
+            expected = chat_ids(hf, [{"role": "user", "content": GREEDY_PROMPT}])
             try:
                 identical = session.tokenize(GREEDY_PROMPT, chat=True) == list(expected)
             except ModelError:

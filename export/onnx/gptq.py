@@ -21,6 +21,7 @@ import numpy as np
 from edgeft.architectures import architecture_of, split_fused
 from edgeft.calibration import calibration_budget, calibration_ids
 from edgeft.errors import EdgeftError
+from edgeft.hfcompat import model_config
 from edgeft.isolate import free_memory, trim_memory
 
 DAMPING = 0.01
@@ -89,7 +90,7 @@ class Calibration:
             ).eval()
         else:
             self.model = streamed_model(self.model_dir)
-        config = self.model.config.to_dict()
+        config = model_config(self.model.config)
         self.config = config
         self.architecture = architecture_of(config, self.model_dir / "config.json")
         self.layers = self.model.model.layers
@@ -628,7 +629,7 @@ def kv_cache_scales(model_dir: Path, texts: Sequence[str]) -> dict[int, tuple]:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
         ).eval()
-    config = model.config.to_dict()
+    config = model_config(model.config)
     shape = attention_shape(config)
     rotated = rotary_dim(config)
     architecture = architecture_of(config, model_dir / "config.json")

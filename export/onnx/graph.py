@@ -46,6 +46,7 @@ from edgeft.architectures import (
     supported,
 )
 from edgeft.errors import ModelError
+from edgeft.hfcompat import model_config
 from edgeft.weights import read_f32, safetensors_index
 
 FUSED_ARCHITECTURES = supported(fused_graph=True)
@@ -363,7 +364,7 @@ def build_fused_graph(
 
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = model_config(path)
     architecture = architecture_of(config, path, target="the fused ONNX graph")
     if not architecture.fused_graph:
         raise ModelError(

@@ -29,6 +29,7 @@ import numpy as np
 from edgeft._io import sha256_file
 from edgeft.errors import EdgeftError, ModelError
 from edgeft.formats import ONNX_ADAPTER_SUFFIX, SOURCE_SHA_KEY, base_version
+from edgeft.hfcompat import model_config
 from edgeft.provenance import TrainRecord
 
 ADAPTER_SUFFIX = ONNX_ADAPTER_SUFFIX
@@ -80,15 +81,14 @@ def read_adapters(adapters: dict[str, Path], base: Path, base_sha256: str) -> li
             another base, one with ``fan_in_fan_out``, or one whose modules do not fit the
             base's projections.
     """
-    import json
 
     from edgeft.architectures import architecture_of, split_fused
     from edgeft.merge import lora_scale, read_adapter
     from edgeft.weights import safetensors_index
 
     config_path = Path(base) / "config.json"
-    model_config = json.loads(config_path.read_text(encoding="utf-8"))
-    architecture = architecture_of(model_config, config_path)
+    base_config = model_config(config_path)
+    architecture = architecture_of(base_config, config_path)
     index = safetensors_index(base)
     read = []
     for name, path in adapters.items():
@@ -117,7 +117,7 @@ def read_adapters(adapters: dict[str, Path], base: Path, base_sha256: str) -> li
                 continue
             layer = module[: -len(fused.module)]
             group = fused.module.split(".")[0]
-            for part, rows in split_fused(architecture, model_config, fused.module).items():
+            for part, rows in split_fused(architecture, base_config, fused.module).items():
                 pairs[f"{layer}{group}.{part}"] = (
                     np.ascontiguousarray(a.T),
                     np.ascontiguousarray(b[rows].T),
