@@ -47,7 +47,6 @@ from edgeft.provenance import (
     MergeSettings,
     OnnxExportRecord,
     find_record,
-    record_dict,
 )
 
 ExportRecord = GgufExportRecord | OnnxExportRecord
@@ -130,7 +129,7 @@ def _provenance(artifact, record: ExportRecord | None) -> tuple[dict, dict]:
         "merge_base": settings.merge_base if settings else None,
         "train_method": inputs.train.method if inputs else None,
         "export_stage": record.stage,
-        "export_settings": record_dict(record)["settings"],
+        "export_settings": record.settings.model_dump(mode="json"),
         "exported_with": record.versions.get("edgeft"),
     }
     recipe: dict = {"type": artifact.quant}
@@ -390,12 +389,11 @@ def _check_lora(adapter: Path, artifact) -> tuple[Path, str]:
             raise EdgeftError(f"--lora {adapter}: not a LoRA GGUF (edgeft export gguf-lora)")
         _check_gguf_base(adapter, meta, artifact.path)
         return adapter, meta.get("edgeft.base.sha256") or ""
-    from edgeft.formats import ONNX_ADAPTER_SUFFIX as ADAPTER_SUFFIX
-    from edgeft.formats import check_adapter, graph_lora_inputs
+    from edgeft.formats import ONNX_ADAPTER_SUFFIX, check_adapter, graph_lora_inputs
 
-    if not adapter.name.endswith(ADAPTER_SUFFIX):
+    if not adapter.name.endswith(ONNX_ADAPTER_SUFFIX):
         raise EdgeftError(
-            f"--lora {adapter}: an ONNX bundle takes {ADAPTER_SUFFIX} files (edgeft export "
+            f"--lora {adapter}: an ONNX bundle takes {ONNX_ADAPTER_SUFFIX} files (edgeft export "
             "onnx --adapter)"
         )
     try:

@@ -18,7 +18,7 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -222,11 +222,16 @@ class LoraGgufRecord(_Record):
     results: LoraGgufResults
 
 
-StageRecord = Annotated[
-    BaseRecord | TrainRecord | MergeRecord | GgufExportRecord | OnnxExportRecord | LoraGgufRecord,
-    Field(discriminator="stage"),
-]
-STAGES = ("base", "train", "merge", "export-gguf", "export-onnx", "export-gguf-lora")
+_RECORDS = (
+    BaseRecord,
+    TrainRecord,
+    MergeRecord,
+    GgufExportRecord,
+    OnnxExportRecord,
+    LoraGgufRecord,
+)
+StageRecord = Annotated[Union[_RECORDS], Field(discriminator="stage")]  # noqa: UP007
+STAGES = tuple(get_args(r.model_fields["stage"].annotation)[0] for r in _RECORDS)
 _ADAPTER: TypeAdapter = TypeAdapter(StageRecord)
 
 

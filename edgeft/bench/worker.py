@@ -21,13 +21,14 @@ artifact decodes the same number of steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgeft.bench.stats import summary, token_percentiles
@@ -71,21 +72,28 @@ def first_token_s(session, prompt: Sequence[int]) -> float:
     return time.perf_counter() - start
 
 
-def timed_round(session, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
-    """One prefill of ``prompt`` then ``new_tokens`` greedy steps, timed as the harness times
-    them: (prefill tok/s, decode tok/s). A session that stops at end tokens decodes through
-    them where it can be told to (every artifact then decodes alike)."""
+@contextlib.contextmanager
+def _decoding_on(session, steps: int) -> Iterator[None]:
+    """A session that stops at end tokens decodes through them for ``steps`` steps after each
+    prefill, where it can be told to (genai): every artifact then decodes alike."""
     masked = supports(session, MIN_NEW_TOKENS)
     if masked:
-        session.min_new_tokens = new_tokens + 1
+        session.min_new_tokens = steps + 1
     try:
+        yield
+    finally:
+        if masked:
+            session.min_new_tokens = 0
+
+
+def timed_round(session, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    """One prefill of ``prompt`` then ``new_tokens`` greedy steps, timed as the harness times
+    them: (prefill tok/s, decode tok/s), through end tokens (:func:`_decoding_on`)."""
+    with _decoding_on(session, new_tokens):
         start = time.perf_counter()
         session.prefill(prompt)
         prefill_s = time.perf_counter() - start
         steps = _decode_steps(session, new_tokens)
-    finally:
-        if masked:
-            session.min_new_tokens = 0
     return len(prompt) / prefill_s, len(steps) / sum(steps)
 
 
@@ -102,26 +110,22 @@ def measure_latency(session, tokens: list[int], settings: dict, notes: list[str]
     if limit and prompt_n + 1 > limit:
         prompt_n = limit - 1
         notes.append(f"prompt cut to {prompt_n} tokens: {limit}-token context")
-    # Genai sessions stop at end tokens unless told to decode on: every artifact decodes alike.
-    if supports(session, MIN_NEW_TOKENS):
-        session.min_new_tokens = decode_n + 1
     prompt = _tiled(tokens, prompt_n)
-    for _ in range(settings["warmup"]):
-        session.prefill(prompt[:_WARMUP_TOKENS])
-        _decode_steps(session, _WARMUP_TOKENS)
     ttft, prefill = [], []
     steps: dict[int, list[list[float]]] = {d: [] for d in depths}
-    for _ in range(settings["repeats"]):
-        start = time.perf_counter()
-        session.prefill(prompt)  # its last logits hold the first token
-        seconds = time.perf_counter() - start
-        ttft.append(seconds * 1000)
-        prefill.append(len(prompt) / seconds)
-        for depth in depths:
-            session.prefill(_tiled(tokens, max(depth, 1)))
-            steps[depth].append(_decode_steps(session, decode_n))
-    if supports(session, MIN_NEW_TOKENS):
-        session.min_new_tokens = 0
+    with _decoding_on(session, decode_n):
+        for _ in range(settings["warmup"]):
+            session.prefill(prompt[:_WARMUP_TOKENS])
+            _decode_steps(session, _WARMUP_TOKENS)
+        for _ in range(settings["repeats"]):
+            start = time.perf_counter()
+            session.prefill(prompt)  # its last logits hold the first token
+            seconds = time.perf_counter() - start
+            ttft.append(seconds * 1000)
+            prefill.append(len(prompt) / seconds)
+            for depth in depths:
+                session.prefill(_tiled(tokens, max(depth, 1)))
+                steps[depth].append(_decode_steps(session, decode_n))
     return {
         "ttft_ms": summary(ttft),
         "prefill_tok_s": summary(prefill),

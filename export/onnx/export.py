@@ -30,7 +30,6 @@ from edgeft.calibration import SAMPLED, calibration_texts
 from edgeft.errors import EdgeftError, ModelError, ParityError
 from edgeft.export import parse_types as _parse_types
 from edgeft.export.onnx.lora import (
-    ADAPTER_SUFFIX,
     ADAPTERS_DIR,
     lora_modules,
     mark_base,
@@ -51,7 +50,7 @@ from edgeft.export.onnx.quantize import (
     to_fp16,
 )
 from edgeft.fidelity import Reference, default_eval_text, measure
-from edgeft.formats import ONNX_MODEL_FILE, check_external_data
+from edgeft.formats import ONNX_ADAPTER_SUFFIX, ONNX_MODEL_FILE, check_external_data
 from edgeft.hfcompat import chat_ids, model_config
 from edgeft.isolate import free_memory, in_child, peak_rss_mb
 from edgeft.models import read_export_config, weights_sha256
@@ -796,7 +795,7 @@ def _write_adapters(
     folder.mkdir()
     reports = []
     for adapter in adapters:
-        path = folder / f"{adapter.name}{ADAPTER_SUFFIX}"
+        path = folder / f"{adapter.name}{ONNX_ADAPTER_SUFFIX}"
         write_adapter(path, adapter, lora, source_sha256)
         say(f"measuring base + adapter {adapter.name} against the adapter in PyTorch")
         reference = Reference(

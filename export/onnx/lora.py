@@ -28,11 +28,10 @@ import numpy as np
 
 from edgeft._io import sha256_file
 from edgeft.errors import EdgeftError, ModelError
-from edgeft.formats import ONNX_ADAPTER_SUFFIX, SOURCE_SHA_KEY, base_version
+from edgeft.formats import SOURCE_SHA_KEY, base_version
 from edgeft.hfcompat import model_config
 from edgeft.provenance import TrainRecord
 
-ADAPTER_SUFFIX = ONNX_ADAPTER_SUFFIX
 ADAPTERS_DIR = "adapters"
 # The adapter file's format and adapter versions (onnxruntime's format reads both).
 ADAPTER_VERSION = 1
